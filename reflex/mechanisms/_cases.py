@@ -1,0 +1,26 @@
+"""Input builders shared by the mechanisms' case builders (host NumPy, explicit seeds)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from reflex import random
+from reflex.registry import size_scale
+
+__all__ = ["qkv", "dims"]
+
+
+def dims(size: str) -> dict[str, int]:
+    """Standard sizes for ``size``: L, S (≠ L), D, E (≠ D), H, G with H % G == 0."""
+    n = size_scale(size)
+    return {"L": n, "S": n + n // 2 + 1, "D": 8 if n < 64 else 16, "E": 6 if n < 64 else 12, "H": 4, "G": 2}
+
+
+def qkv(seed: int, *, batch: tuple[int, ...] = (2,), heads: int, kv_heads: int, length: int, key_length: int,
+        dim: int, value_dim: int) -> dict[str, Any]:
+    """q, k, v with N(0, 1) entries, each from its own stream of ``seed``."""
+    return {
+        "q": random.normal((*batch, heads, length, dim), seed=(seed, 0)),
+        "k": random.normal((*batch, kv_heads, key_length, dim), seed=(seed, 1)),
+        "v": random.normal((*batch, kv_heads, key_length, value_dim), seed=(seed, 2)),
+    }

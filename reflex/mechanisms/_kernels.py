@@ -1,0 +1,453 @@
+"""The shared engine: dense, tiled and gather softmax attention on the array API.
+
+Most mechanisms are softmax attention over a restricted or re-weighted set of (query, key) pairs.
+They compile to three kernels that share one set of semantics:
+
+.. math::
+
+    s_{ij} = \\mathrm{cap}(\\mathrm{scale}\\; q_i \\cdot k_j) + \\sum b_{ij}, \\qquad
+    s_{ij} = -\\infty \\text{ where any mask is False},
+
+    o_i = \\sum_j \\frac{e^{s_{ij} - m_i}}{\\ell_i} v_j, \\quad m_i = \\max_j s_{ij},\\quad
+    \\ell_i = \\sum_j e^{s_{ij} - m_i},\\quad \\mathrm{lse}_i = m_i + \\log \\ell_i,
+
+with ``cap(x) = c·tanh(x/c)`` when a softcap ``c`` is given. Conventions decided here:
+
+- Softmax is max-shifted. A row whose every score is −∞ (fully masked) outputs 0 and lse −∞;
+  no NaN is produced (the shift uses 0 when the row max is −∞, and ℓ = 0 divides as 1).
+- Boolean masks: True = attend. Several masks are ANDed; several biases are added.
+- Arithmetic runs in the dtype of the prepared q, k, v (float64 unless ``compute_dtype`` says
+  otherwise); nothing here names a dtype, so ``numpy.longdouble`` works on the dense path.
+- GQA: query head ``h`` uses key/value head ``h // (H // G)`` (repeat-interleave, as torch
+  ``enable_gqa`` and ONNX Attention). Kernels work on the grouped view ``(..., G, H/G, L, D)``
+  against ``(..., G, 1, S, D)``, so key/value heads are never copied.
+
+Masks and biases are *terms*: either an array broadcastable to ``(..., H, L, S)``, or a function
+``term(rows, cols)`` of integer index grids (``rows`` of shape ``(l, 1)``, ``cols`` of shape
+``(1, s)`` — or, in the gather kernel, the gathered key indices ``(..., H, l, K)``) returning an
+array broadcastable to ``(..., H, l, s)``: a vectorised FlexAttention ``mask_mod``/``score_mod``.
+Scores themselves are never hidden inside a term, so biases stay separate, differentiable inputs.
+
+Kernels:
+1. :func:`dense` — materialises ``(..., H, L, S)``. The definition of truth for small sizes.
+2. :func:`tiled` — the same semantics streamed over (query block, key tile) pairs with an online
+   softmax (running max and sum, Dao 2022, Alg. 1). Tiles that ``tile_active`` rules out, or whose
+   mask tile has no True, are skipped. Memory O(block_q · block_k) per head; never ``L × S``.
+3. :func:`gather` — each query attends an explicit list of key indices (``-1`` = padding;
+   duplicates count once per occurrence), in query blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from reflex.backends import device as device_of
+from reflex.backends import namespace
+
+__all__ = [
+    "Prepared", "prepare", "check_term", "check_indices", "dense", "tiled", "gather", "finish", "empty_result",
+    "softmax_attention", "resolve_scale", "resolve_softcap", "IMPLEMENTATIONS",
+]
+
+Term = Any  # an array broadcastable to (..., H, L, S), or a callable (rows, cols) -> such an array
+TileActive = Callable[[int, int, int, int], bool]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Validated q, k, v cast to the compute dtype, with their namespace and shapes.
+
+    ``q (..., H, L, D)``, ``k (..., G, S, D)``, ``v (..., G, S, E)``; ``batch`` is ``...``.
+    """
+
+    xp: Any
+    device: Any
+    q: Any
+    k: Any
+    v: Any
+    batch: tuple[int, ...]
+    heads: int
+    kv_heads: int
+    length: int
+    key_length: int
+    dim: int
+    value_dim: int
+
+    @property
+    def group(self) -> int:
+        """Query heads per key/value head, H // G."""
+        return self.heads // self.kv_heads
+
+    @property
+    def score_shape(self) -> tuple[int, ...]:
+        """``(..., H, L, S)``: the shape masks and biases broadcast to."""
+        return (*self.batch, self.heads, self.length, self.key_length)
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.").removeprefix("array_api_strict.")
+
+
+def resolve_dtype(xp: Any, compute_dtype: Any) -> Any:
+    """The compute dtype: ``xp.float64`` by default; a dtype object or a name like ``"float32"``."""
+    if compute_dtype is None:
+        return xp.float64
+    if isinstance(compute_dtype, str):
+        if compute_dtype not in ("float64", "float32", "float16", "bfloat16") or not hasattr(xp, compute_dtype):
+            raise ValueError(f"compute_dtype must name a floating dtype of {xp.__name__}; got {compute_dtype!r}")
+        return getattr(xp, compute_dtype)
+    return compute_dtype
+
+
+def _check_float(xp: Any, name: str, x: Any) -> None:
+    if not xp.isdtype(x.dtype, "real floating"):
+        raise TypeError(f"{name} must have a real floating dtype; got {_dtype_name(x.dtype)}")
+
+
+def prepare(q: Any, k: Any, v: Any, *, compute_dtype: Any = None) -> Prepared:
+    """Validate ``q (..., H, L, D)``, ``k (..., G, S, D)``, ``v (..., G, S, E)`` and cast them.
+
+    Raises ``TypeError`` for non-float dtypes or mixed array libraries and ``ValueError`` naming the
+    argument with expected vs actual shape for every mismatch. The inputs are not modified.
+    """
+    xp = namespace(q, k, v)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_float(xp, name, x)
+        if x.ndim < 3:
+            raise ValueError(f"{name} must have shape (..., heads, length, dim) with at least 3 axes; got shape {tuple(x.shape)}")
+    dev = device_of(q)
+    for name, x in (("k", k), ("v", v)):
+        if device_of(x) != dev:
+            raise ValueError(f"{name} is on device {device_of(x)}; q is on {dev}: pass all inputs on one device")
+    if not (q.ndim == k.ndim == v.ndim):
+        raise ValueError(f"q, k, v must have the same number of axes; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    batch = tuple(q.shape[:-3])
+    for name, x in (("k", k), ("v", v)):
+        if tuple(x.shape[:-3]) != batch:
+            raise ValueError(f"{name} has batch shape {tuple(x.shape[:-3])}; q has {batch} (batch axes are not broadcast)")
+    heads, length, dim = (int(n) for n in q.shape[-3:])
+    kv_heads, key_length, kdim = (int(n) for n in k.shape[-3:])
+    if kdim != dim:
+        raise ValueError(f"k has head dim {kdim}; q has {dim}: they must match")
+    if tuple(v.shape[-3:-1]) != (kv_heads, key_length):
+        raise ValueError(f"v has (heads, length) {tuple(v.shape[-3:-1])}; k has {(kv_heads, key_length)}: they must match")
+    if kv_heads == 0 or heads % kv_heads != 0:
+        raise ValueError(f"k has {kv_heads} heads; q has {heads}, which is not a multiple")
+    dtype = resolve_dtype(xp, compute_dtype)
+    return Prepared(
+        xp=xp, device=dev,
+        q=xp.astype(q, dtype), k=xp.astype(k, dtype), v=xp.astype(v, dtype),
+        batch=batch, heads=heads, kv_heads=kv_heads, length=length, key_length=key_length,
+        dim=dim, value_dim=int(v.shape[-1]),
+    )
+
+
+def check_term(p: Prepared, name: str, term: Any, *, boolean: bool) -> Any:
+    """Validate an array mask/bias against ``(..., H, L, S)`` and cast a bias to the compute dtype.
+
+    Callables pass through (they are checked where they are evaluated).
+    """
+    if term is None or callable(term) and not hasattr(term, "shape"):
+        return term
+    xp = p.xp
+    if namespace(term) is not xp:
+        raise TypeError(f"{name} comes from a different array library than q")
+    target = p.score_shape
+    shape = tuple(int(n) for n in term.shape)
+    fits = len(shape) <= len(target) and all(a in (1, b) for a, b in zip(shape[::-1], target[::-1]))
+    if not fits:
+        raise ValueError(f"{name} of shape {shape} does not broadcast to (..., H, L, S) = {target}")
+    if device_of(term) != p.device:
+        raise ValueError(f"{name} is on device {device_of(term)}; q is on {p.device}")
+    if boolean:
+        if not xp.isdtype(term.dtype, "bool"):
+            raise TypeError(f"{name} must be a boolean array (True = attend); got dtype {_dtype_name(term.dtype)}")
+        return term
+    if not xp.isdtype(term.dtype, "real floating"):
+        raise TypeError(f"{name} must be a real floating array (additive); got dtype {_dtype_name(term.dtype)}")
+    return xp.astype(term, p.q.dtype)
+
+
+# --- grouped views -------------------------------------------------------------------------------
+
+def _group_queries(p: Prepared, x: Any) -> Any:
+    """``(..., H, l, ·)`` → ``(..., G, H/G, l, ·)``."""
+    return p.xp.reshape(x, (*x.shape[:-3], p.kv_heads, p.group, *x.shape[-2:]))
+
+
+def _ungroup(p: Prepared, x: Any) -> Any:
+    """``(..., G, H/G, l, ·)`` → ``(..., H, l, ·)``."""
+    return p.xp.reshape(x, (*x.shape[:-4], p.heads, *x.shape[-2:]))
+
+
+def _group_term(p: Prepared, t: Any) -> Any:
+    """A term value broadcastable to ``(..., H, l, s)`` → broadcastable to ``(..., G, H/G, l, s)``."""
+    xp = p.xp
+    full_ndim = len(p.batch) + 3
+    if t.ndim > full_ndim:
+        raise ValueError(f"a mask/bias term has {t.ndim} axes; at most {full_ndim} (..., H, L, S) are allowed")
+    t = xp.reshape(t, (1,) * (full_ndim - t.ndim) + tuple(t.shape))
+    if t.shape[-3] == 1:
+        return xp.expand_dims(t, axis=-3)
+    if t.shape[-3] != p.heads:
+        raise ValueError(f"a mask/bias term has {t.shape[-3]} heads; expected 1 or {p.heads}")
+    return xp.reshape(t, (*t.shape[:-3], p.kv_heads, p.group, *t.shape[-2:]))
+
+
+def _slice_tile(t: Any, i0: int, i1: int, j0: int, j1: int) -> Any:
+    """Rows i0:i1 and columns j0:j1 of an array term, leaving broadcast (size-1) axes alone."""
+    rows = slice(i0, i1) if t.shape[-2] != 1 else slice(None)
+    cols = slice(j0, j1) if t.shape[-1] != 1 else slice(None)
+    return t[..., rows, cols]
+
+
+def _evaluate(p: Prepared, terms: Sequence[Any], rows: Any, cols: Any, tile: tuple[int, int, int, int] | None) -> list[Any]:
+    """Grouped values of ``terms`` on the index grids ``rows``, ``cols`` (or an array tile)."""
+    values = []
+    for t in terms:
+        if t is None:
+            continue
+        if callable(t) and not hasattr(t, "shape"):
+            value = t(rows, cols)
+        else:
+            value = t if tile is None else _slice_tile(t, *tile)
+        values.append(_group_term(p, value))
+    return values
+
+
+def _grids(p: Prepared, i0: int, i1: int, j0: int, j1: int) -> tuple[Any, Any]:
+    xp = p.xp
+    rows = xp.reshape(xp.arange(i0, i1, dtype=xp.int64, device=p.device), (i1 - i0, 1))
+    cols = xp.reshape(xp.arange(j0, j1, dtype=xp.int64, device=p.device), (1, j1 - j0))
+    return rows, cols
+
+
+def _as_tuple(terms: Any) -> tuple[Any, ...]:
+    if terms is None:
+        return ()
+    return tuple(terms) if isinstance(terms, (tuple, list)) else (terms,)
+
+
+# --- the score block, shared by every kernel -----------------------------------------------------
+
+def _scores(p: Prepared, raw: Any, softcap: float | None, biases: list[Any], masks: list[Any]) -> Any:
+    """Final scores from raw ``scale·q·k``: softcap, then biases, then masks (→ −∞)."""
+    xp = p.xp
+    s = raw
+    if softcap is not None:
+        s = softcap * xp.tanh(s / softcap)
+    for b in biases:
+        s = s + b
+    for m in masks:
+        s = xp.where(m, s, -math.inf)
+    return s
+
+
+def _safe_max(xp: Any, m: Any) -> Any:
+    """The softmax shift: the row max, or 0 where the row max is −∞ (nothing to attend)."""
+    return xp.where(m == -math.inf, 0.0, m)
+
+
+def empty_result(p: Prepared) -> tuple[Any, Any]:
+    """The result when L = 0 or S = 0: zero outputs and −∞ lse (every row attends nothing)."""
+    xp = p.xp
+    out = xp.zeros((*p.batch, p.heads, p.length, p.value_dim), dtype=p.q.dtype, device=p.device)
+    lse = xp.full((*p.batch, p.heads, p.length), -math.inf, dtype=p.q.dtype, device=p.device)
+    return out, lse
+
+
+def finish(xp: Any, acc: Any, row_max: Any, row_sum: Any) -> tuple[Any, Any]:
+    """``(out, lse)`` from an unnormalised accumulator: out = acc / ℓ (0 when ℓ = 0), lse = m + log ℓ (−∞ when ℓ = 0)."""
+    empty = row_sum == 0
+    denom = xp.where(empty, 1.0, row_sum)
+    out = acc / denom
+    lse = xp.where(empty, -math.inf, row_max + xp.log(denom))
+    return out, lse[..., 0]
+
+
+# --- 1. dense ------------------------------------------------------------------------------------
+
+def dense(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, softcap: float | None = None) -> tuple[Any, Any]:
+    """Dense masked softmax attention: ``(out (..., H, L, E), lse (..., H, L))``."""
+    xp = p.xp
+    if p.length == 0 or p.key_length == 0:
+        return empty_result(p)
+    rows, cols = _grids(p, 0, p.length, 0, p.key_length)
+    masks = _evaluate(p, _as_tuple(mask), rows, cols, None)
+    biases = _evaluate(p, _as_tuple(bias), rows, cols, None)
+    q = _group_queries(p, p.q * scale)
+    k = xp.expand_dims(p.k, axis=-3)
+    v = xp.expand_dims(p.v, axis=-3)
+    s = _scores(p, q @ xp.matrix_transpose(k), softcap, biases, masks)
+    row_max = xp.max(s, axis=-1, keepdims=True)
+    weights = xp.exp(s - _safe_max(xp, row_max))
+    out, lse = finish(xp, weights @ v, row_max, xp.sum(weights, axis=-1, keepdims=True))
+    return _ungroup(p, out), _ungroup(p, lse[..., None])[..., 0]
+
+
+# --- 2. tiled ------------------------------------------------------------------------------------
+
+def tiled(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, softcap: float | None = None,
+          tile_active: TileActive | None = None, block_q: int = 1024, block_k: int = 512) -> tuple[Any, Any]:
+    """Online-softmax attention over (query block, key tile) pairs; same result as :func:`dense`.
+
+    For each query block the running max ``m``, sum ``ℓ`` and accumulator are rescaled by
+    ``exp(m_old − m_new)`` as each key tile arrives (Milakov & Gimelshein 2018; Dao 2022, Alg. 1).
+    A tile is skipped when ``tile_active(i0, i1, j0, j1)`` is False or its mask tile is all False.
+    """
+    if block_q < 1 or block_k < 1:
+        raise ValueError(f"block_q and block_k must be positive; got {block_q}, {block_k}")
+    xp = p.xp
+    if p.length == 0 or p.key_length == 0:
+        return empty_result(p)
+    masks, biases = _as_tuple(mask), _as_tuple(bias)
+    q_all = _group_queries(p, p.q * scale)
+    k = xp.expand_dims(p.k, axis=-3)
+    v = xp.expand_dims(p.v, axis=-3)
+    outs, lses = [], []
+    for i0 in range(0, p.length, block_q):
+        i1 = min(i0 + block_q, p.length)
+        q = q_all[..., i0:i1, :]
+        stat_shape = (*q.shape[:-1], 1)
+        row_max = xp.full(stat_shape, -math.inf, dtype=q.dtype, device=p.device)
+        row_sum = xp.zeros(stat_shape, dtype=q.dtype, device=p.device)
+        acc = xp.zeros((*q.shape[:-1], p.value_dim), dtype=q.dtype, device=p.device)
+        for j0 in range(0, p.key_length, block_k):
+            j1 = min(j0 + block_k, p.key_length)
+            if tile_active is not None and not tile_active(i0, i1, j0, j1):
+                continue
+            rows, cols = _grids(p, i0, i1, j0, j1)
+            tile_masks = _evaluate(p, masks, rows, cols, (i0, i1, j0, j1))
+            if any(not bool(xp.any(m)) for m in tile_masks):
+                continue
+            tile_biases = _evaluate(p, biases, rows, cols, (i0, i1, j0, j1))
+            s = _scores(p, q @ xp.matrix_transpose(k[..., j0:j1, :]), softcap, tile_biases, tile_masks)
+            new_max = xp.maximum(row_max, xp.max(s, axis=-1, keepdims=True))
+            shift = _safe_max(xp, new_max)
+            rescale = xp.exp(row_max - shift)
+            weights = xp.exp(s - shift)
+            row_sum = rescale * row_sum + xp.sum(weights, axis=-1, keepdims=True)
+            acc = rescale * acc + weights @ v[..., j0:j1, :]
+            row_max = new_max
+        out, lse = finish(xp, acc, row_max, row_sum)
+        outs.append(out)
+        lses.append(lse)
+    out = xp.concat(outs, axis=-2) if len(outs) != 1 else outs[0]
+    lse = xp.concat(lses, axis=-1) if len(lses) != 1 else lses[0]
+    return _ungroup(p, out), _ungroup(p, lse[..., None])[..., 0]
+
+
+# --- 3. gather -----------------------------------------------------------------------------------
+
+def check_indices(p: Prepared, indices: Any, name: str = "indices") -> Any:
+    """Validate a key index list broadcastable to ``(..., H, L, K)``; values in ``[-1, S)``."""
+    xp = p.xp
+    if namespace(indices) is not xp:
+        raise TypeError(f"{name} comes from a different array library than q")
+    if not xp.isdtype(indices.dtype, "integral"):
+        raise TypeError(f"{name} must be an integer array of key positions; got dtype {_dtype_name(indices.dtype)}")
+    if device_of(indices) != p.device:
+        raise ValueError(f"{name} is on device {device_of(indices)}; q is on {p.device}")
+    target = (*p.batch, p.heads, p.length)
+    shape = tuple(int(n) for n in indices.shape)
+    lead = shape[:-1]
+    if len(shape) < 1 or len(lead) > len(target) or not all(a in (1, b) for a, b in zip(lead[::-1], target[::-1])):
+        raise ValueError(f"{name} of shape {shape} does not broadcast to (..., H, L, K) with (..., H, L) = {target}")
+    if shape[-1] > 0:
+        lo, hi = int(xp.min(indices)), int(xp.max(indices))
+        if lo < -1 or hi >= p.key_length:
+            raise ValueError(f"{name} must lie in [-1, {p.key_length}) (-1 = padding); got values in [{lo}, {hi}]")
+    return xp.astype(indices, xp.int64)
+
+
+def gather(p: Prepared, indices: Any, *, scale: float, mask: Any = None, bias: Any = None,
+           softcap: float | None = None, block_q: int = 1024) -> tuple[Any, Any]:
+    """Attention of each query over its own key list ``indices (..., H, L, K)``; ``-1`` = padding.
+
+    Mask and bias terms must be callables; they receive ``rows (l, 1)`` and the gathered key
+    positions ``cols (..., H, l, K)``. A key listed twice counts twice in the softmax.
+    """
+    xp = p.xp
+    if p.length == 0:
+        return empty_result(p)
+    masks, biases = _as_tuple(mask), _as_tuple(bias)
+    for t in (*masks, *biases):
+        if hasattr(t, "shape") or not callable(t):
+            raise TypeError("gather takes masks and biases as callables of (rows, cols), not arrays")
+    count = int(indices.shape[-1])
+    full_ndim = len(p.batch) + 3
+    idx = xp.reshape(indices, (1,) * (full_ndim - indices.ndim) + tuple(indices.shape))
+    idx = xp.broadcast_to(idx, (*p.batch, p.heads, p.length, count))
+    batch_size = math.prod(p.batch)
+    # Flat row of key (b, g, j) in k reshaped to (B·G·S, D): (b·G + g)·S + j, with g = h // (H/G).
+    batch_offset = xp.reshape(xp.arange(batch_size, dtype=xp.int64, device=p.device) * (p.kv_heads * p.key_length),
+                              (*p.batch, 1, 1, 1))
+    head_offset = xp.reshape((xp.arange(p.heads, dtype=xp.int64, device=p.device) // p.group) * p.key_length,
+                             (p.heads, 1, 1))
+    k_flat = xp.reshape(p.k, (batch_size * p.kv_heads * p.key_length, p.dim))
+    v_flat = xp.reshape(p.v, (batch_size * p.kv_heads * p.key_length, p.value_dim))
+    q_all = p.q * scale
+    outs, lses = [], []
+    for i0 in range(0, p.length, block_q):
+        i1 = min(i0 + block_q, p.length)
+        cols = idx[..., i0:i1, :]
+        valid = cols >= 0
+        flat = xp.reshape(xp.where(valid, cols, 0) + batch_offset + head_offset, (-1,))
+        block_shape = (*p.batch, p.heads, i1 - i0, count)
+        keys = xp.reshape(xp.take(k_flat, flat, axis=0), (*block_shape, p.dim))
+        values = xp.reshape(xp.take(v_flat, flat, axis=0), (*block_shape, p.value_dim))
+        rows = xp.reshape(xp.arange(i0, i1, dtype=xp.int64, device=p.device), (i1 - i0, 1))
+        raw = xp.vecdot(xp.expand_dims(q_all[..., i0:i1, :], axis=-2), keys, axis=-1)
+        tile_masks = [valid] + [t(rows, cols) for t in masks]
+        s = _scores(p, raw, softcap, [t(rows, cols) for t in biases], tile_masks)
+        row_max = xp.max(s, axis=-1, keepdims=True) if count else xp.full((*block_shape[:-1], 1), -math.inf, dtype=raw.dtype, device=p.device)
+        weights = xp.exp(s - _safe_max(xp, row_max))
+        acc = (xp.expand_dims(weights, axis=-2) @ values)[..., 0, :]
+        out, lse = finish(xp, acc, row_max, xp.sum(weights, axis=-1, keepdims=True))
+        outs.append(out)
+        lses.append(lse)
+    out = xp.concat(outs, axis=-2) if len(outs) != 1 else outs[0]
+    lse = xp.concat(lses, axis=-1) if len(lses) != 1 else lses[0]
+    return out, lse
+
+
+# --- choosing a kernel ---------------------------------------------------------------------------
+
+IMPLEMENTATIONS = ("auto", "dense", "tiled")
+# "auto" streams when one head's score matrix would exceed this many elements (128 MiB in float64).
+AUTO_TILED_ELEMENTS = 1 << 24
+
+
+def resolve_scale(scale: Any, dim: int) -> float:
+    """``scale`` as a float; ``None`` → 1/√D."""
+    if scale is None:
+        return 1.0 / math.sqrt(dim) if dim > 0 else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite real number or None; got {scale!r}")
+    return float(scale)
+
+
+def resolve_softcap(softcap: Any) -> float | None:
+    """``softcap`` as a positive float, or None."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0 or not math.isfinite(softcap):
+        raise ValueError(f"softcap must be a positive finite number or None; got {softcap!r}")
+    return float(softcap)
+
+
+def softmax_attention(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, softcap: float | None = None,
+                      tile_active: TileActive | None = None, implementation: str = "auto",
+                      return_lse: bool = False) -> Any:
+    """Run :func:`dense` or :func:`tiled` as ``implementation`` says; ``out`` or ``(out, lse)``."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)}; got {implementation!r}")
+    if implementation == "auto":
+        implementation = "tiled" if p.length * p.key_length > AUTO_TILED_ELEMENTS else "dense"
+    if implementation == "dense":
+        out, lse = dense(p, scale=scale, mask=mask, bias=bias, softcap=softcap)
+    else:
+        out, lse = tiled(p, scale=scale, mask=mask, bias=bias, softcap=softcap, tile_active=tile_active)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,55 @@
+"""Index-grid patterns shared by mechanisms: causal alignment and the argument checks around it.
+
+A :class:`Pattern` is a vectorised FlexAttention ``mask_mod``: ``allowed(rows, cols)`` maps integer
+index grids (``rows (l, 1)``, ``cols (1, s)``, or gathered ``(..., H, l, K)``) to a boolean array,
+True = attend. ``tile_active(i0, i1, j0, j1)`` says whether the tile rows ``[i0, i1)`` × columns
+``[j0, j1)`` can hold an allowed pair; the tiled kernel skips tiles where it is False.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+__all__ = ["Pattern", "ALIGNMENTS", "parse_causal", "causal_offset", "causal_pattern"]
+
+ALIGNMENTS = ("top_left", "bottom_right")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """``allowed(rows, cols) -> bool array`` and an optional conservative tile filter."""
+
+    allowed: Callable[[Any, Any], Any]
+    tile_active: Callable[[int, int, int, int], bool] | None = None
+
+
+def parse_causal(causal: Any) -> str | None:
+    """``False`` → None; ``True`` or ``"top_left"`` → ``"top_left"``; ``"bottom_right"`` as is."""
+    if causal is False or causal is None:
+        return None
+    if causal is True:
+        return "top_left"
+    if isinstance(causal, str) and causal in ALIGNMENTS:
+        return causal
+    raise ValueError(f"causal must be False, True, 'top_left' or 'bottom_right'; got {causal!r}")
+
+
+def causal_offset(alignment: str, length: int, key_length: int) -> int:
+    """Diagonal offset δ so that query i sits at key position i + δ.
+
+    ``"top_left"``: δ = 0 (query i aligns with key i, torch SDPA ``is_causal``);
+    ``"bottom_right"``: δ = S − L (the last query aligns with the last key, flash-attn, KV caches).
+    """
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"alignment must be one of {ALIGNMENTS}; got {alignment!r}")
+    return 0 if alignment == "top_left" else key_length - length
+
+
+def causal_pattern(alignment: str, length: int, key_length: int) -> Pattern:
+    """Key j is allowed for query i iff j ≤ i + δ (see :func:`causal_offset`)."""
+    offset = causal_offset(alignment, length, key_length)
+    return Pattern(
+        allowed=lambda rows, cols: cols <= rows + offset,
+        tile_active=lambda i0, i1, j0, j1: j0 <= i1 - 1 + offset,
+    )
