@@ -1,17 +1,28 @@
 """reflex: a framework-free, numerically exact reference implementation of attention mechanisms.
 
 Every mechanism is written once against the Python array API (NumPy, CuPy, torch, ...), computes
-in float64 by default and returns its result in the caller's array library and device.
+in float64 by default and returns its result in the caller's array library and on its device.
 
 >>> import reflex
->>> reflex.list_mechanisms()          # the registry
->>> reflex.full_attention(q, k, v, causal="bottom_right", return_lse=True)
+>>> [m.key for m in reflex.list_mechanisms()]          # the registry
+>>> out, lse = reflex.full_attention(q, k, v, causal="bottom_right", return_lse=True)
+
+Every public function of every mechanism module (its ``__all__``) is available as ``reflex.<name>``.
 """
 
-from reflex import mechanisms as _mechanisms  # noqa: F401  (registers every mechanism)
-from reflex.mechanisms.full import full_attention
+import importlib as _importlib
+
+from reflex import mechanisms as _mechanisms
 from reflex.registry import Case, Mechanism, get, list_mechanisms
 
 __version__ = "0.1.0"
 
-__all__ = ["full_attention", "get", "list_mechanisms", "Mechanism", "Case", "__version__"]
+__all__ = ["get", "list_mechanisms", "Mechanism", "Case", "__version__"]
+
+for _module_name in _mechanisms.MODULES:
+    _module = _importlib.import_module(f"reflex.mechanisms.{_module_name}")
+    for _public in getattr(_module, "__all__", ()):
+        if _public in globals():
+            raise ImportError(f"reflex.{_public} is exported twice (again by reflex.mechanisms.{_module_name})")
+        globals()[_public] = getattr(_module, _public)
+        __all__.append(_public)

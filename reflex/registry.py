@@ -57,6 +57,8 @@ class Mechanism:
     - ``reference``: an independent dense path computing the same output (``None`` if none).
     - ``returns_lse``: whether ``return_lse=True`` is supported (restricted-softmax mechanisms).
     - ``row_separable``: output rows are independent given keys and values (shardable by query).
+    - ``example``: ``example(seq, heads, dim, seed) -> Case`` for ``reflex run``; ``None`` means
+      q, k, v of shape ``(1, heads, seq, dim)`` and default parameters.
     """
 
     key: str
@@ -68,6 +70,17 @@ class Mechanism:
     reference: Callable[..., Any] | None = None
     returns_lse: bool = False
     row_separable: bool = True
+    example: Callable[[int, int, int, int], Case] | None = None
+
+    def example_case(self, seq: int, heads: int, dim: int, seed: int) -> Case:
+        """Inputs for ``reflex run``: the mechanism's own example, or standard q, k, v."""
+        if self.example is not None:
+            return self.example(seq, heads, dim, seed)
+        from reflex import random
+
+        shape = (1, heads, seq, dim)
+        inputs = {name: random.normal(shape, seed=(seed, i)) for i, name in enumerate(("q", "k", "v"))}
+        return Case("example", inputs, {}, seed=seed)
 
     @property
     def summary(self) -> str:

@@ -132,5 +132,5 @@ def backend_namespace(name: str) -> tuple[ModuleType, Any]:
 
 
 def numba_kernels() -> ModuleType:
-    """The Numba kernel module, imported on first use (compiling is costly; CuPy users never pay)."""
+    """The Numba kernel package, imported on first use (compiling is costly; CuPy users never pay)."""
     return importlib.import_module("reflex.backends.numba_kernels")
