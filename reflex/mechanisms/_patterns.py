@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-__all__ = ["Pattern", "ALIGNMENTS", "parse_causal", "causal_offset", "causal_pattern"]
+__all__ = ["Pattern", "ALIGNMENTS", "parse_causal", "causal_offset", "causal_pattern", "check_window", "band_pattern"]
 
 ALIGNMENTS = ("top_left", "bottom_right")
 
@@ -53,3 +53,35 @@ def causal_pattern(alignment: str, length: int, key_length: int) -> Pattern:
         allowed=lambda rows, cols: cols <= rows + offset,
         tile_active=lambda i0, i1, j0, j1: j0 <= i1 - 1 + offset,
     )
+
+
+def check_window(window: Any) -> tuple[int, int]:
+    """``window=(left, right)`` as two ints ≥ −1 (−1 = unbounded on that side)."""
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or any(isinstance(w, bool) or not isinstance(w, int) or w < -1 for w in window)):
+        raise ValueError(f"window must be (left, right) with ints >= -1 (-1 = unbounded); got {window!r}")
+    return int(window[0]), int(window[1])
+
+
+def band_pattern(left: int, right: int, offset: int = 0) -> Pattern:
+    """Key j allowed for query i iff i + δ − left ≤ j ≤ i + δ + right; −1 leaves that side unbounded.
+
+    ``offset`` δ aligns queries with keys (see :func:`causal_offset`). ``(left, 0)`` is causal
+    attention with a look-back of ``left`` keys; ``(0, 0)`` is self only.
+    """
+
+    def allowed(rows: Any, cols: Any) -> Any:
+        rel = cols - rows - offset
+        if left >= 0 and right >= 0:
+            return (rel >= -left) & (rel <= right)
+        if left >= 0:
+            return rel >= -left
+        if right >= 0:
+            return rel <= right
+        return rel == rel  # unbounded both ways: everything
+
+    def tile_active(i0: int, i1: int, j0: int, j1: int) -> bool:
+        lowest, highest = j0 - (i1 - 1) - offset, (j1 - 1) - i0 - offset
+        return (right < 0 or lowest <= right) and (left < 0 or highest >= -left)
+
+    return Pattern(allowed=allowed, tile_active=tile_active)
