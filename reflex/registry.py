@@ -59,6 +59,10 @@ class Mechanism:
     - ``row_separable``: output rows are independent given keys and values (shardable by query).
     - ``example``: ``example(seq, heads, dim, seed) -> Case`` for ``reflex run``; ``None`` means
       q, k, v of shape ``(1, heads, seq, dim)`` and default parameters.
+    - ``pattern``: for restricted-softmax mechanisms, ``pattern(q, k, v, /, **params)`` returns the
+      explicit boolean ``(..., H, L, S)`` mask (True = attended) that the mechanism's output equals
+      ``full_attention`` under — the keys each query attended, for kernel authors and tests.
+      Where a key can be attended more than once, it returns integer multiplicities instead.
     """
 
     key: str
@@ -71,6 +75,7 @@ class Mechanism:
     returns_lse: bool = False
     row_separable: bool = True
     example: Callable[[int, int, int, int], Case] | None = None
+    pattern: Callable[..., Any] | None = None
 
     def example_case(self, seq: int, heads: int, dim: int, seed: int) -> Case:
         """Inputs for ``reflex run``: the mechanism's own example, or standard q, k, v."""
