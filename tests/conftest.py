@@ -64,8 +64,9 @@ def make_backend(name: str) -> Backend:
         if importlib.util.find_spec("torch") is None:
             pytest.skip("torch is not installed")
         import array_api_compat.torch
+        import torch
 
-        return Backend(name, array_api_compat.torch, "cpu")
+        return Backend(name, array_api_compat.torch, torch.device("cpu"))
     raise ValueError(name)
 
 
