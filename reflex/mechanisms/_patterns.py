@@ -8,6 +8,7 @@ True = attend. ``tile_active(i0, i1, j0, j1)`` says whether the tile rows ``[i0,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -85,3 +86,37 @@ def band_pattern(left: int, right: int, offset: int = 0) -> Pattern:
         return (right < 0 or lowest <= right) and (left < 0 or highest >= -left)
 
     return Pattern(allowed=allowed, tile_active=tile_active)
+
+
+# --- content-based selection (issue 5: topk, block_topk, indexer_topk, adaptive, lsh) ----------
+# Top-k selection with a documented tie rule, and the key multiplicities of an index list: the
+# explicit pattern a gathered mechanism equals ``full_attention`` under.
+
+__all__ += ["top_indices", "index_counts"]
+
+
+def top_indices(xp: Any, scores: Any, count: int) -> Any:
+    """Positions of the ``count`` largest ``scores`` along the last axis, best first, as int64.
+
+    Ties are broken by the lower index (a stable ascending sort of ``−scores``). Entries whose score
+    is −∞ (masked) are never selected: their slots hold −1 (padding for ``_kernels.gather``), so a
+    row with fewer than ``count`` finite scores is padded at the end.
+    """
+    count = min(int(count), int(scores.shape[-1]))
+    order = xp.argsort(-scores, axis=-1, stable=True)[..., :count]
+    chosen = xp.take_along_axis(scores, order, axis=-1)
+    return xp.where(chosen == -math.inf, xp.asarray(-1, dtype=order.dtype, device=order.device),
+                    xp.astype(order, xp.int64))
+
+
+def index_counts(xp: Any, indices: Any, key_length: int) -> Any:
+    """How often each key ``j < key_length`` appears in ``indices (..., K)`` → int64 ``(..., key_length)``.
+
+    ``-1`` entries (padding) are ignored. Memory O(… × key_length); a test and pattern helper.
+    """
+    keys = xp.arange(key_length, dtype=xp.int64, device=indices.device)
+    counts = xp.zeros((*indices.shape[:-1], key_length), dtype=xp.int64, device=indices.device)
+    for slot in range(int(indices.shape[-1])):
+        counts = counts + xp.astype(indices[..., slot:slot + 1] == keys, xp.int64)
+    return counts
+
