@@ -12,7 +12,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-__all__ = ["Pattern", "ALIGNMENTS", "parse_causal", "causal_offset", "causal_pattern", "check_window", "band_pattern"]
+__all__ = ["Pattern", "ALIGNMENTS", "parse_causal", "causal_offset", "causal_pattern", "check_window", "band_pattern",
+           "check_alignment", "check_positive_int", "dilated_band_pattern", "check_positions", "position_flags",
+           "lookup_flags", "all_patterns", "any_pattern", "explicit_mask"]
 
 ALIGNMENTS = ("top_left", "bottom_right")
 
@@ -88,6 +90,52 @@ def band_pattern(left: int, right: int, offset: int = 0) -> Pattern:
     return Pattern(allowed=allowed, tile_active=tile_active)
 
 
+# --- dense score and weight matrices (for mechanisms that mix or reuse attention maps) ----------
+# Appended for the prior / multi-head family (issue 7). They evaluate exactly the engine's scores
+# (same operation order as ``_kernels.dense``) and take the normaliser from the engine's lse, so no
+# second softmax is written: weights = exp(s − lse), 0 where s = −∞ (masked pairs, empty rows).
+
+__all__ += ["raw_scores", "attention_weights"]
+
+
+def raw_scores(p: Any, scale: float) -> Any:
+    """``scale·q·kᵀ`` of a prepared ``p`` as ``(..., H, L, S)``, kv head ``h // (H/G)`` for query head h."""
+    xp = p.xp
+    q = xp.reshape(p.q * scale, (*p.batch, p.kv_heads, p.group, p.length, p.dim))
+    s = q @ xp.matrix_transpose(xp.expand_dims(p.k, axis=-3))
+    return xp.reshape(s, (*p.batch, p.heads, p.length, p.key_length))
+
+
+def attention_weights(p: Any, *, scale: float, mask: Any = None, bias: Any = None, softcap: float | None = None) -> Any:
+    """The engine's softmax probabilities ``(..., H, L, S)``: ``exp(s − lse)`` with lse from ``_kernels.dense``.
+
+    ``s`` is the engine's final score (softcap, then biases, then masks → −∞). Masked pairs and
+    fully masked rows get weight 0 (never NaN). Rows sum to 1 up to round-off.
+    """
+    from reflex.mechanisms import _kernels
+
+    xp = p.xp
+    _, lse = _kernels.dense(p, scale=scale, mask=mask, bias=bias, softcap=softcap)
+    if p.length == 0 or p.key_length == 0:
+        return xp.zeros(p.score_shape, dtype=p.q.dtype, device=p.device)
+    rows = xp.reshape(xp.arange(p.length, dtype=xp.int64, device=p.device), (p.length, 1))
+    cols = xp.reshape(xp.arange(p.key_length, dtype=xp.int64, device=p.device), (1, p.key_length))
+
+    def values(terms: Any) -> list[Any]:
+        terms = () if terms is None else tuple(terms) if isinstance(terms, (tuple, list)) else (terms,)
+        return [t(rows, cols) if callable(t) and not hasattr(t, "shape") else t for t in terms if t is not None]
+
+    s = raw_scores(p, scale)
+    if softcap is not None:
+        s = softcap * xp.tanh(s / softcap)
+    for b in values(bias):
+        s = s + b
+    for m in values(mask):
+        s = xp.where(m, s, -math.inf)
+    shift = xp.where(lse == -math.inf, 0.0, lse)[..., None]
+    return xp.where(s == -math.inf, 0.0, xp.exp(s - shift))
+
+
 # --- content-based selection (issue 5: topk, block_topk, indexer_topk, adaptive, lsh) ----------
 # Top-k selection with a documented tie rule, and the key multiplicities of an index list: the
 # explicit pattern a gathered mechanism equals ``full_attention`` under.
@@ -120,3 +168,120 @@ def index_counts(xp: Any, indices: Any, key_length: int) -> Any:
         counts = counts + xp.astype(indices[..., slot:slot + 1] == keys, xp.int64)
     return counts
 
+
+# --- position-sparse helpers (sliding_window, dilated, global, block_local, longformer, star, ...) ----
+
+def check_alignment(alignment: Any) -> str:
+    """``alignment`` is ``"top_left"`` (query i at key position i) or ``"bottom_right"`` (at i + S − L)."""
+    if not isinstance(alignment, str) or alignment not in ALIGNMENTS:
+        raise ValueError(f"alignment must be one of {ALIGNMENTS}; got {alignment!r}")
+    return alignment
+
+
+def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
+    """``value`` as an int ≥ ``minimum``; a ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def dilated_band_pattern(left: int, right: int, dilation: int, offset: int = 0) -> Pattern:
+    """Key j allowed for query i iff j = i + δ + d·t with −left ≤ t ≤ right (−1 = unbounded side).
+
+    ``dilation`` d = 1 is :func:`band_pattern`. The tile filter is the band's (conservative).
+    """
+    band = band_pattern(-1 if left < 0 else left * dilation, -1 if right < 0 else right * dilation, offset)
+    if dilation == 1:
+        return band
+
+    def allowed(rows: Any, cols: Any) -> Any:
+        return band.allowed(rows, cols) & ((cols - rows - offset) % dilation == 0)
+
+    return Pattern(allowed=allowed, tile_active=band.tile_active)
+
+
+def check_positions(name: str, positions: Any, length: int) -> tuple[int, ...]:
+    """A list of distinct token positions in ``[0, length)`` as sorted Python ints.
+
+    Accepts a sequence of ints or a 1-D integer array (read back to the host: a small sync).
+    """
+    if hasattr(positions, "shape"):
+        if len(positions.shape) != 1:
+            raise ValueError(f"{name} must be 1-D; got shape {tuple(positions.shape)}")
+        positions = [int(positions[n]) for n in range(int(positions.shape[0]))]
+    if not isinstance(positions, (list, tuple)) or any(isinstance(g, bool) or not isinstance(g, int) for g in positions):
+        raise ValueError(f"{name} must be a sequence of ints; got {positions!r}")
+    bad = [g for g in positions if not 0 <= g < length]
+    if bad:
+        raise ValueError(f"{name} must lie in [0, {length}); got {bad}")
+    if len(set(positions)) != len(positions):
+        raise ValueError(f"{name} must be distinct; got {list(positions)}")
+    return tuple(sorted(int(g) for g in positions))
+
+
+def position_flags(xp: Any, device: Any, positions: tuple[int, ...], length: int) -> Any:
+    """Boolean ``(length,)``: True at the listed positions."""
+    index = xp.arange(length, dtype=xp.int64, device=device)
+    flags = xp.zeros((length,), dtype=xp.bool, device=device)
+    for g in positions:
+        flags = flags | (index == g)
+    return flags
+
+
+def lookup_flags(xp: Any, flags: Any, index: Any) -> Any:
+    """``flags[index]`` for an integer grid of any shape (−1 padding reads ``flags[0]``)."""
+    flat = xp.reshape(xp.where(index < 0, 0, index), (-1,))
+    return xp.reshape(xp.take(flags, flat, axis=0), index.shape)
+
+
+def all_patterns(*patterns: Pattern) -> Pattern:
+    """Intersection: allowed where every pattern allows; a tile is active where every one says so."""
+
+    def allowed(rows: Any, cols: Any) -> Any:
+        result = patterns[0].allowed(rows, cols)
+        for pat in patterns[1:]:
+            result = result & pat.allowed(rows, cols)
+        return result
+
+    def tile_active(i0: int, i1: int, j0: int, j1: int) -> bool:
+        return all(pat.tile_active is None or pat.tile_active(i0, i1, j0, j1) for pat in patterns)
+
+    return Pattern(allowed=allowed, tile_active=tile_active)
+
+
+def any_pattern(*patterns: Pattern) -> Pattern:
+    """Union: allowed where any pattern allows; a tile is active where any one may be (None = always)."""
+
+    def allowed(rows: Any, cols: Any) -> Any:
+        result = patterns[0].allowed(rows, cols)
+        for pat in patterns[1:]:
+            result = result | pat.allowed(rows, cols)
+        return result
+
+    def tile_active(i0: int, i1: int, j0: int, j1: int) -> bool:
+        return any(pat.tile_active is None or pat.tile_active(i0, i1, j0, j1) for pat in patterns)
+
+    return Pattern(allowed=allowed, tile_active=tile_active)
+
+
+__all__ += ["mask_and_causal"]
+
+
+def mask_and_causal(p: Any, mask: Any, causal: Any) -> tuple[list[Any], Callable[[int, int, int, int], bool] | None]:
+    """The mask terms of ``full_attention``'s ``mask=`` and ``causal=`` options: ``(terms, tile_active)``."""
+    from reflex.mechanisms import _kernels
+
+    terms: list[Any] = [_kernels.check_term(p, "mask", mask, boolean=True)]
+    alignment = parse_causal(causal)
+    if alignment is None:
+        return terms, None
+    pattern = causal_pattern(alignment, p.length, p.key_length)
+    return terms + [pattern.allowed], pattern.tile_active
+
+
+def explicit_mask(xp: Any, device: Any, score_shape: tuple[int, ...], allowed: Callable[[Any, Any], Any]) -> Any:
+    """The boolean ``score_shape = (..., H, L, S)`` array of ``allowed`` on the full index grids."""
+    length, key_length = score_shape[-2], score_shape[-1]
+    rows = xp.reshape(xp.arange(length, dtype=xp.int64, device=device), (length, 1))
+    cols = xp.reshape(xp.arange(key_length, dtype=xp.int64, device=device), (1, key_length))
+    return xp.broadcast_to(allowed(rows, cols), score_shape)

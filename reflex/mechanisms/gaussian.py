@@ -1,0 +1,218 @@
+"""Gaussian position priors on attention scores: localness (Yang 2018), Gaussian Transformer, hard-coded Gaussian."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Sequence
+
+from reflex import random
+from reflex.backends import device as device_of
+from reflex.backends import namespace
+from reflex.mechanisms import _kernels
+from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._patterns import mask_and_causal
+from reflex.registry import Case, Mechanism, register
+
+__all__ = ["gaussian_prior_attention", "gaussian_transformer_attention", "hard_gaussian_attention"]
+
+
+def _per_row(p: _kernels.Prepared, name: str, a: Any) -> Any:
+    """An array broadcastable to ``(..., H, L)``, cast and reshaped to ``len(...) + 2`` axes."""
+    xp = p.xp
+    if namespace(a) is not xp or device_of(a) != p.device:
+        raise TypeError(f"{name} must be an array of q's library on q's device")
+    target = (*p.batch, p.heads, p.length)
+    shape = tuple(int(n) for n in a.shape)
+    if len(shape) > len(target) or not all(s in (1, t) for s, t in zip(shape[::-1], target[::-1])):
+        raise ValueError(f"{name} of shape {shape} does not broadcast to (..., H, L) = {target}")
+    return xp.reshape(xp.astype(a, p.q.dtype), (1,) * (len(target) - len(shape)) + shape)
+
+
+def _rows_of(p: _kernels.Prepared, a: Any, rows: Any) -> Any:
+    """Entries of a per-row array at the query indices ``rows (l, 1)``, as ``(..., H|1, l, 1)``."""
+    xp = p.xp
+    if a.shape[-1] != 1:
+        a = xp.take(a, xp.reshape(rows, (-1,)), axis=-1)
+    return a[..., None]
+
+
+def _per_head(p: _kernels.Prepared, name: str, value: Any) -> Any:
+    """A number, or a length-H sequence/array of per-head values, as a ``(H|1, 1, 1)`` array."""
+    xp = p.xp
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return xp.full((1, 1, 1), float(value), dtype=p.q.dtype, device=p.device)
+    if isinstance(value, (list, tuple)):
+        value = xp.asarray([float(v) for v in value], dtype=p.q.dtype, device=p.device)
+    if not hasattr(value, "shape") or value.ndim > 1 or int(value.shape[0] if value.ndim else 1) not in (1, p.heads):
+        raise ValueError(f"{name} must be a number or one value per head (length {p.heads}); got {value!r}")
+    if device_of(value) != p.device:
+        raise ValueError(f"{name} is on device {device_of(value)}; q is on {p.device}")
+    return xp.reshape(xp.astype(value, p.q.dtype), (-1, 1, 1))
+
+
+def _run(p: _kernels.Prepared, bias_fn: Any, *, mask: Any, causal: Any, scale: float, return_lse: bool,
+         implementation: str) -> Any:
+    masks, tile_active = mask_and_causal(p, mask, causal)
+    return _kernels.softmax_attention(p, scale=scale, mask=masks, bias=bias_fn, tile_active=tile_active,
+                                      implementation=implementation, return_lse=return_lse)
+
+
+def gaussian_prior_attention(q: Any, k: Any, v: Any, /, *, centers: Any, sigmas: Any = None, windows: Any = None,
+                             sigma_per_window: float = 0.5, mask: Any = None, causal: bool | str = False,
+                             scale: float | None = None, return_lse: bool = False, compute_dtype: Any = None,
+                             implementation: str = "auto") -> Any:
+    """Localness: softmax attention plus a Gaussian prior centred on a given position per query.
+
+    .. math::
+
+        O = \\mathrm{softmax}\\big(\\mathrm{scale}\\cdot QK^\\top + G\\big)V,\\qquad
+        G_{ij} = -\\frac{(j - P_i)^2}{2\\sigma_i^2},\\qquad \\sigma_i = \\rho\\, D_i
+
+    Shapes: ``q (..., H, L, D)``, ``k (..., G, S, D)``, ``v (..., G, S, E)`` → ``(..., H, L, E)``;
+    ``centers`` P and ``sigmas`` σ (or ``windows`` D) broadcastable to ``(..., H, L)``, in key
+    positions (j = 0 … S−1, real-valued). The paper predicts P = I·sigmoid(·) and D = I·sigmoid(·)
+    from the queries; here both are explicit inputs. Its window-to-width rule σ = D/2 is
+    ``sigma_per_window`` ρ = 0.5; pass exactly one of ``sigmas`` and ``windows``. The prior is a
+    bias term of the index grid, so it also runs tiled. ``mask``/``causal``/``scale`` as in
+    :func:`reflex.full_attention`.
+
+    Reference: Yang et al. 2018, "Modeling Localness for Self-Attention Networks", §2.2 (eq. 5–9).
+    """
+    p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
+    if (sigmas is None) == (windows is None):
+        raise ValueError("pass exactly one of sigmas and windows (sigma = sigma_per_window * window)")
+    centre = _per_row(p, "centers", centers)
+    width = _per_row(p, "sigmas", sigmas) if sigmas is not None else float(sigma_per_window) * _per_row(p, "windows", windows)
+    inv_two_var = 1.0 / (2.0 * width * width)
+
+    def prior(rows: Any, cols: Any) -> Any:
+        j = p.xp.astype(cols, p.q.dtype)
+        offset = j - _rows_of(p, centre, rows)
+        return -(offset * offset) * _rows_of(p, inv_two_var, rows)
+
+    return _run(p, prior, mask=mask, causal=causal, scale=_kernels.resolve_scale(scale, p.dim),
+                return_lse=return_lse, implementation=implementation)
+
+
+def gaussian_transformer_attention(q: Any, k: Any, v: Any, /, *, w: Any, b: Any, mask: Any = None,
+                                   causal: bool | str = False, scale: float | None = None, return_lse: bool = False,
+                                   compute_dtype: Any = None, implementation: str = "auto") -> Any:
+    """Gaussian Transformer: softmax attention plus a distance prior −|w·(i−j)² + b|.
+
+    .. math::
+
+        O = \\mathrm{softmax}\\big(\\mathrm{scale}\\cdot QK^\\top + G\\big)V,\\qquad
+        G_{ij} = -\\left| w\\,(i - j)^2 + b \\right|
+
+    Shapes as :func:`reflex.full_attention`. ``w`` and ``b`` are numbers (shared, the paper's
+    learnt scalars) or one value per query head (length H). Distances use the raw indices i of the
+    query and j of the key (top-left alignment). ``mask``/``causal``/``scale`` as in
+    :func:`reflex.full_attention`; the prior is an index-grid bias, so it also runs tiled.
+
+    Reference: Guo, Zhang & Liu 2019, "Gaussian Transformer: A Lightweight Approach for Natural
+    Language Inference", AAAI, §3.2 (Gaussian prior, eq. 6–8).
+    """
+    p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
+    w_h, b_h = _per_head(p, "w", w), _per_head(p, "b", b)
+
+    def prior(rows: Any, cols: Any) -> Any:
+        d = p.xp.astype(rows - cols, p.q.dtype)
+        return -p.xp.abs(w_h * (d * d) + b_h)
+
+    return _run(p, prior, mask=mask, causal=causal, scale=_kernels.resolve_scale(scale, p.dim),
+                return_lse=return_lse, implementation=implementation)
+
+
+def hard_gaussian_attention(q: Any, k: Any, v: Any, /, *, offsets: int | Sequence[int] | Any = 0,
+                            sigmas: float | Sequence[float] | Any = 1.0, mask: Any = None, causal: bool | str = False,
+                            return_lse: bool = False, compute_dtype: Any = None, implementation: str = "auto") -> Any:
+    """Hard-coded Gaussian attention: fixed Gaussian weights around i + offset, no query-key scores.
+
+    .. math::
+
+        O_i = \\sum_j \\frac{\\exp\\!\\big(-(j - i - o_h)^2 / 2\\sigma_h^2\\big)}
+                          {\\sum_{j'} \\exp\\!\\big(-(j' - i - o_h)^2 / 2\\sigma_h^2\\big)}\\, v_j
+
+    The weights are the paper's Gaussian density normalised over the attended keys (the engine's
+    softmax of the log density with scale 0). ``q`` and ``k`` give only the shapes
+    ``(..., H, L, D)``, ``(..., G, S, D)`` (so the function drops into :func:`multi_head_attention`);
+    their values are never read. ``offsets`` o and ``sigmas`` σ are numbers or one per head; the
+    paper uses σ = 1 and offsets such as −1 / +1 for encoder heads and −1 with ``causal=True`` for the
+    decoder. ``mask``/``causal`` as in :func:`reflex.full_attention`.
+
+    Reference: You, Sun & Iyyer 2020, "Hard-Coded Gaussian Attention for Neural Machine
+    Translation", ACL, §3 (eq. 2).
+    """
+    p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
+    p = replace(p, q=p.xp.zeros_like(p.q), k=p.xp.zeros_like(p.k))
+    o_h, s_h = _per_head(p, "offsets", offsets), _per_head(p, "sigmas", sigmas)
+    inv_two_var = 1.0 / (2.0 * s_h * s_h)
+
+    def prior(rows: Any, cols: Any) -> Any:
+        d = p.xp.astype(cols - rows, p.q.dtype) - o_h
+        return -(d * d) * inv_two_var
+
+    return _run(p, prior, mask=mask, causal=causal, scale=0.0, return_lse=return_lse, implementation=implementation)
+
+
+# --- registry ------------------------------------------------------------------------------------
+
+def _shapes(size: str) -> dict[str, int]:
+    d = dims(size)
+    return dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
+
+
+def _prior_cases(size: str, seed: int) -> list[Case]:
+    s = _shapes(size)
+    gqa = qkv(seed, kv_heads=2, **s)
+    centers = random.uniform((2, s["heads"], s["length"]), seed=(seed, 3), high=float(s["key_length"] - 1))
+    sigmas = random.uniform((2, s["heads"], s["length"]), seed=(seed, 4), low=0.5, high=3.0)
+    shared = random.uniform((s["length"],), seed=(seed, 5), high=float(s["key_length"] - 1))
+    return [
+        Case("sigmas", {**gqa, "centers": centers, "sigmas": sigmas}, {}, seed=seed),
+        Case("windows_causal", {**gqa, "centers": centers, "windows": 2 * sigmas}, {"causal": "bottom_right"}, seed=seed),
+        Case("shared_centers", {**gqa, "centers": shared, "sigmas": sigmas[:1, :1]}, {}, seed=seed),
+    ]
+
+
+def _transformer_cases(size: str, seed: int) -> list[Case]:
+    s = _shapes(size)
+    gqa = qkv(seed, kv_heads=2, **s)
+    return [
+        Case("scalar", gqa, {"w": 0.3, "b": -1.0}, seed=seed),
+        Case("per_head_causal", {**gqa, "w": random.uniform((s["heads"],), seed=(seed, 3)),
+                                 "b": random.normal((s["heads"],), seed=(seed, 4))}, {"causal": True}, seed=seed),
+    ]
+
+
+def _hard_cases(size: str, seed: int) -> list[Case]:
+    s = _shapes(size)
+    gqa = qkv(seed, kv_heads=2, **s)
+    return [
+        Case("self", gqa, {}, seed=seed),
+        Case("per_head", gqa, {"offsets": [-1, 1, 0, 2], "sigmas": [1.0, 1.0, 0.5, 2.0]}, seed=seed),
+        Case("decoder", gqa, {"offsets": -1, "causal": True}, seed=seed),
+    ]
+
+
+register(Mechanism(
+    key="gaussian_prior", function=gaussian_prior_attention, family="G. prior",
+    paper="Yang et al. 2018, Modeling Localness for Self-Attention Networks, §2.2",
+    params={"centers": "P (..., H, L): Gaussian centre per query, in key positions",
+            "sigmas": "σ (..., H, L): Gaussian width per query", "windows": "D (..., H, L): window, σ = ρ·D",
+            "sigma_per_window": "ρ, default 0.5 (the paper's σ = D/2)", "mask": "as full", "causal": "as full"},
+    cases=_prior_cases, returns_lse=True,
+))
+register(Mechanism(
+    key="gaussian_transformer", function=gaussian_transformer_attention, family="G. prior",
+    paper="Guo, Zhang & Liu 2019, Gaussian Transformer, AAAI, §3.2",
+    params={"w": "number or per-head weights", "b": "number or per-head offsets", "mask": "as full", "causal": "as full"},
+    cases=_transformer_cases, returns_lse=True,
+))
+register(Mechanism(
+    key="hard_gaussian", function=hard_gaussian_attention, family="G. prior",
+    paper="You, Sun & Iyyer 2020, Hard-Coded Gaussian Attention for NMT, ACL, §3",
+    params={"offsets": "centre offset o per head (number or length H)", "sigmas": "σ per head, default 1",
+            "mask": "as full", "causal": "as full"},
+    cases=_hard_cases, returns_lse=True,
+))
