@@ -14,11 +14,14 @@ subclasses such as masked arrays) takes the vectorised array-API path.
 from __future__ import annotations
 
 import importlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import array_api_compat
 import numpy
+import threadpoolctl
 
 __all__ = [
     "namespace",
@@ -32,6 +35,7 @@ __all__ = [
     "backend_namespace",
     "library_name",
     "numba_kernels",
+    "parallel_map",
 ]
 
 # Public names of the backends that `reflex run --backend` and the tests know about.
@@ -129,6 +133,22 @@ def backend_namespace(name: str) -> tuple[ModuleType, Any]:
     if name == "torch":
         return importlib.import_module("array_api_compat.torch"), "cpu"
     return importlib.import_module("array_api_compat.cupy"), None
+
+
+def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], *, like: Any) -> list[Any]:
+    """``[fn(item) for item in items]``, on one thread per core when ``like`` is a NumPy array.
+
+    NumPy's elementwise functions run on one core and release the GIL, so independent blocks of
+    work (query blocks) gain from a thread per core. BLAS is limited to one thread meanwhile, or
+    its own threads would oversubscribe the cores. Each item's arithmetic is the same whichever
+    thread runs it, so results are bitwise reproducible. Other libraries (torch, CuPy: parallel or
+    asynchronous themselves; array-api-strict) run the items in order.
+    """
+    workers = min(os.cpu_count() or 1, len(items))
+    if type(like) is not numpy.ndarray or workers < 2:
+        return [fn(item) for item in items]
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(fn, items))
 
 
 def numba_kernels() -> ModuleType:
