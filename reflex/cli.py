@@ -1,4 +1,8 @@
-"""The ``reflex`` command line: ``reflex list`` and ``reflex run KEY``."""
+"""The ``reflex`` command line: ``list``, ``run KEY``, ``info KEY``, ``fixtures generate|verify|check``.
+
+Exit codes: 0 success; 1 a check or verification failed; 2 a usage error (unknown mechanism or
+size, bad option), with a "did you mean" hint for unknown mechanism names.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import argparse
 import hashlib
 import inspect
 import sys
+import textwrap
 import time
 from typing import Any, Sequence
 
@@ -70,6 +75,83 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_info(args: argparse.Namespace) -> int:
+    mechanism = _lookup(args.key)
+    if mechanism is None:
+        return 2
+    function = mechanism.function
+    print(f"{mechanism.key}: {mechanism.summary}")
+    print(f"family          {mechanism.family}")
+    print(f"paper           {mechanism.paper}")
+    print(f"function        reflex.{function.__name__}{inspect.signature(function)}")
+    print(f"returns lse     {'yes' if mechanism.returns_lse else 'no'}")
+    print(f"row separable   {'yes' if mechanism.row_separable else 'no'}")
+    print(f"cases (tiny)    {', '.join(c.variant for c in mechanism.cases('tiny', 0))}")
+    print("parameters:")
+    width = max((len(name) for name in mechanism.params), default=0)
+    for name, description in mechanism.params.items():
+        print(f"  {name:<{width}}  {description}")
+    print()
+    print(textwrap.indent(inspect.getdoc(function) or "(no docstring)", "  "))
+    return 0
+
+
+def _split(text: str | None) -> list[str] | None:
+    return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _cmd_fixtures_generate(args: argparse.Namespace) -> int:
+    from reflex import fixtures
+
+    start = time.perf_counter()
+    try:
+        manifest = fixtures.generate(args.out, _split(args.mechanisms), _split(args.sizes), args.seed, progress=True)
+    except KeyError as err:  # unknown mechanism, with close matches
+        print(f"reflex: {err.args[0]}", file=sys.stderr)
+        return 2
+    except fixtures.FixtureError as err:
+        print(f"reflex: {err}", file=sys.stderr)
+        return 1
+    except ValueError as err:
+        print(f"reflex: {err}", file=sys.stderr)
+        return 2
+    cases = manifest["cases"]
+    total = sum(case["bytes"] for case in cases)
+    print(f"wrote {len(cases)} cases of {len(manifest['mechanisms'])} mechanism(s) (sizes {', '.join(manifest['sizes'])}, "
+          f"seed {manifest['seed']}) to {args.out}: {total / 2**20:.2f} MiB in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _cmd_fixtures_verify(args: argparse.Namespace) -> int:
+    from reflex import fixtures
+
+    try:
+        results = fixtures.verify(args.dir, progress=True)
+    except fixtures.FixtureError as err:
+        print(f"reflex: verification failed: {err}", file=sys.stderr)
+        return 1
+    identical = sum(r.identical for r in results)
+    worst = max((r.max_abs for r in results), default=0.0)
+    print(f"verified {len(results)} cases in {args.dir}: hashes match, {identical} recomputed bitwise identical, "
+          f"max abs difference {worst:.2e}")
+    return 0
+
+
+def _cmd_fixtures_check(args: argparse.Namespace) -> int:
+    from reflex import fixtures
+
+    try:
+        report = fixtures.check(args.dir, args.exported, dtype=args.dtype, require_all=args.require_all)
+    except fixtures.FixtureError as err:
+        print(f"reflex: {err}", file=sys.stderr)
+        return 1
+    except ValueError as err:
+        print(f"reflex: {err}", file=sys.stderr)
+        return 2
+    print(report.table())
+    return 0 if report.passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reflex", description="Reference attention mechanisms: list, run, fixtures.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +165,29 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="input seed (default 0)")
     run.add_argument("--implementation", default="auto", help="kernel choice where the mechanism has one")
     run.set_defaults(handler=_cmd_run)
+
+    info = sub.add_parser("info", help="a mechanism's docstring (equation, parameters, paper)")
+    info.add_argument("key", help="mechanism key (see `reflex list`)")
+    info.set_defaults(handler=_cmd_info)
+
+    fixtures = sub.add_parser("fixtures", help="golden fixture sets: generate, verify, check")
+    fixtures_sub = fixtures.add_subparsers(dest="fixtures_command", required=True)
+    generate = fixtures_sub.add_parser("generate", help="write a fixture set (deterministic)")
+    generate.add_argument("--out", required=True, help="folder to write (created if needed)")
+    generate.add_argument("--mechanisms", help="comma-separated keys (default: every registered mechanism)")
+    generate.add_argument("--sizes", default="tiny,small", help="comma-separated sizes: tiny, small, medium, large "
+                                                                "(default tiny,small)")
+    generate.add_argument("--seed", type=int, default=0, help="case seed (default 0)")
+    generate.set_defaults(handler=_cmd_fixtures_generate)
+    verify = fixtures_sub.add_parser("verify", help="check hashes and recompute every case")
+    verify.add_argument("dir", help="fixture folder")
+    verify.set_defaults(handler=_cmd_fixtures_verify)
+    check = fixtures_sub.add_parser("check", help="compare another implementation's exported outputs")
+    check.add_argument("dir", help="fixture folder")
+    check.add_argument("exported", help=".npz with one array per case id (and optionally <id>.lse)")
+    check.add_argument("--dtype", help="tolerance dtype (default: each array's dtype), e.g. bfloat16")
+    check.add_argument("--require-all", action="store_true", help="fail when a case is not exported")
+    check.set_defaults(handler=_cmd_fixtures_check)
     return parser
 
 
