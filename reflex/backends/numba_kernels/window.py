@@ -1,0 +1,192 @@
+"""Windowed softmax attention for band patterns: the Numba twin of the tiled kernel on a band.
+
+Query i attends the contiguous key range ``[lo_i, hi_i]`` (inclusive; empty when lo_i > hi_i) of
+a *band key set* ``kb, vb``, skipping keys where ``key_ok`` is False, plus every key of an *extra*
+set ``kx, vx`` (global tokens) exactly once:
+
+.. math::
+
+    s_{ij} = \\mathrm{scale}\\; q_i \\cdot k_j, \\qquad
+    o_i = \\sum_{j \\in W_i} \\frac{e^{s_{ij} - m_i}}{\\ell_i} v_j, \\qquad
+    \\mathrm{lse}_i = m_i + \\log \\ell_i,
+
+with the same conventions as ``reflex.mechanisms._kernels``: max-shifted softmax, a row with no
+allowed key outputs 0 and lse −∞, GQA head ``h`` reads kv head ``h // (H/G)``. Arithmetic is float64,
+``cache=True``, no ``fastmath``.
+
+Work is split into (batch, head, query tile) tasks run in parallel (``prange``). For a tile of T
+queries the union of their ranges is one contiguous key slice of width ≈ T + window, so the scores
+and the weighted values are two BLAS products ``(T, D)·(D, W)`` and ``(T, W)·(W, E)``; memory is
+O(T·W) per task — never an ``L × S`` array. Dilated bands (keys ``i + δ + d·t``) are split by
+residue class ``(i + δ) mod d`` into d ordinary bands over the strided keys ``k[..., r::d, :]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numba
+import numpy
+
+try:  # BLAS threads inside prange threads oversubscribe the cores: one BLAS thread per task
+    from threadpoolctl import threadpool_limits as _threadpool_limits
+except ImportError:  # pragma: no cover - optional
+    _threadpool_limits = None
+
+__all__ = ["band_attention", "range_attention", "DEFAULT_BLOCK"]
+
+DEFAULT_BLOCK = None  # chosen from the window width by :func:`choose_block`
+
+
+def choose_block(width: int) -> int:
+    """Query tile size T for a band of ``width`` keys: T ≈ width/4 in [16, 128], so a tile's key
+    slice (T + width) is mostly useful and its BLAS products are large enough to be efficient."""
+    return int(min(128, max(16, width // 4)))
+
+
+def _single_blas_thread() -> contextlib.AbstractContextManager:
+    return _threadpool_limits(1, user_api="blas") if _threadpool_limits is not None else contextlib.nullcontext()
+
+
+@numba.njit(parallel=True, cache=True)
+def _range_kernel(q, kb, vb, lo, hi, key_ok, kx, vx, scale, block, out, lse):  # pragma: no cover - compiled
+    batch, heads, length, _ = q.shape
+    kv_heads = kb.shape[1]
+    value_dim = vb.shape[3]
+    extra = kx.shape[2]
+    group = heads // kv_heads
+    tiles = (length + block - 1) // block
+    for task in numba.prange(batch * heads * tiles):
+        b = task // (heads * tiles)
+        h = (task // tiles) % heads
+        g = h // group
+        i0 = (task % tiles) * block
+        i1 = min(i0 + block, length)
+        rows = i1 - i0
+        # The tile's key slice: the union of its rows' ranges.
+        j0 = kb.shape[2]
+        j1 = 0
+        for i in range(i0, i1):
+            if lo[i] <= hi[i]:
+                j0 = min(j0, lo[i])
+                j1 = max(j1, hi[i] + 1)
+        width = max(j1 - j0, 0)
+        qt = q[b, h, i0:i1] * scale
+        acc = numpy.zeros((rows, value_dim))
+        totals = numpy.empty(rows)
+        if width > 0:
+            s = numpy.dot(qt, kb[b, g, j0:j1].T)  # (T, W) scores of the band slice
+        else:
+            s = numpy.zeros((rows, 0))
+        if extra > 0:
+            sx = numpy.dot(qt, kx[b, g].T)  # (T, n) scores of the extra keys
+        else:
+            sx = numpy.zeros((rows, 0))
+        for r in range(rows):
+            i = i0 + r
+            a = lo[i] - j0
+            z = hi[i] + 1 - j0
+            m = -math.inf
+            for c in range(width):
+                if c < a or c >= z or not key_ok[j0 + c]:
+                    s[r, c] = -math.inf
+                elif s[r, c] > m:
+                    m = s[r, c]
+            for c in range(extra):
+                if sx[r, c] > m:
+                    m = sx[r, c]
+            shift = 0.0 if m == -math.inf else m
+            total = 0.0
+            for c in range(width):
+                w = math.exp(s[r, c] - shift)
+                s[r, c] = w
+                total += w
+            for c in range(extra):
+                w = math.exp(sx[r, c] - shift)
+                sx[r, c] = w
+                total += w
+            totals[r] = total
+            lse[b, h, i] = -math.inf if total == 0.0 else m + math.log(total)
+        if width > 0:
+            acc = numpy.dot(s, vb[b, g, j0:j1])
+        if extra > 0:
+            acc = acc + numpy.dot(sx, vx[b, g])
+        for r in range(rows):
+            i = i0 + r
+            denom = 1.0 if totals[r] == 0.0 else totals[r]
+            for e in range(value_dim):
+                out[b, h, i, e] = acc[r, e] / denom
+
+
+def _flat(x: numpy.ndarray) -> numpy.ndarray:
+    """``(..., X, Y, Z)`` → contiguous float64 ``(B, X, Y, Z)``."""
+    return numpy.ascontiguousarray(x.reshape((-1, *x.shape[-3:])), dtype=numpy.float64)
+
+
+def range_attention(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, lo: numpy.ndarray, hi: numpy.ndarray, *,
+                    scale: float, key_ok: numpy.ndarray | None = None, extra: numpy.ndarray | None = None,
+                    block: int | None = DEFAULT_BLOCK) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """Query i attends keys ``lo[i] ≤ j ≤ hi[i]`` with ``key_ok[j]``, plus every key in ``extra``.
+
+    ``q (..., H, L, D)``, ``k (..., G, S, D)``, ``v (..., G, S, E)``; ``lo``, ``hi`` integer ``(L,)``
+    (clipped to ``[0, S)``); ``key_ok`` boolean ``(S,)`` (default all True); ``extra`` distinct key
+    positions attended by every query (they should be excluded from the band through ``key_ok``
+    so that none counts twice). Returns ``(out (..., H, L, E), lse (..., H, L))`` in float64.
+    """
+    batch = q.shape[:-3]
+    heads, length = q.shape[-3], q.shape[-2]
+    key_length, value_dim = k.shape[-2], v.shape[-1]
+    out = numpy.zeros((*batch, heads, length, value_dim))
+    lse = numpy.full((*batch, heads, length), -math.inf)
+    if length == 0 or key_length == 0:
+        return out, lse
+    q3, k3, v3 = _flat(q), _flat(k), _flat(v)
+    lo = numpy.clip(numpy.asarray(lo, dtype=numpy.int64), 0, key_length)
+    hi = numpy.clip(numpy.asarray(hi, dtype=numpy.int64), -1, key_length - 1)
+    key_ok = numpy.ones(key_length, dtype=numpy.bool_) if key_ok is None else numpy.ascontiguousarray(key_ok, dtype=numpy.bool_)
+    if key_ok.shape != (key_length,):
+        raise ValueError(f"key_ok must have shape ({key_length},); got {key_ok.shape}")
+    extra = numpy.zeros(0, dtype=numpy.int64) if extra is None else numpy.asarray(extra, dtype=numpy.int64)
+    kx = numpy.ascontiguousarray(k3[:, :, extra])
+    vx = numpy.ascontiguousarray(v3[:, :, extra])
+    if block is None:
+        block = choose_block(int(numpy.max(hi - lo)) + 1 if lo.size else 1)
+    out3 = out.reshape((-1, heads, length, value_dim))
+    lse3 = lse.reshape((-1, heads, length))
+    with _single_blas_thread():
+        _range_kernel(q3, k3, v3, numpy.ascontiguousarray(lo), numpy.ascontiguousarray(hi), key_ok, kx, vx,
+                      float(scale), int(block), out3, lse3)
+    return out, lse
+
+
+def band_attention(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, *, left: int, right: int, scale: float,
+                   offset: int = 0, dilation: int = 1, key_ok: numpy.ndarray | None = None,
+                   extra: numpy.ndarray | None = None, block: int | None = DEFAULT_BLOCK) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """Query i attends keys j = i + δ + d·t, −left ≤ t ≤ right (−1 = unbounded), plus ``extra``.
+
+    ``offset`` δ aligns queries with keys; ``dilation`` d ≥ 1. See :func:`range_attention` for
+    shapes, ``key_ok`` and ``extra``.
+    """
+    length, key_length = q.shape[-2], k.shape[-2]
+    big = key_length + length + 1  # "unbounded" in index units
+    left = big if left < 0 else left
+    right = big if right < 0 else right
+    if dilation == 1:
+        anchor = numpy.arange(length, dtype=numpy.int64) + offset
+        return range_attention(q, k, v, anchor - left, anchor + right, scale=scale, key_ok=key_ok, extra=extra,
+                               block=block)
+    out = numpy.zeros((*q.shape[:-2], length, v.shape[-1]))
+    lse = numpy.full(q.shape[:-1], -math.inf)
+    key_ok = numpy.ones(key_length, dtype=numpy.bool_) if key_ok is None else numpy.asarray(key_ok, dtype=numpy.bool_)
+    for residue in range(dilation):
+        rows = numpy.arange((residue - offset) % dilation, length, dilation, dtype=numpy.int64)
+        if rows.size == 0:
+            continue
+        anchor = (rows + offset - residue) // dilation  # query's position among keys residue, residue + d, ...
+        sub_out, sub_lse = range_attention(
+            q[..., rows, :], k[..., residue::dilation, :], v[..., residue::dilation, :], anchor - left, anchor + right,
+            scale=scale, key_ok=key_ok[residue::dilation], extra=extra, block=block)
+        out[..., rows, :] = sub_out
+        lse[..., rows] = sub_lse
+    return out, lse

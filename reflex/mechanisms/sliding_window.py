@@ -1,0 +1,163 @@
+"""Sliding-window (band) attention, and the Numba dispatch shared by the band-shaped mechanisms."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from reflex.backends import is_plain_numpy
+from reflex.mechanisms import _kernels
+from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._patterns import (band_pattern, causal_offset, check_alignment, check_window,
+                                         explicit_mask)
+from reflex.registry import Case, Mechanism, register
+
+__all__ = ["sliding_window_attention"]
+
+# Kernel choices of the band mechanisms: the engine's, the gather kernel, and the Numba band kernel.
+BAND_IMPLEMENTATIONS = ("auto", "dense", "tiled", "gather", "numba")
+
+
+def check_band_implementation(implementation: Any) -> str:
+    """``implementation`` among :data:`BAND_IMPLEMENTATIONS`."""
+    if implementation not in BAND_IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {', '.join(BAND_IMPLEMENTATIONS)}; got {implementation!r}")
+    return implementation
+
+
+def numba_band_module(p: _kernels.Prepared, implementation: str, *arrays: Any) -> Any:
+    """The Numba window module when the band should run there, else None.
+
+    ``"auto"`` takes Numba when every input array is plain NumPy and the compute dtype is float64;
+    ``"numba"`` insists (and raises ``ValueError`` when the inputs do not allow it).
+    """
+    if implementation not in ("auto", "numba"):
+        return None
+    eligible = all(is_plain_numpy(a) for a in arrays if a is not None) and p.q.dtype == p.xp.float64
+    if not eligible:
+        if implementation == "numba":
+            raise ValueError("implementation='numba' needs plain NumPy float inputs and compute_dtype float64")
+        return None
+    return importlib.import_module("reflex.backends.numba_kernels.window")
+
+
+def band_indices(p: _kernels.Prepared, left: int, right: int, offset: int) -> Any:
+    """Key lists ``(L, K)`` of the band for the gather kernel: j = i + δ − left + t, −1 outside ``[0, S)``."""
+    xp = p.xp
+    rows = xp.reshape(xp.arange(p.length, dtype=xp.int64, device=p.device), (p.length, 1))
+    if left < 0 or right < 0:  # an unbounded side: every key, masked to the band
+        cols = xp.reshape(xp.arange(p.key_length, dtype=xp.int64, device=p.device), (1, p.key_length))
+        keep = band_pattern(left, right, offset).allowed(rows, cols)
+        return xp.where(keep, cols, -1)
+    count = min(left + right + 1, p.key_length)
+    start = xp.clip(rows + offset - left, 0, max(p.key_length - count, 0))
+    cols = start + xp.reshape(xp.arange(count, dtype=xp.int64, device=p.device), (1, count))
+    keep = band_pattern(left, right, offset).allowed(rows, cols)
+    return xp.where(keep, cols, -1)
+
+
+def sliding_window_attention(q: Any, k: Any, v: Any, /, *, window: tuple[int, int], alignment: str = "top_left",
+                             scale: float | None = None, return_lse: bool = False, compute_dtype: Any = None,
+                             implementation: str = "auto") -> Any:
+    """Sliding-window attention: each query attends the keys within ``(left, right)`` of its position.
+
+    .. math::
+
+        O_i = \\mathrm{softmax}_{j \\in W_i}(\\mathrm{scale}\\; q_i \\cdot k_j)\\, v_j, \\qquad
+        W_i = \\{\\, j : i + \\delta - \\mathrm{left} \\le j \\le i + \\delta + \\mathrm{right} \\,\\}
+
+    Shapes: ``q (..., H, L, D)``, ``k (..., G, S, D)``, ``v (..., G, S, E)`` → ``out (..., H, L, E)``
+    (and ``lse (..., H, L)`` with ``return_lse``). GQA: query head h reads kv head ``h // (H/G)``.
+
+    Args:
+        window: ``(left, right)`` ints ≥ −1; −1 leaves that side unbounded. ``(left, 0)`` is causal
+            attention with a look-back of ``left`` keys; ``(0, 0)`` is self only; ``(-1, -1)`` is full.
+            Same semantics as flash-attn ``window_size`` and the ONNX Attention (opset 25)
+            ``left_window_size`` / ``right_window_size`` attributes.
+        alignment: ``"top_left"`` (δ = 0: query i sits at key i) or ``"bottom_right"`` (δ = S − L:
+            the last query sits at the last key, as flash-attn and ONNX with a KV cache of S − L).
+        scale: multiplies q·k; default 1/√D.
+        return_lse: also return the natural-log logsumexp of each row's scores.
+        compute_dtype: arithmetic dtype (default float64).
+        implementation: ``"numba"`` (windowed-softmax kernel: plain NumPy inputs, float64, memory
+            O(L·window)), ``"dense"``, ``"tiled"`` (online softmax skipping tiles off the band),
+            ``"gather"`` (each query's band as an index list), or ``"auto"`` (Numba for plain NumPy
+            inputs in float64, otherwise the engine's dense/tiled choice).
+
+    A query whose window holds no key (possible for L ≠ S or a negative offset) outputs 0 with lse −∞.
+    The output equals ``full_attention(q, k, v, mask=pattern)`` with the band as a boolean mask.
+
+    References: Beltagy et al. 2020, "Longformer", §3.1 (sliding window); Child et al. 2019 §4.2
+    (local attention); flash-attn ``window_size`` (Dao 2023).
+    """
+    p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
+    left, right = check_window(window)
+    offset = causal_offset(check_alignment(alignment), p.length, p.key_length)
+    implementation = check_band_implementation(implementation)
+    scale = _kernels.resolve_scale(scale, p.dim)
+    numba_window = numba_band_module(p, implementation, q, k, v)
+    if numba_window is not None:
+        out, lse = numba_window.band_attention(p.q, p.k, p.v, left=left, right=right, offset=offset, scale=scale)
+    elif implementation == "gather":
+        out, lse = _kernels.gather(p, band_indices(p, left, right, offset), scale=scale)
+    else:
+        pattern = band_pattern(left, right, offset)
+        return _kernels.softmax_attention(p, scale=scale, mask=pattern.allowed, tile_active=pattern.tile_active,
+                                          implementation=implementation, return_lse=return_lse)
+    return (out, lse) if return_lse else out
+
+
+def _pattern(q: Any, k: Any, v: Any, /, *, window: tuple[int, int], alignment: str = "top_left", **_: Any) -> Any:
+    """The band as a boolean ``(..., H, L, S)`` mask."""
+    p = _kernels.prepare(q, k, v)
+    left, right = check_window(window)
+    offset = causal_offset(check_alignment(alignment), p.length, p.key_length)
+    return explicit_mask(p.xp, p.device, p.score_shape, band_pattern(left, right, offset).allowed)
+
+
+def _cases(size: str, seed: int) -> list[Case]:
+    d = dims(size)
+    shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
+    gqa = qkv(seed, kv_heads=d["G"], **shapes)
+    w = max(1, d["L"] // 4)
+    return [
+        Case("symmetric", gqa, {"window": [w, w]}, seed=seed),
+        Case("causal", gqa, {"window": [w, 0]}, seed=seed),
+        Case("bottom_right", gqa, {"window": [w, 1], "alignment": "bottom_right"}, seed=seed),
+        Case("unbounded_left", gqa, {"window": [-1, 1]}, seed=seed),
+        Case("self_only", gqa, {"window": [0, 0]}, seed=seed),
+    ]
+
+
+def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
+    w = min(256, max(1, seq // 8))
+    return Case("example", qkv(seed, batch=(1,), **d), {"window": [w, w]}, seed=seed)
+
+
+def _reference(q: Any, k: Any, v: Any, /, **params: Any) -> Any:
+    """Dense ``full_attention`` with the band mask."""
+    from reflex.mechanisms.full import full_attention
+
+    params = {n: val for n, val in params.items() if n not in ("implementation",)}
+    mask = _pattern(q, k, v, **params)
+    rest = {n: val for n, val in params.items() if n not in ("window", "alignment")}
+    return full_attention(q, k, v, mask=mask, implementation="dense", **rest)
+
+
+register(Mechanism(
+    key="sliding_window",
+    function=sliding_window_attention,
+    family="B. position-sparse",
+    paper="Beltagy et al. 2020 §3.1 (Longformer sliding window); Child et al. 2019 §4.2; flash-attn window_size",
+    params={
+        "window": "(left, right): key j allowed iff i + d - left <= j <= i + d + right; -1 = unbounded",
+        "alignment": "'top_left' (d = 0) | 'bottom_right' (d = S - L)",
+        "implementation": "'auto' | 'numba' | 'dense' | 'tiled' | 'gather'",
+    },
+    cases=_cases,
+    reference=_reference,
+    returns_lse=True,
+    example=_example,
+    pattern=_pattern,
+))
