@@ -36,7 +36,7 @@ import numpy
 import reflex
 from reflex import registry
 from reflex.backends import to_numpy
-from reflex.testing import TOLERANCES, Tolerance, dtype_name
+from reflex.testing import TOLERANCES, Tolerance, _outside, _worst, dtype_name
 
 __all__ = [
     "SCHEMA_VERSION", "MANIFEST", "DEFAULT_SIZES", "FixtureError", "FixtureCase", "FixtureSet",
@@ -466,13 +466,8 @@ class CaseVerification:
 
 
 def _errors(actual: numpy.ndarray, expected: numpy.ndarray, tol: Tolerance) -> tuple[numpy.ndarray, numpy.ndarray]:
-    """(|actual − expected|, outside tolerance) in float64: equal values (±∞ too) are 0, NaN mismatches +∞."""
-    a, e = actual.astype(numpy.float64), expected.astype(numpy.float64)
-    with numpy.errstate(invalid="ignore", over="ignore"):
-        error = numpy.where(a == e, 0.0, numpy.abs(a - e))
-        error = numpy.where(numpy.isnan(error), numpy.inf, error)
-        bad = ~(error <= tol.atol + tol.rtol * numpy.abs(e))
-    return error, bad
+    """(|actual − expected|, outside tolerance) in float64, by :mod:`reflex.testing`'s rule."""
+    return _outside(actual, expected, tol.atol, tol.rtol)
 
 
 def _verify_case(case: FixtureCase) -> CaseVerification:
@@ -608,10 +603,9 @@ def _compare(cid: str, what: str, actual: numpy.ndarray, expected: numpy.ndarray
     error, bad = _errors(a, e, tol)
     with numpy.errstate(invalid="ignore", divide="ignore"):
         relative = numpy.where(error == 0, 0.0, error / numpy.abs(e))
-        excess = error / (tol.atol + tol.rtol * numpy.abs(e))
     if error.size == 0:
         return CheckResult(cid, what, "pass", name, 0.0, 0.0, tol.atol, tol.rtol)
-    worst = tuple(int(i) for i in numpy.unravel_index(int(numpy.argmax(numpy.nan_to_num(excess, nan=numpy.inf))), a.shape))
+    worst = _worst(error, bad, e, tol.atol, tol.rtol) if numpy.any(bad) else ()
     message = ""
     if numpy.any(bad):
         message = (f"{int(numpy.sum(bad))} of {a.size} elements outside atol {tol.atol:.0e} + rtol {tol.rtol:.0e}·|expected|; "

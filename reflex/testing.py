@@ -108,11 +108,22 @@ def _describe(index: tuple[int, ...]) -> str:
 
 
 def _abs_error(actual: numpy.ndarray, expected: numpy.ndarray) -> numpy.ndarray:
-    """|actual − expected| with equal values (infinities included) 0 and any NaN mismatch +∞."""
+    """|actual − expected| in float64: equal values (infinities included) give 0; NaN or a
+    mismatched infinity gives +∞."""
+    a, e = actual.astype(numpy.float64), expected.astype(numpy.float64)
     with numpy.errstate(invalid="ignore", over="ignore"):
-        error = numpy.abs(actual - expected)
-    error = numpy.where(actual == expected, 0.0, error)
-    return numpy.where(numpy.isnan(error), numpy.inf, error)
+        error = numpy.where(a == e, 0.0, numpy.abs(a - e))
+    return numpy.where(numpy.isnan(error) | ~numpy.isfinite(e) & (a != e), numpy.inf, error)
+
+
+def _outside(actual: numpy.ndarray, expected: numpy.ndarray, atol: float, rtol: float
+             ) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """(|actual − expected|, where it exceeds ``atol + rtol·|expected|``); a non-finite expected
+    value must be matched exactly."""
+    error = _abs_error(actual, expected)
+    with numpy.errstate(invalid="ignore", over="ignore"):
+        allowed = atol + rtol * numpy.abs(expected.astype(numpy.float64))
+    return error, ~(error <= numpy.where(numpy.isfinite(allowed), allowed, 0.0))
 
 
 def assert_close(actual: Any, expected: Any, *, dtype: Any = None, atol: float | None = None,
@@ -136,21 +147,25 @@ def assert_close(actual: Any, expected: Any, *, dtype: Any = None, atol: float |
     if a.size == 0:
         return
     a64, e64 = a.astype(numpy.float64), e.astype(numpy.float64)
-    error = _abs_error(a64, e64)
-    with numpy.errstate(invalid="ignore"):
-        allowed = atol + rtol * numpy.abs(e64)
-    bad = ~(error <= allowed)
+    error, bad = _outside(a64, e64, atol, rtol)
     if not numpy.any(bad):
         return
-    with numpy.errstate(invalid="ignore", divide="ignore"):
-        excess = numpy.where(bad, error / allowed, 0.0)
-    worst = numpy.unravel_index(int(numpy.argmax(numpy.nan_to_num(excess, nan=numpy.inf))), a.shape)
+    worst = _worst(error, bad, e64, atol, rtol)
     raise AssertionError(
         f"{name} differs from expected in {int(numpy.sum(bad))} of {a.size} elements "
         f"(tolerance {dtype_name(dtype)}: atol {atol:.1e}, rtol {rtol:.1e}); worst at {_describe(worst)}: "
         f"actual {float(a64[worst]):.9g}, expected {float(e64[worst]):.9g}, |diff| {error[worst]:.3e}, "
         f"max |diff| {float(numpy.max(error)):.3e}"
     )
+
+
+def _worst(error: numpy.ndarray, bad: numpy.ndarray, expected: numpy.ndarray, atol: float, rtol: float
+           ) -> tuple[int, ...]:
+    """Index of the element furthest outside its tolerance (by error / allowed)."""
+    with numpy.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        excess = numpy.where(bad, error / (atol + rtol * numpy.abs(expected)), 0.0)
+    excess = numpy.where(bad & ~(excess > 0), numpy.inf, excess)  # NaN or 0/0 where bad: worst of all
+    return tuple(int(i) for i in numpy.unravel_index(int(numpy.argmax(excess)), error.shape))
 
 
 @dataclass(frozen=True)
