@@ -35,7 +35,7 @@ def check_projection(p: _kernels.Prepared, projection: Any, num_features: Any, s
             raise ValueError(f"projection must have shape (m, D) = (m, {p.dim}) with m >= 1; got {tuple(projection.shape)}")
         return xp.astype(projection, p.q.dtype)
     if seed is None:
-        raise ValueError("performer needs an explicit projection (m, D) or a seed to draw one (no hidden randomness)")
+        raise ValueError("pass an explicit projection (m, D) or a seed to draw one (no hidden randomness)")
     if num_features is None:
         num_features = max(1, round(p.dim * math.log(p.dim))) if p.dim > 1 else 1
     if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
