@@ -184,7 +184,12 @@ def generate(out_dir: str | os.PathLike[str], mechanisms: Iterable[str] | None =
     planned: list[tuple[str, str, registry.Mechanism, registry.Case]] = []
     for mechanism in chosen:
         for size in sizes:
-            for case in mechanism.cases(size, seed):
+            try:
+                cases = mechanism.cases(size, seed)
+            except Exception as err:
+                raise FixtureError(f"{mechanism.key}: its case builder failed at size {size}, seed {seed}: "
+                                   f"{type(err).__name__}: {err}") from err
+            for case in cases:
                 planned.append((case_id(mechanism.key, case.variant, size), size, mechanism, case))
     seen: dict[str, str] = {}
     for cid, _, _, case in planned:
