@@ -106,6 +106,8 @@ def synthesizer_attention(v: Any, /, *, variant: str = "random", x: Any = None, 
             grid = xp.take(a_part, a_idx, axis=-1) * xp.take(b_part, b_idx, axis=-1)
         scores = xp.reshape(grid, (*grid.shape[:-2], na * nb)) if tiling == "outer" else grid
     heads, length, key_length = (int(n) for n in scores.shape[-3:])
+    if key_length != int(v.shape[-2]):
+        raise ValueError(f"the synthetic scores have {key_length} key columns (shape {tuple(scores.shape)}); v has S = {int(v.shape[-2])}")
     batch = tuple(v.shape[:-3])
     zeros = lambda h, n: xp.zeros((*batch, h, n, 1), dtype=dtype, device=dev)  # noqa: E731
     p = _kernels.prepare(zeros(heads, length), zeros(int(v.shape[-3]), key_length), v, compute_dtype=dtype)
