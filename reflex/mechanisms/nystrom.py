@@ -1,0 +1,185 @@
+"""Nyströmformer: softmax attention through m landmark (segment-mean) queries and keys."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from reflex.mechanisms import _kernels
+from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._patterns import attention_weights
+from reflex.registry import Case, Mechanism, register
+
+__all__ = ["nystrom_attention"]
+
+PINV = ("iterative", "exact", "regularized")
+PINV_INIT = ("matrix", "batch")
+
+
+def segment_means(xp: Any, x: Any, count: int) -> Any:
+    """Means of ``count`` consecutive segments of ``x (..., n, D)`` along ``n`` → ``(..., count, D)``.
+
+    Segment r covers rows ``[⌊r·n/count⌋, ⌊(r+1)·n/count⌋)``: equal segments of n/count rows when
+    ``count`` divides n (a reshape and mean, as Hugging Face does), else lengths differing by one.
+    """
+    n = int(x.shape[-2])
+    if n % count == 0:
+        return xp.mean(xp.reshape(x, (*x.shape[:-2], count, n // count, int(x.shape[-1]))), axis=-2)
+    device = x.device
+    segment = xp.reshape(xp.arange(count, dtype=xp.int64, device=device), (count, 1))
+    position = xp.reshape(xp.arange(n, dtype=xp.int64, device=device), (1, n))
+    start, end = (segment * n) // count, ((segment + 1) * n) // count
+    inside = (position >= start) & (position < end)
+    weights = xp.where(inside, 1.0 / xp.astype(end - start, x.dtype), 0.0)  # (count, n), rows sum to 1
+    return xp.astype(weights, x.dtype) @ x
+
+
+def newton_schulz_pinv(xp: Any, a: Any, *, iterations: int, init: str) -> Any:
+    """Iterative Moore–Penrose inverse of softmax matrices ``a (..., m, m)`` (Xiong 2021, §3.2 eq. 16).
+
+    ``Z₀ = aᵀ / max_j Σ_i a_ij`` (‖a‖∞ = 1 for a softmax matrix, so this is ``aᵀ/(‖a‖₁‖a‖∞)``), the
+    max per matrix (``init="matrix"``) or one max over the whole batch (``"batch"``: the paper code
+    and Hugging Face), then ``Z ← ¼ Z (13I − aZ(15I − aZ(7I − aZ)))`` ``iterations`` times, in
+    Hugging Face's operation order.
+    """
+    m = int(a.shape[-1])
+    column_sums = xp.sum(a, axis=-2)
+    if init == "matrix":
+        top = xp.max(column_sums, axis=-1, keepdims=True)[..., None]
+    else:
+        top = xp.max(column_sums)
+    z = xp.matrix_transpose(a) / top
+    eye = xp.eye(m, dtype=a.dtype, device=a.device)
+    for _ in range(iterations):
+        az = a @ z
+        z = (0.25 * z) @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+    return z
+
+
+def nystrom_attention(q: Any, k: Any, v: Any, /, *, num_landmarks: int, pinv: str = "iterative", iterations: int = 6,
+                      pinv_init: str = "matrix", eps: float = 1e-6, scale: float | None = None,
+                      compute_dtype: Any = None, implementation: str = "auto") -> Any:
+    """Nyströmformer: F·A⁺·(B·V) with landmark queries/keys that are segment means.
+
+    .. math::
+
+        \\tilde Q = \\mathrm{means}_m(\\sqrt s\\,Q),\\;\\tilde K = \\mathrm{means}_m(\\sqrt s\\,K),\\qquad
+        O = \\underbrace{\\mathrm{softmax}(\\sqrt s Q \\tilde K^\\top)}_{F}\\;
+            \\underbrace{\\mathrm{softmax}(\\tilde Q \\tilde K^\\top)}_{A}{}^{+}\\;
+            \\underbrace{\\mathrm{softmax}(\\tilde Q\\, \\sqrt s K^\\top)}_{B}\\; V
+
+    (Xiong et al. 2021, "Nyströmformer", §3.2 eq. 14–16; regularised inverse as in Chen et al.
+    2020, "Scalable and accurate low-rank attention" (CSALR)).
+
+    Shapes: ``q (..., H, L, D)``, ``k (..., G, S, D)``, ``v (..., G, S, E)`` → ``(..., H, L, E)``.
+    Query landmarks are per query head, key landmarks per kv head (GQA without copies).
+
+    Args:
+        num_landmarks: m, with ``1 ≤ m ≤ min(L, S)``. Landmarks are means of m consecutive segments
+            (equal when m divides the length; otherwise lengths differ by one, see
+            :func:`segment_means`).
+        pinv: ``"iterative"`` (Newton–Schulz, :func:`newton_schulz_pinv`, ``iterations`` steps —
+            6 in the paper and Hugging Face), ``"exact"`` (``linalg.pinv``, Moore–Penrose with the
+            standard's default cut-off) or ``"regularized"`` (``(A + eps·I)⁻¹``, by ``linalg.solve``).
+        pinv_init: ``"matrix"`` (Z₀ scaled per (batch, head) matrix: items independent) or
+            ``"batch"`` (one scalar over the whole batch, as Hugging Face's default "original" init:
+            an item's output then depends on the rest of the batch).
+        scale: default 1/√D; q and k are each multiplied by √scale (Hugging Face divides by D^¼).
+        implementation: kernel of the two engine softmaxes over S or L (``"auto"|"dense"|"tiled"``).
+
+    Softmaxes run on the engine: ``B·V`` and ``F·(A⁺BV)`` are softmax attention
+    (:func:`reflex.mechanisms._kernels.softmax_attention`), ``A`` is
+    :func:`reflex.mechanisms._patterns.attention_weights`. The product is taken as ``F(A⁺(BV))``:
+    memory O((L + S)·m). Matching Hugging Face ``NystromformerSelfAttention`` (its depthwise
+    convolution skip disabled) needs ``pinv="iterative"`` and, with several (batch, head) matrices,
+    ``pinv_init="batch"``; Hugging Face computes plain softmax when m equals the sequence length,
+    while here m = S with ``pinv="exact"`` equals ``full_attention`` up to A's conditioning.
+    """
+    p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
+    xp = p.xp
+    if isinstance(num_landmarks, bool) or not isinstance(num_landmarks, int) or not 1 <= num_landmarks <= min(p.length, p.key_length):
+        raise ValueError(f"num_landmarks must be an int in [1, min(L, S)] = [1, {min(p.length, p.key_length)}]; got {num_landmarks!r}")
+    if pinv not in PINV:
+        raise ValueError(f"pinv must be one of {', '.join(PINV)}; got {pinv!r}")
+    if pinv_init not in PINV_INIT:
+        raise ValueError(f"pinv_init must be one of {', '.join(PINV_INIT)}; got {pinv_init!r}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"iterations must be an int >= 0; got {iterations!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a number > 0; got {eps!r}")
+    m = num_landmarks
+    root = math.sqrt(_kernels.resolve_scale(scale, p.dim))
+    q_scaled, k_scaled = p.q * root, p.k * root
+    q_land, k_land = segment_means(xp, q_scaled, m), segment_means(xp, k_scaled, m)  # (..., H|G, m, D)
+    dtype = p.q.dtype
+    # B·V: the landmark queries attend every key (engine softmax over S).
+    bv = _kernels.softmax_attention(_kernels.prepare(q_land, k_scaled, p.v, compute_dtype=dtype), scale=1.0,
+                                    implementation=implementation)
+    a = attention_weights(_kernels.prepare(q_land, k_land, k_land, compute_dtype=dtype), scale=1.0)  # (..., H, m, m)
+    if pinv == "iterative":
+        w = newton_schulz_pinv(xp, a, iterations=iterations, init=pinv_init) @ bv
+    elif pinv == "exact":
+        w = xp.linalg.pinv(a) @ bv
+    else:
+        w = xp.linalg.solve(a + float(eps) * xp.eye(m, dtype=dtype, device=p.device), bv)
+    # F·W: every query attends the key landmarks with values W (engine softmax over m).
+    k_land_heads = xp.reshape(xp.broadcast_to(xp.expand_dims(k_land, axis=-3), (*p.batch, p.kv_heads, p.group, m, p.dim)),
+                              (*p.batch, p.heads, m, p.dim))
+    return _kernels.softmax_attention(_kernels.prepare(q_scaled, k_land_heads, w, compute_dtype=dtype), scale=1.0,
+                                      implementation=implementation)
+
+
+def _cases(size: str, seed: int) -> list[Case]:
+    d = dims(size)
+    shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
+    gqa = qkv(seed, kv_heads=d["G"], **shapes)
+    m = max(1, d["L"] // 2)
+    return [
+        Case("iterative", gqa, {"num_landmarks": m}, seed=seed),
+        Case("iterative_batch_init", gqa, {"num_landmarks": m, "pinv_init": "batch"}, seed=seed),
+        Case("exact", gqa, {"num_landmarks": m, "pinv": "exact"}, seed=seed),
+        Case("regularized", gqa, {"num_landmarks": m, "pinv": "regularized", "eps": 1e-3}, seed=seed),
+    ]
+
+
+def _reference(q: Any, k: Any, v: Any, /, *, num_landmarks: int, pinv: str = "iterative", iterations: int = 6,
+               pinv_init: str = "matrix", eps: float = 1e-6, scale: float | None = None, **_: Any) -> Any:
+    """Hugging Face's order: the three softmax matrices materialised, ``(F·A⁺)·(B·V)``."""
+    p = _kernels.prepare(q, k, v)
+    xp = p.xp
+    root = math.sqrt(_kernels.resolve_scale(scale, p.dim))
+    q_scaled, k_scaled = p.q * root, p.k * root
+    q_land, k_land = segment_means(xp, q_scaled, num_landmarks), segment_means(xp, k_scaled, num_landmarks)
+    k_land_heads = xp.reshape(xp.broadcast_to(xp.expand_dims(k_land, axis=-3), (*p.batch, p.kv_heads, p.group, num_landmarks, p.dim)),
+                              (*p.batch, p.heads, num_landmarks, p.dim))
+    f = attention_weights(_kernels.prepare(q_scaled, k_land_heads, k_land_heads), scale=1.0)
+    a = attention_weights(_kernels.prepare(q_land, k_land, k_land), scale=1.0)
+    b = attention_weights(_kernels.prepare(q_land, k_scaled, p.v), scale=1.0)
+    if pinv == "iterative":
+        a_pinv = newton_schulz_pinv(xp, a, iterations=iterations, init=pinv_init)
+    elif pinv == "exact":
+        a_pinv = xp.linalg.pinv(a)
+    else:
+        a_pinv = xp.linalg.inv(a + float(eps) * xp.eye(num_landmarks, dtype=a.dtype, device=p.device))
+    v_heads = xp.reshape(xp.broadcast_to(xp.expand_dims(p.v, axis=-3), (*p.batch, p.kv_heads, p.group, p.key_length, p.value_dim)),
+                         (*p.batch, p.heads, p.key_length, p.value_dim))
+    return (f @ a_pinv) @ (b @ v_heads)
+
+
+register(Mechanism(
+    key="nystrom",
+    function=nystrom_attention,
+    family="F. low-rank",
+    paper="Xiong et al. 2021, 'Nystromformer', §3.2 eq. 14-16; Chen et al. 2020 (CSALR, regularized inverse)",
+    params={
+        "num_landmarks": "m segment-mean landmarks, 1 <= m <= min(L, S)",
+        "pinv": "'iterative' (Newton-Schulz) | 'exact' (Moore-Penrose) | 'regularized' ((A + eps I)^-1)",
+        "iterations": "Newton-Schulz steps (default 6)",
+        "pinv_init": "'matrix' (Z0 per matrix) | 'batch' (one scalar over the batch, as Hugging Face)",
+        "eps": "ridge of the regularized inverse (default 1e-6)",
+        "scale": "score scale, default 1/sqrt(D)",
+    },
+    cases=_cases,
+    reference=_reference,
+    row_separable=False,
+))
