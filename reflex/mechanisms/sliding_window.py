@@ -9,7 +9,7 @@ from reflex.backends import is_plain_numpy
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, qkv
 from reflex.mechanisms._patterns import (band_pattern, causal_offset, check_alignment, check_window,
-                                         explicit_mask)
+                                         dilated_band_pattern, explicit_mask)
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["sliding_window_attention"]
@@ -41,18 +41,25 @@ def numba_band_module(p: _kernels.Prepared, implementation: str, *arrays: Any) -
     return importlib.import_module("reflex.backends.numba_kernels.window")
 
 
-def band_indices(p: _kernels.Prepared, left: int, right: int, offset: int) -> Any:
-    """Key lists ``(L, K)`` of the band for the gather kernel: j = i + δ − left + t, −1 outside ``[0, S)``."""
+def band_indices(p: _kernels.Prepared, left: int, right: int, offset: int, dilation: int = 1) -> Any:
+    """Key lists ``(L, K)`` of a (dilated) band for the gather kernel; −1 pads keys outside ``[0, S)``.
+
+    Query i lists ``i + δ + d·t`` for ``t = −left, …, right``; an unbounded side lists every key,
+    masked to the band.
+    """
     xp = p.xp
     rows = xp.reshape(xp.arange(p.length, dtype=xp.int64, device=p.device), (p.length, 1))
+    allowed = dilated_band_pattern(left, right, dilation, offset).allowed
     if left < 0 or right < 0:  # an unbounded side: every key, masked to the band
         cols = xp.reshape(xp.arange(p.key_length, dtype=xp.int64, device=p.device), (1, p.key_length))
-        keep = band_pattern(left, right, offset).allowed(rows, cols)
-        return xp.where(keep, cols, -1)
-    count = min(left + right + 1, p.key_length)
-    start = xp.clip(rows + offset - left, 0, max(p.key_length - count, 0))
-    cols = start + xp.reshape(xp.arange(count, dtype=xp.int64, device=p.device), (1, count))
-    keep = band_pattern(left, right, offset).allowed(rows, cols)
+    elif dilation == 1:  # a contiguous run of K keys, shifted inside [0, S) at the edges
+        count = min(left + right + 1, p.key_length)
+        start = xp.clip(rows + offset - left, 0, max(p.key_length - count, 0))
+        cols = start + xp.reshape(xp.arange(count, dtype=xp.int64, device=p.device), (1, count))
+    else:
+        steps = xp.arange(-left, right + 1, dtype=xp.int64, device=p.device)
+        cols = rows + offset + dilation * xp.reshape(steps, (1, left + right + 1))
+    keep = allowed(rows, cols) & (cols >= 0) & (cols < p.key_length)
     return xp.where(keep, cols, -1)
 
 
