@@ -1,0 +1,129 @@
+"""Hierarchical attention: local attention within blocks plus attention over mean-pooled block summaries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from reflex import random
+from reflex.backends import device as device_of
+from reflex.backends import namespace
+from reflex.mechanisms import _kernels
+from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._patterns import Pattern, check_positive_int
+from reflex.registry import Case, Mechanism, register
+
+__all__ = ["hierarchical_attention"]
+
+COMBINES = ("sum", "concat")
+
+
+def block_diagonal_pattern(block_size: int) -> Pattern:
+    """Key j allowed for query i iff ``i // b == j // b`` (top-left aligned blocks)."""
+    b = block_size
+    return Pattern(allowed=lambda rows, cols: rows // b == cols // b,
+                   tile_active=lambda i0, i1, j0, j1: j0 // b <= (i1 - 1) // b and i0 // b <= (j1 - 1) // b)
+
+
+def mean_pool(xp: Any, x: Any, span: int) -> Any:
+    """Means of consecutive spans of ``span`` positions along axis −2 (the last span may be shorter)."""
+    length = int(x.shape[-2])
+    count = -(-length // span)
+    pad = count * span - length
+    if pad:
+        x = xp.concat([x, xp.zeros((*x.shape[:-2], pad, x.shape[-1]), dtype=x.dtype, device=device_of(x))], axis=-2)
+    sums = xp.sum(xp.reshape(x, (*x.shape[:-2], count, span, x.shape[-1])), axis=-2)
+    sizes = [min(span, length - u * span) for u in range(count)]
+    return sums / xp.asarray(sizes, dtype=x.dtype, device=device_of(x))[:, None]
+
+
+def hierarchical_attention(q: Any, k: Any, v: Any, /, *, block_size: int, levels: int = 2, combine: str = "sum",
+                           w_o: Any = None, scale: float | None = None, compute_dtype: Any = None,
+                           implementation: str = "auto") -> Any:
+    """Hierarchical attention: block-local attention plus attention over mean-pooled summaries, combined.
+
+    .. math::
+
+        O^{(0)} = \\mathrm{softmax}\\big(\\mathrm{scale}\\,QK^\\top + \\log M_b\\big) V, \\quad
+        M_b[i, j] = [\\lfloor i/b \\rfloor = \\lfloor j/b \\rfloor];\\qquad
+        O^{(\\ell)} = \\mathrm{softmax}\\big(\\mathrm{scale}\\,Q \\bar K_\\ell^\\top\\big) \\bar V_\\ell,
+        \\quad \\ell = 1, \\dots, \\mathrm{levels} - 1
+
+    where ``K̄_ℓ``, ``V̄_ℓ`` are means over consecutive spans of ``b^ℓ`` keys/values (the last span
+    may be shorter and is averaged over the positions it has). Combined by ``G``:
+    ``"sum"`` → ``Σ_ℓ O^(ℓ)``; ``"concat"`` → ``[O^(0), …, O^(levels−1)] · W_O``.
+
+    Shapes: ``q (..., H, L, D)``, ``k (..., G, S, D)``, ``v (..., G, S, E)``, ``w_o (levels·E, F)``
+    → ``(..., H, L, E)`` (sum) or ``(..., H, L, F)`` (concat).
+
+    Args:
+        block_size: b ≥ 1, the local block and the pooling factor per level.
+        levels: ≥ 1; one level is exactly block-local attention (``block_local`` with no look-back).
+        combine: ``"sum"`` or ``"concat"`` (then ``w_o`` is required).
+        w_o: the concat projection.
+        scale, compute_dtype: as :func:`reflex.full_attention`; ``implementation`` applies to the
+            block-local level (its pattern skips empty tiles); summary levels are dense
+            (``L × S/b^ℓ``).
+
+    Every query attends every summary at each coarse level (no causal variant); blocks are aligned
+    top-left (query i and key j share block ⌊i/b⌋ = ⌊j/b⌋).
+
+    References: Zhu & Soricut 2021, "H-Transformer-1D: Fast One-Dimensional Hierarchical Attention
+    for Sequences", ACL, §4–5 (levels of coarsened keys/values by averaging); catalogue seed
+    "hierarchical attention".
+    """
+    b = check_positive_int("block_size", block_size)
+    levels = check_positive_int("levels", levels)
+    if combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}; got {combine!r}")
+    p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
+    xp = p.xp
+    scale = _kernels.resolve_scale(scale, p.dim)
+    if combine == "concat":
+        if w_o is None:
+            raise ValueError("combine='concat' needs w_o of shape (levels * E, F)")
+        if namespace(w_o) is not xp:
+            raise TypeError("w_o comes from a different array library than q")
+        if w_o.ndim != 2 or int(w_o.shape[0]) != levels * p.value_dim:
+            raise ValueError(f"w_o must have shape (levels * E, F) = ({levels * p.value_dim}, F); got {tuple(w_o.shape)}")
+    elif w_o is not None:
+        raise ValueError("w_o is only used with combine='concat'")
+    block = block_diagonal_pattern(b)
+    outputs = [_kernels.softmax_attention(p, scale=scale, mask=block.allowed, tile_active=block.tile_active,
+                                          implementation=implementation)]
+    for level in range(1, levels):
+        span = b ** level
+        summary = _kernels.prepare(p.q, mean_pool(xp, p.k, span), mean_pool(xp, p.v, span), compute_dtype=p.q.dtype)
+        outputs.append(_kernels.softmax_attention(summary, scale=scale, implementation="dense"))
+    if combine == "sum":
+        out = outputs[0]
+        for extra in outputs[1:]:
+            out = out + extra
+        return out
+    return xp.concat(outputs, axis=-1) @ xp.astype(w_o, p.q.dtype)
+
+
+def _cases(size: str, seed: int) -> list[Case]:
+    d = dims(size)
+    shapes = dict(heads=d["H"], kv_heads=d["G"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
+    gqa = qkv(seed, **shapes)
+    w_o = random.normal((3 * d["E"], d["E"]), seed=(seed, 5))
+    return [
+        Case("two_levels_sum", gqa, {"block_size": 2}, seed=seed),
+        Case("three_levels_concat", {**gqa, "w_o": w_o}, {"block_size": 2, "levels": 3, "combine": "concat"}, seed=seed),
+        Case("one_level", gqa, {"block_size": 3, "levels": 1}, seed=seed),
+    ]
+
+
+register(Mechanism(
+    key="hierarchical",
+    function=hierarchical_attention,
+    family="I. memory, recurrence, hierarchy, routing",
+    paper="Zhu & Soricut 2021 (H-Transformer-1D), ACL, §4-5",
+    params={
+        "block_size": "b: local block size and pooling factor per level",
+        "levels": "number of levels (1 = block-local only)",
+        "combine": "'sum' | 'concat' (with w_o)",
+        "w_o": "(levels * E, F) projection for combine='concat'",
+    },
+    cases=_cases,
+))
