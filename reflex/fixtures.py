@@ -16,26 +16,29 @@ Guarantees:
 - *Safe to load*: nothing is unpickled (object dtypes are refused before NumPy sees them), file
   names cannot leave the folder, every file's sha256 is checked before it is parsed, and any
   malformed input raises :class:`FixtureError` naming the case.
+
+This module writes (:func:`generate`), recomputes (:func:`verify`) and compares (:func:`check`);
+reading lives in :mod:`reflex.fixture_set` and the ``.npz`` bytes in :mod:`reflex.backends.npz`.
+Import everything from here: the public names of both are re-exported.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
 import sys
-import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy
 
 import reflex
 from reflex import registry
-from reflex.backends import to_numpy
+from reflex.backends import npz, to_numpy
+from reflex.fixture_set import MANIFEST, SCHEMA_VERSION, FixtureCase, FixtureError, FixtureSet, _read_members, load
 from reflex.testing import TOLERANCES, Tolerance, _outside, _worst, dtype_name
 
 __all__ = [
@@ -43,19 +46,8 @@ __all__ = [
     "generate", "load", "verify", "check", "case_id", "CaseVerification", "CheckResult", "CheckReport",
 ]
 
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
+
 DEFAULT_SIZES = ("tiny", "small")
-
-_ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip entry can carry
-_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.npz")
-_MEMBER = re.compile(r"(input\.[A-Za-z_][A-Za-z0-9_]*|output|output\.[1-9][0-9]*|lse)")
-_CASE_FIELDS = ("id", "mechanism", "variant", "size", "seed", "params", "positional", "file", "sha256", "arrays",
-                "tolerances", "paper")
-
-
-class FixtureError(ValueError):
-    """A fixture set or exported file is missing, malformed, tampered with or inconsistent."""
 
 
 def case_id(key: str, variant: str, size: str) -> str:
@@ -85,33 +77,15 @@ def _jsonable(value: Any, what: str) -> Any:
 
 
 def _canonical(array: Any, what: str) -> numpy.ndarray:
-    """A C-contiguous little-endian host copy; only bool, integer and floating dtypes are written."""
-    host = to_numpy(array) if not isinstance(array, numpy.ndarray) else array
-    host = numpy.asarray(host)
-    if host.dtype.kind not in "biuf":
-        raise FixtureError(f"{what} has dtype {host.dtype}; fixtures hold bool, integer and floating arrays only")
-    return numpy.ascontiguousarray(host, dtype=host.dtype.newbyteorder("<"))
+    """:func:`reflex.backends.npz.canonical`, its refusal raised as :class:`FixtureError`."""
+    try:
+        return npz.canonical(array, what)
+    except npz.NpzError as err:
+        raise FixtureError(str(err)) from None
 
 
-def _npz_bytes(arrays: Sequence[tuple[str, numpy.ndarray]]) -> bytes:
-    """An uncompressed ``.npz`` with fixed entry metadata: the same arrays give the same bytes."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
-        for name, array in arrays:
-            member = io.BytesIO()
-            numpy.lib.format.write_array(member, array, version=(1, 0), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE)
-            info.compress_type = zipfile.ZIP_STORED
-            info.create_system = 3  # unix, whatever the platform
-            info.external_attr = 0o644 << 16
-            archive.writestr(info, member.getvalue())
-    return buffer.getvalue()
+_npz_bytes = npz.npz_bytes  # kept under its old name: tests build consistent but wrong case files with it
 
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
 
 
 def _case_inputs(case: registry.Case, cid: str) -> list[tuple[str, numpy.ndarray]]:
@@ -204,8 +178,8 @@ def generate(out_dir: str | os.PathLike[str], mechanisms: Iterable[str] | None =
     for cid, size, mechanism, case in bar:
         bar.set_postfix_str(cid, refresh=False)
         members = _case_inputs(case, cid) + _case_outputs(mechanism, case, cid)
-        data = _npz_bytes(members)
-        _write_atomic(folder / f"{cid}.npz", data)
+        data = npz.npz_bytes(members)
+        npz.write_atomic(folder / f"{cid}.npz", data)
         entries.append({
             "id": cid,
             "mechanism": mechanism.key,
@@ -230,230 +204,12 @@ def generate(out_dir: str | os.PathLike[str], mechanisms: Iterable[str] | None =
         "mechanisms": [m.key for m in chosen],
         "cases": entries,
     }
-    _write_atomic(folder / MANIFEST, _manifest_bytes(manifest))
+    npz.write_atomic(folder / MANIFEST, _manifest_bytes(manifest))
     return manifest
 
 
 def _manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
     return (json.dumps(manifest, sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
-
-
-# ----------------------------------------------------------------------------------------------- reading
-
-
-def _read_members(data: bytes, what: str, *, expected: Mapping[str, Any] | None, stored_only: bool
-                  ) -> dict[str, numpy.ndarray]:
-    """Parse an ``.npz`` without ever unpickling; ``expected`` maps member → {dtype, shape} to enforce.
-
-    Every problem raises FixtureError starting with ``what``.
-    """
-    arrays: dict[str, numpy.ndarray] = {}
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
-        raise FixtureError(f"{what}: not a readable .npz (corrupted or truncated): {err}") from None
-    with archive:
-        infos = archive.infolist()
-        names = [info.filename for info in infos]
-        if len(set(names)) != len(names):
-            raise FixtureError(f"{what}: duplicate members in the archive")
-        for info in infos:
-            if not info.filename.endswith(".npy"):
-                raise FixtureError(f"{what}: unexpected member {info.filename!r} (only .npy members are allowed)")
-            name = info.filename[:-4]
-            if stored_only and info.compress_type != zipfile.ZIP_STORED:
-                raise FixtureError(f"{what}: member {name!r} is compressed; fixture files store members uncompressed")
-            try:
-                with archive.open(info) as stream:
-                    version = numpy.lib.format.read_magic(stream)
-                    if version == (1, 0):
-                        shape, fortran, dtype = numpy.lib.format.read_array_header_1_0(stream)
-                    elif version == (2, 0):
-                        shape, fortran, dtype = numpy.lib.format.read_array_header_2_0(stream)
-                    else:
-                        raise ValueError(f"unsupported .npy version {version}")
-                    if dtype.hasobject or dtype.kind not in "biuf" or dtype.fields is not None:
-                        raise FixtureError(f"{what}: member {name!r} has dtype {dtype}; refused (object arrays would be "
-                                           f"unpickled; only bool, integer and floating arrays are allowed)")
-                    if expected is not None:
-                        spec = expected.get(name)
-                        if spec is None:
-                            raise FixtureError(f"{what}: member {name!r} is not listed in the manifest")
-                        if dtype.name != spec.get("dtype") or list(shape) != list(spec.get("shape", ())):
-                            raise FixtureError(f"{what}: member {name!r} is {dtype.name} {tuple(shape)}; the manifest "
-                                               f"says {spec.get('dtype')} {tuple(spec.get('shape', ()))}")
-                with archive.open(info) as stream:
-                    array = numpy.lib.format.read_array(stream, allow_pickle=False)
-            except FixtureError:
-                raise
-            except Exception as err:  # zlib, CRC (BadZipFile), short reads, bad headers: all say "corrupted"
-                raise FixtureError(f"{what}: member {name!r} is corrupted or truncated: {type(err).__name__}: {err}") from None
-            array.setflags(write=False)
-            arrays[name] = array
-    if expected is not None:
-        missing = sorted(set(expected) - set(arrays))
-        if missing:
-            raise FixtureError(f"{what}: members {', '.join(missing)} listed in the manifest are missing")
-    return arrays
-
-
-@dataclass(frozen=True)
-class FixtureCase:
-    """One loaded case: ``inputs`` and ``outputs`` are read-only host NumPy arrays."""
-
-    id: str
-    mechanism: str
-    variant: str
-    size: str
-    seed: int
-    params: Mapping[str, Any]
-    positional: tuple[str, ...]
-    inputs: Mapping[str, numpy.ndarray]
-    outputs: Mapping[str, numpy.ndarray]
-    tolerances: Mapping[str, Tolerance]
-    paper: str
-    file: str
-    entry: Mapping[str, Any] = field(repr=False, default_factory=dict)
-
-    @property
-    def output(self) -> numpy.ndarray:
-        """The mechanism's output (``outputs["output"]``)."""
-        return self.outputs["output"]
-
-    @property
-    def lse(self) -> numpy.ndarray | None:
-        """The logsumexp per query row, where the mechanism defines one."""
-        return self.outputs.get("lse")
-
-    def tolerance(self, dtype: Any) -> Tolerance:
-        """The recommended ``(atol, rtol)`` recorded for ``dtype`` (float64/float32/float16/bfloat16)."""
-        name = dtype_name(dtype)
-        if name not in self.tolerances:
-            raise ValueError(f"case {self.id}: no tolerance recorded for dtype {name!r}; known: {', '.join(self.tolerances)}")
-        return self.tolerances[name]
-
-    def call(self, convert: Any = lambda a: a, **overrides: Any) -> Any:
-        """Run the registered mechanism on this case's inputs (``convert`` moves each array)."""
-        case = registry.Case(self.variant, dict(self.inputs), dict(self.params), self.positional, self.seed)
-        return case.call(registry.get(self.mechanism), convert, **overrides)
-
-
-class FixtureSet(Sequence[FixtureCase]):
-    """The cases of a fixture folder, in manifest order; index by position or by case id."""
-
-    def __init__(self, path: Path, manifest: Mapping[str, Any], cases: list[FixtureCase]):
-        self.path = path
-        self.manifest = manifest
-        self.cases = cases
-        self._by_id = {case.id: case for case in cases}
-
-    def __len__(self) -> int:
-        return len(self.cases)
-
-    def __iter__(self) -> Iterator[FixtureCase]:
-        return iter(self.cases)
-
-    def __getitem__(self, item: Any) -> Any:
-        if isinstance(item, str):
-            try:
-                return self._by_id[item]
-            except KeyError:
-                import difflib
-
-                close = difflib.get_close_matches(item, self._by_id, n=3)
-                hint = f"; did you mean {', '.join(close)}?" if close else ""
-                raise KeyError(f"no case {item!r} in {self.path}{hint}") from None
-        return self.cases[item]
-
-    def __contains__(self, item: object) -> bool:
-        return item in self._by_id if isinstance(item, str) else item in self.cases
-
-    @property
-    def ids(self) -> list[str]:
-        return [case.id for case in self.cases]
-
-
-def _read_manifest(folder: Path) -> dict[str, Any]:
-    path = folder / MANIFEST
-    if not folder.is_dir():
-        raise FixtureError(f"{folder}: no such fixture folder")
-    if not path.is_file():
-        raise FixtureError(f"{folder}: no {MANIFEST}; not a fixture set")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FixtureError(f"{path}: not valid JSON: {err}") from None
-    if not isinstance(manifest, dict):
-        raise FixtureError(f"{path}: expected a JSON object at the top level")
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise FixtureError(f"{path}: schema version {version!r} is not supported; this reflex reads schema {SCHEMA_VERSION}")
-    cases = manifest.get("cases")
-    if not isinstance(cases, list) or not all(isinstance(c, dict) for c in cases):
-        raise FixtureError(f"{path}: 'cases' must be a list of objects")
-    seen: set[str] = set()
-    for position, entry in enumerate(cases):
-        cid = entry.get("id")
-        if not isinstance(cid, str) or not cid:
-            raise FixtureError(f"{path}: case #{position} has no id")
-        if cid in seen:
-            raise FixtureError(f"{path}: case {cid} is listed twice")
-        seen.add(cid)
-        missing = [name for name in _CASE_FIELDS if name not in entry]
-        if missing:
-            raise FixtureError(f"case {cid}: manifest entry lacks {', '.join(missing)}")
-        if not isinstance(entry["arrays"], dict) or "output" not in entry["arrays"]:
-            raise FixtureError(f"case {cid}: manifest 'arrays' must be an object listing at least 'output'")
-        bad = [name for name in entry["arrays"] if not _MEMBER.fullmatch(name)]
-        if bad:
-            raise FixtureError(f"case {cid}: manifest lists unexpected array names {', '.join(map(repr, bad))}")
-    return manifest
-
-
-def _case_path(folder: Path, cid: str, name: Any) -> Path:
-    """The case's file, refusing anything but a plain file name inside ``folder``."""
-    if not isinstance(name, str) or not _FILE_NAME.fullmatch(name):
-        raise FixtureError(f"case {cid}: file name {name!r} refused: it must be a plain .npz file name inside the "
-                           f"fixture folder (no directories, '..' or absolute paths)")
-    path = folder / name
-    if path.resolve().parent != folder.resolve():
-        raise FixtureError(f"case {cid}: file {name!r} resolves outside the fixture folder (symlink?); refused")
-    if not path.is_file():
-        raise FixtureError(f"case {cid}: file {name} is missing from {folder}")
-    return path
-
-
-def _load_case(folder: Path, entry: Mapping[str, Any]) -> FixtureCase:
-    cid = entry["id"]
-    path = _case_path(folder, cid, entry["file"])
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != entry["sha256"]:
-        raise FixtureError(f"case {cid}: {entry['file']} has sha256 {digest}; the manifest records {entry['sha256']} "
-                           f"(the file was modified or corrupted)")
-    arrays = _read_members(data, f"case {cid} ({entry['file']})", expected=entry["arrays"], stored_only=True)
-    try:
-        tolerances = {name: Tolerance(float(t["atol"]), float(t["rtol"])) for name, t in entry["tolerances"].items()}
-    except (AttributeError, KeyError, TypeError, ValueError) as err:
-        raise FixtureError(f"case {cid}: malformed tolerances in the manifest: {err!r}") from None
-    return FixtureCase(
-        id=cid, mechanism=entry["mechanism"], variant=entry["variant"], size=entry["size"], seed=entry["seed"],
-        params=entry["params"], positional=tuple(entry["positional"]),
-        inputs={name[len("input."):]: a for name, a in arrays.items() if name.startswith("input.")},
-        outputs={name: a for name, a in arrays.items() if not name.startswith("input.")},
-        tolerances=tolerances, paper=entry["paper"], file=entry["file"], entry=entry,
-    )
-
-
-def load(path: str | os.PathLike[str]) -> FixtureSet:
-    """Load a fixture set, checking the schema, every file name and every file's sha256.
-
-    Raises :class:`FixtureError` naming the case for a missing, tampered, corrupted or malformed
-    file, and naming the manifest for an unknown schema version.
-    """
-    folder = Path(path)
-    manifest = _read_manifest(folder)
-    return FixtureSet(folder, manifest, [_load_case(folder, entry) for entry in manifest["cases"]])
 
 
 # ----------------------------------------------------------------------------------------------- verify
