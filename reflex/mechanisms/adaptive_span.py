@@ -90,6 +90,12 @@ def _cases(size: str, seed: int) -> list[Case]:
     ]
 
 
+def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    inputs = {name: random.normal((1, heads, seq, dim), seed=(seed, i)) for i, name in enumerate("qkv")}
+    inputs["spans"] = random.uniform((heads,), seed=(seed, 3), high=float(seq))
+    return Case("example", inputs, {}, seed=seed)
+
+
 register(Mechanism(
     key="adaptive_span",
     function=adaptive_span_attention,
@@ -100,4 +106,5 @@ register(Mechanism(
             "mask": "as full", "scale": "default 1/sqrt(D)"},
     cases=_cases,
     returns_lse=True,
+    example=_example,
 ))

@@ -13,7 +13,7 @@ from reflex.registry import Case, Mechanism, register
 
 __all__ = ["average_attention"]
 
-IMPLEMENTATIONS = ("parallel", "recurrent")
+IMPLEMENTATIONS = ("auto", "parallel", "recurrent")
 
 
 def _sigmoid(xp: Any, z: Any) -> Any:
@@ -22,7 +22,7 @@ def _sigmoid(xp: Any, z: Any) -> Any:
 
 def average_attention(x: Any, w_gate: Any, /, *, b_gate: Any = None, w_ffn_in: Any = None, b_ffn_in: Any = None,
                       w_ffn_out: Any = None, b_ffn_out: Any = None, causal: bool = True, return_average: bool = False,
-                      compute_dtype: Any = None, implementation: str = "parallel") -> Any:
+                      compute_dtype: Any = None, implementation: str = "auto") -> Any:
     """Average attention: cumulative average of the inputs, optional FFN, then an input/forget gate.
 
     .. math::
@@ -39,7 +39,7 @@ def average_attention(x: Any, w_gate: Any, /, *, b_gate: Any = None, w_ffn_in: A
     over all L positions (the encoder use). The residual connection and layer norm that follow in
     the paper are left to the caller.
 
-    ``implementation``: ``"parallel"`` (cumulative sum divided by the position, the paper's masked
+    ``implementation``: ``"parallel"`` (``"auto"``: the default; cumulative sum divided by the position, the paper's masked
     matrix form) or ``"recurrent"`` (the decoding form g̃_j = g̃_{j−1} + y_j, ȳ_j = g̃_j / j, one
     position at a time); they agree to round-off.
 
@@ -68,7 +68,7 @@ def average_attention(x: Any, w_gate: Any, /, *, b_gate: Any = None, w_ffn_in: A
     if not causal:
         mean = xp.mean(y, axis=-2, keepdims=True)
         average = xp.broadcast_to(mean, y.shape)
-    elif implementation == "parallel":
+    elif implementation in ("auto", "parallel"):
         counts = xp.reshape(xp.arange(1, length + 1, dtype=dtype, device=dev), (length, 1))
         average = xp.cumulative_sum(y, axis=-2) / counts
     else:
@@ -124,7 +124,7 @@ register(Mechanism(
     params={"w_gate": "W (2N, 2N): [y; g] -> [input gate; forget gate]", "b_gate": "(2N,)",
             "w_ffn_in, b_ffn_in, w_ffn_out, b_ffn_out": "optional FFN on the average (relu)",
             "causal": "cumulative average (default) or mean over all positions",
-            "implementation": "'parallel' | 'recurrent'", "return_average": "also return the average"},
+            "implementation": "'auto' = 'parallel' | 'recurrent'", "return_average": "also return the average"},
     cases=_cases,
     row_separable=False,
     example=_example,

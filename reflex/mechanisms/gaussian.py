@@ -195,19 +195,33 @@ def _hard_cases(size: str, seed: int) -> list[Case]:
     ]
 
 
+def _qkv_example(seq: int, heads: int, dim: int, seed: int) -> dict:
+    return {name: random.normal((1, heads, seq, dim), seed=(seed, i)) for i, name in enumerate("qkv")}
+
+
+def _prior_example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    centers = random.uniform((1, heads, seq), seed=(seed, 3), high=float(seq - 1))
+    return Case("example", {**_qkv_example(seq, heads, dim, seed), "centers": centers,
+                            "sigmas": random.uniform((1, heads, seq), seed=(seed, 4), low=0.5, high=3.0)}, {}, seed=seed)
+
+
+def _transformer_example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    return Case("example", _qkv_example(seq, heads, dim, seed), {"w": 0.1, "b": -1.0}, seed=seed)
+
+
 register(Mechanism(
     key="gaussian_prior", function=gaussian_prior_attention, family="G. prior",
     paper="Yang et al. 2018, Modeling Localness for Self-Attention Networks, §2.2",
     params={"centers": "P (..., H, L): Gaussian centre per query, in key positions",
             "sigmas": "σ (..., H, L): Gaussian width per query", "windows": "D (..., H, L): window, σ = ρ·D",
             "sigma_per_window": "ρ, default 0.5 (the paper's σ = D/2)", "mask": "as full", "causal": "as full"},
-    cases=_prior_cases, returns_lse=True,
+    cases=_prior_cases, returns_lse=True, example=_prior_example,
 ))
 register(Mechanism(
     key="gaussian_transformer", function=gaussian_transformer_attention, family="G. prior",
     paper="Guo, Zhang & Liu 2019, Gaussian Transformer, AAAI, §3.2",
     params={"w": "number or per-head weights", "b": "number or per-head offsets", "mask": "as full", "causal": "as full"},
-    cases=_transformer_cases, returns_lse=True,
+    cases=_transformer_cases, returns_lse=True, example=_transformer_example,
 ))
 register(Mechanism(
     key="hard_gaussian", function=hard_gaussian_attention, family="G. prior",

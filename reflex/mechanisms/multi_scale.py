@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from reflex import random
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, qkv
 from reflex.mechanisms._patterns import band_pattern, causal_offset, check_window
@@ -96,6 +97,11 @@ def _cases(size: str, seed: int) -> list[Case]:
     ]
 
 
+def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    inputs = {name: random.normal((1, heads, seq, dim), seed=(seed, i)) for i, name in enumerate("qkv")}
+    return Case("example", inputs, {"head_windows": [2 ** h for h in range(heads)]}, seed=seed)
+
+
 register(Mechanism(
     key="multi_scale",
     function=multi_scale_attention,
@@ -106,4 +112,5 @@ register(Mechanism(
     cases=_cases,
     returns_lse=True,
     pattern=_pattern,
+    example=_example,
 ))

@@ -113,6 +113,14 @@ def _cases(size: str, seed: int) -> list[Case]:
     ]
 
 
+def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    inputs = {name: random.normal((1, heads, seq, dim), seed=(seed, i)) for i, name in enumerate("qkv")}
+    prev = random.uniform((1, heads, seq, seq), seed=(seed, 3))
+    inputs["prev_weights"] = prev / prev.sum(-1, keepdims=True)
+    inputs["kernel"] = random.normal((heads, heads, 3, 3), seed=(seed, 4), std=1 / 3)
+    return Case("example", inputs, {}, seed=seed)
+
+
 register(Mechanism(
     key="predictive",
     function=predictive_attention,
@@ -124,4 +132,5 @@ register(Mechanism(
             "mask": "as full (softmax part)", "causal": "as full (softmax part)",
             "return_weights": "also return the mixed map A_l"},
     cases=_cases,
+    example=_example,
 ))

@@ -90,6 +90,13 @@ def _cases(size: str, seed: int) -> list[Case]:
     ]
 
 
+def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    inputs = {name: random.normal((1, heads, seq, dim), seed=(seed, i)) for i, name in enumerate("qkv")}
+    n = next(b for b in (4, 3, 2, 1) if seq % b == 0)
+    inputs["blocks"] = random.normal((1, heads, n, seq // n, seq // n), seed=(seed, 3))
+    return Case("example", inputs, {}, seed=seed)
+
+
 register(Mechanism(
     key="task_prior",
     function=task_prior_attention,
@@ -99,4 +106,5 @@ register(Mechanism(
             "beta": "FiLM shift β(z)", "mask": "as full", "causal": "as full"},
     cases=_cases,
     returns_lse=True,
+    example=_example,
 ))
