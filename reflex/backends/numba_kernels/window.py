@@ -121,7 +121,7 @@ def _range_kernel(q, kb, vb, lo, hi, key_ok, kx, vx, scale, block, out, lse):  #
 
 def _flat(x: numpy.ndarray) -> numpy.ndarray:
     """``(..., X, Y, Z)`` → contiguous float64 ``(B, X, Y, Z)``."""
-    return numpy.ascontiguousarray(x.reshape((-1, *x.shape[-3:])), dtype=numpy.float64)
+    return numpy.ascontiguousarray(x.reshape((math.prod(x.shape[:-3]), *x.shape[-3:])), dtype=numpy.float64)
 
 
 def range_attention(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, lo: numpy.ndarray, hi: numpy.ndarray, *,
@@ -134,28 +134,33 @@ def range_attention(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, lo: nu
     positions attended by every query (they should be excluded from the band through ``key_ok``
     so that none counts twice). Returns ``(out (..., H, L, E), lse (..., H, L))`` in float64.
     """
+    extra = numpy.zeros(0, dtype=numpy.int64) if extra is None else numpy.asarray(extra, dtype=numpy.int64)
+    return _range(q, k, v, k[..., extra, :], v[..., extra, :], lo, hi, key_ok, scale, block)
+
+
+def _range(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, kx: numpy.ndarray, vx: numpy.ndarray,
+           lo: numpy.ndarray, hi: numpy.ndarray, key_ok: numpy.ndarray | None, scale: float,
+           block: int | None) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """:func:`range_attention` with the extra keys and values already gathered: ``kx (..., G, n, D)``."""
     batch = q.shape[:-3]
     heads, length = q.shape[-3], q.shape[-2]
     key_length, value_dim = k.shape[-2], v.shape[-1]
     out = numpy.zeros((*batch, heads, length, value_dim))
     lse = numpy.full((*batch, heads, length), -math.inf)
-    if length == 0 or key_length == 0:
+    if length == 0 or key_length + kx.shape[-2] == 0:
         return out, lse
-    q3, k3, v3 = _flat(q), _flat(k), _flat(v)
+    q3, k3, v3, kx3, vx3 = _flat(q), _flat(k), _flat(v), _flat(kx), _flat(vx)
     lo = numpy.clip(numpy.asarray(lo, dtype=numpy.int64), 0, key_length)
     hi = numpy.clip(numpy.asarray(hi, dtype=numpy.int64), -1, key_length - 1)
     key_ok = numpy.ones(key_length, dtype=numpy.bool_) if key_ok is None else numpy.ascontiguousarray(key_ok, dtype=numpy.bool_)
     if key_ok.shape != (key_length,):
         raise ValueError(f"key_ok must have shape ({key_length},); got {key_ok.shape}")
-    extra = numpy.zeros(0, dtype=numpy.int64) if extra is None else numpy.asarray(extra, dtype=numpy.int64)
-    kx = numpy.ascontiguousarray(k3[:, :, extra])
-    vx = numpy.ascontiguousarray(v3[:, :, extra])
     if block is None:
         block = choose_block(int(numpy.max(hi - lo)) + 1 if lo.size else 1)
-    out3 = out.reshape((-1, heads, length, value_dim))
-    lse3 = lse.reshape((-1, heads, length))
+    out3 = out.reshape((math.prod(batch), heads, length, value_dim))
+    lse3 = lse.reshape((math.prod(batch), heads, length))
     with _single_blas_thread():
-        _range_kernel(q3, k3, v3, numpy.ascontiguousarray(lo), numpy.ascontiguousarray(hi), key_ok, kx, vx,
+        _range_kernel(q3, k3, v3, numpy.ascontiguousarray(lo), numpy.ascontiguousarray(hi), key_ok, kx3, vx3,
                       float(scale), int(block), out3, lse3)
     return out, lse
 
@@ -179,14 +184,15 @@ def band_attention(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, *, left
     out = numpy.zeros((*q.shape[:-2], length, v.shape[-1]))
     lse = numpy.full(q.shape[:-1], -math.inf)
     key_ok = numpy.ones(key_length, dtype=numpy.bool_) if key_ok is None else numpy.asarray(key_ok, dtype=numpy.bool_)
+    extra = numpy.zeros(0, dtype=numpy.int64) if extra is None else numpy.asarray(extra, dtype=numpy.int64)
+    kx, vx = k[..., extra, :], v[..., extra, :]
     for residue in range(dilation):
         rows = numpy.arange((residue - offset) % dilation, length, dilation, dtype=numpy.int64)
         if rows.size == 0:
             continue
         anchor = (rows + offset - residue) // dilation  # query's position among keys residue, residue + d, ...
-        sub_out, sub_lse = range_attention(
-            q[..., rows, :], k[..., residue::dilation, :], v[..., residue::dilation, :], anchor - left, anchor + right,
-            scale=scale, key_ok=key_ok[residue::dilation], extra=extra, block=block)
+        sub_out, sub_lse = _range(q[..., rows, :], k[..., residue::dilation, :], v[..., residue::dilation, :], kx, vx,
+                                  anchor - left, anchor + right, key_ok[residue::dilation], scale, block)
         out[..., rows, :] = sub_out
         lse[..., rows] = sub_lse
     return out, lse

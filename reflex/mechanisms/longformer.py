@@ -1,0 +1,170 @@
+"""Longformer attention: (dilated) sliding window plus symmetric global attention (Beltagy et al. 2020)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from reflex.mechanisms import _kernels
+from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._patterns import (Pattern, any_pattern, causal_offset, check_alignment, check_positive_int,
+                                         check_positions, check_window, dilated_band_pattern, explicit_mask,
+                                         lookup_flags, position_flags)
+from reflex.mechanisms.sliding_window import check_band_implementation, numba_band_module
+from reflex.registry import Case, Mechanism, register
+
+__all__ = ["longformer_attention"]
+
+
+def _global_rows(xp: Any, device: Any, positions: tuple[int, ...], length: int, key_length: int, offset: int) -> tuple[list[int], Any]:
+    """Query rows i whose position i + δ is global, and their boolean ``(L,)`` flags."""
+    rows = [g - offset for g in positions if 0 <= g - offset < length]
+    return rows, position_flags(xp, device, tuple(rows), length)
+
+
+def local_pattern(xp: Any, device: Any, left: int, right: int, dilation: int, positions: tuple[int, ...],
+                  key_length: int, offset: int) -> Pattern:
+    """The local branch: the (dilated) band, plus every global key."""
+    flags = position_flags(xp, device, positions, key_length)
+    keys = Pattern(allowed=lambda rows, cols: lookup_flags(xp, flags, cols) & (cols >= 0),
+                   tile_active=lambda i0, i1, j0, j1: any(j0 <= g < j1 for g in positions))
+    return any_pattern(dilated_band_pattern(left, right, dilation, offset), keys)
+
+
+def _check(p: _kernels.Prepared, window: Any, global_indices: Any, dilation: Any, alignment: Any) -> tuple[int, int, tuple[int, ...], int, int]:
+    left, right = check_window(window)
+    positions = check_positions("global_indices", global_indices, p.key_length)
+    dilation = check_positive_int("dilation", dilation)
+    return left, right, positions, dilation, causal_offset(check_alignment(alignment), p.length, p.key_length)
+
+
+def longformer_attention(q: Any, k: Any, v: Any, /, *, window: tuple[int, int], global_indices: Any = (),
+                         dilation: int = 1, q_global: Any = None, k_global: Any = None, v_global: Any = None,
+                         alignment: str = "top_left", scale: float | None = None, return_lse: bool = False,
+                         compute_dtype: Any = None, implementation: str = "auto") -> Any:
+    """Longformer attention: a (dilated) sliding window plus symmetric global attention.
+
+    .. math::
+
+        O_i = \\begin{cases}
+          \\mathrm{softmax}_{j \\in W_i \\cup G}(\\mathrm{scale}\\; q_i \\cdot k_j)\\, v_j & a_i \\notin G \\\\
+          \\mathrm{softmax}_{j \\in [0, S)}(\\mathrm{scale}\\; q^g_i \\cdot k^g_j)\\, v^g_j & a_i \\in G
+        \\end{cases}, \\qquad W_i = \\{ a_i + d\\,t : -\\mathrm{left} \\le t \\le \\mathrm{right} \\}
+
+    with ``a_i = i + δ``. A local query attends its window and every global key, each key once (a
+    global key inside the window is not counted twice). A global query attends every key with the
+    global projections ``q_global, k_global, v_global`` (default: q, k, v themselves).
+
+    Shapes: ``q, q_global (..., H, L, D)``, ``k, k_global (..., G, S, D)``, ``v, v_global (..., G, S, E)``
+    → ``out (..., H, L, E)``; GQA by head groups.
+
+    Args:
+        window: ``(left, right)`` in steps of the dilation (−1 = unbounded). Hugging Face's
+            ``attention_window = w`` (even, full width) is ``window=(w // 2, w // 2)``.
+        global_indices: distinct key positions with global attention (sequence of ints or 1-D array).
+        dilation: d ≥ 1 for the window (Longformer §3.1; the HF implementation has d = 1).
+        q_global, k_global, v_global: the separate projections of global tokens (§3.1, "Linear
+            projections for global attention"); all three or none.
+        alignment: ``"top_left"`` (δ = 0) or ``"bottom_right"`` (δ = S − L).
+        scale: default 1/√D for both branches (HF divides q by √D). return_lse, compute_dtype as
+            :func:`full_attention`.
+        implementation: ``"numba"`` for the local branch (band kernel with the global keys as extra
+            keys), ``"dense"``, ``"tiled"``, or ``"auto"`` (Numba for plain NumPy float64).
+
+    Without separate projections the output equals ``full_attention`` with the registry pattern
+    (band ∪ global columns ∪ global rows); with them, local rows equal it and global rows equal
+    ``full_attention(q_global, k_global, v_global)``. Matches Hugging Face
+    ``LongformerSelfAttention`` (see shared/INTEROP.md; HF's softmax runs in float32).
+
+    Reference: Beltagy et al. 2020, "Longformer: The Long-Document Transformer", §3.1.
+    """
+    given = [x is not None for x in (q_global, k_global, v_global)]
+    if any(given) and not all(given):
+        raise ValueError("pass all of q_global, k_global, v_global or none of them")
+    p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
+    left, right, positions, dilation, offset = _check(p, window, global_indices, dilation, alignment)
+    implementation = check_band_implementation(implementation)
+    if implementation == "gather":
+        raise ValueError("longformer has no gather kernel; use 'numba', 'dense', 'tiled' or 'auto'")
+    scale = _kernels.resolve_scale(scale, p.dim)
+    xp = p.xp
+    numba_window = numba_band_module(p, implementation, q, k, v)
+    if numba_window is not None:
+        flags = position_flags(xp, p.device, positions, p.key_length)
+        out, lse = numba_window.band_attention(p.q, p.k, p.v, left=left, right=right, offset=offset, dilation=dilation,
+                                               scale=scale, key_ok=~flags,
+                                               extra=xp.asarray(positions, dtype=xp.int64, device=p.device))
+    else:
+        pattern = local_pattern(xp, p.device, left, right, dilation, positions, p.key_length, offset)
+        out, lse = _kernels.softmax_attention(p, scale=scale, mask=pattern.allowed, tile_active=pattern.tile_active,
+                                              implementation=implementation, return_lse=True)
+    rows, row_flags = _global_rows(xp, p.device, positions, p.length, p.key_length, offset)
+    if rows:
+        gq, gk, gv = (q, k, v) if q_global is None else (q_global, k_global, v_global)
+        if tuple(gq.shape) != tuple(q.shape):
+            raise ValueError(f"q_global has shape {tuple(gq.shape)}; q has {tuple(q.shape)}: they must match")
+        if tuple(gk.shape) != tuple(k.shape) or tuple(gv.shape) != tuple(v.shape):
+            raise ValueError(f"k_global, v_global must match k, v: got {tuple(gk.shape)}, {tuple(gv.shape)}")
+        selected = xp.take(gq, xp.asarray(rows, dtype=xp.int64, device=p.device), axis=gq.ndim - 2)
+        g = _kernels.prepare(selected, gk, gv, compute_dtype=compute_dtype)
+        g_out, g_lse = _kernels.softmax_attention(g, scale=scale, implementation="auto", return_lse=True)
+        # Row i of the global result: its rank among the global rows (0 for local rows, unused there).
+        rank = [0] * p.length
+        for n, r in enumerate(rows):
+            rank[r] = n
+        rank = xp.asarray(rank, dtype=xp.int64, device=p.device)
+        out = xp.where(xp.reshape(row_flags, (p.length, 1)), xp.take(g_out, rank, axis=g_out.ndim - 2), out)
+        lse = xp.where(row_flags, xp.take(g_lse, rank, axis=g_lse.ndim - 1), lse)
+    return (out, lse) if return_lse else out
+
+
+def _pattern(q: Any, k: Any, v: Any, /, *, window: tuple[int, int], global_indices: Any = (), dilation: int = 1,
+             alignment: str = "top_left", **_: Any) -> Any:
+    """Band ∪ global keys ∪ global query rows as a boolean ``(..., H, L, S)`` mask."""
+    p = _kernels.prepare(q, k, v)
+    left, right, positions, dilation, offset = _check(p, window, global_indices, dilation, alignment)
+    xp = p.xp
+    local = local_pattern(xp, p.device, left, right, dilation, positions, p.key_length, offset)
+    _, row_flags = _global_rows(xp, p.device, positions, p.length, p.key_length, offset)
+    rows_term = Pattern(allowed=lambda rows, cols: lookup_flags(xp, row_flags, rows + 0 * cols))
+    return explicit_mask(xp, p.device, p.score_shape, any_pattern(local, rows_term).allowed)
+
+
+def _cases(size: str, seed: int) -> list[Case]:
+    d = dims(size)
+    shapes = dict(heads=d["H"], kv_heads=d["G"], length=d["L"], key_length=d["L"], dim=d["D"], value_dim=d["E"])
+    base = qkv(seed, **shapes)
+    projected = qkv(seed + 1, **shapes)
+    separate = {**base, "q_global": projected["q"], "k_global": projected["k"], "v_global": projected["v"]}
+    ragged = qkv(seed, heads=d["H"], kv_heads=d["G"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
+    return [
+        Case("symmetric_global", base, {"window": [1, 1], "global_indices": [0]}, seed=seed),
+        Case("separate_projections", separate, {"window": [1, 1], "global_indices": [0, d["L"] - 1]}, seed=seed),
+        Case("dilated_bottom_right", ragged, {"window": [2, 0], "dilation": 2, "global_indices": [d["S"] - 1],
+                                              "alignment": "bottom_right"}, seed=seed),
+    ]
+
+
+def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
+    w = min(256, max(1, seq // 8))
+    return Case("example", qkv(seed, batch=(1,), **d), {"window": [w, w], "global_indices": [0]}, seed=seed)
+
+
+register(Mechanism(
+    key="longformer",
+    function=longformer_attention,
+    family="B. position-sparse",
+    paper="Beltagy et al. 2020 §3.1 (Longformer); matches Hugging Face LongformerSelfAttention",
+    params={
+        "window": "(left, right) in steps of the dilation; HF attention_window w = (w/2, w/2)",
+        "global_indices": "key positions with symmetric global attention",
+        "dilation": "d >= 1 for the window",
+        "q_global": "separate projections for global queries/keys/values (with k_global, v_global)",
+        "alignment": "'top_left' | 'bottom_right'",
+        "implementation": "'auto' | 'numba' | 'dense' | 'tiled'",
+    },
+    cases=_cases,
+    returns_lse=True,
+    example=_example,
+    pattern=_pattern,
+))
