@@ -1,0 +1,157 @@
+"""Attention through a small set of m points: Set Transformer's ISAB and Luna's pack/unpack."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from reflex import random
+from reflex.backends import device as device_of
+from reflex.backends import namespace
+from reflex.mechanisms import _kernels
+from reflex.mechanisms._cases import dims, qkv
+from reflex.registry import Case, Mechanism, register
+
+__all__ = ["isab_attention", "luna_attention"]
+
+
+def _pack(prep: _kernels.Prepared, name: str, points: Any, scale: float, implementation: str) -> tuple[Any, Any]:
+    """Pack: the m points attend the keys; ``(A K, A V)`` with ``A = softmax(scale·P Kᵀ)``, per kv head."""
+    xp = prep.xp
+    if namespace(points) is not xp or device_of(points) != prep.device:
+        raise TypeError(f"{name} must come from the same array library and device as q ({prep.device})")
+    shape = tuple(int(n) for n in points.shape)
+    target = (*prep.batch, prep.kv_heads)
+    if len(shape) < 2 or shape[-1] != prep.dim or shape[-2] < 1:
+        raise ValueError(f"{name} must have shape (..., m, D) with D = {prep.dim} and m >= 1; got {shape}")
+    lead = shape[:-2]
+    if len(lead) > len(target) or not all(a in (1, b) for a, b in zip(lead[::-1], target[::-1])):
+        raise ValueError(f"{name} of shape {shape} does not broadcast to (..., G, m, D) with (..., G) = {target}")
+    points = xp.broadcast_to(xp.astype(points, prep.q.dtype), (*target, shape[-2], prep.dim))
+    # one softmax, two value sets: K and V side by side
+    both = xp.concat([prep.k, prep.v], axis=-1)
+    packed = _kernels.softmax_attention(_kernels.prepare(points, prep.k, both, compute_dtype=prep.q.dtype), scale=scale,
+                                        implementation=implementation)
+    return packed[..., :prep.dim], packed[..., prep.dim:]
+
+
+def _unpack(prep: _kernels.Prepared, packed_k: Any, packed_v: Any, scale: float, implementation: str,
+            return_lse: bool) -> Any:
+    """Unpack: every query attends the m packed keys/values."""
+    return _kernels.softmax_attention(_kernels.prepare(prep.q, packed_k, packed_v, compute_dtype=prep.q.dtype),
+                                      scale=scale, implementation=implementation, return_lse=return_lse)
+
+
+def isab_attention(q: Any, k: Any, v: Any, /, *, inducing: Any, scale: float | None = None, return_lse: bool = False,
+                   compute_dtype: Any = None, implementation: str = "auto") -> Any:
+    """Induced set attention (Set Transformer ISAB): m inducing points attend the keys, the queries attend them.
+
+    .. math::
+
+        A = \\mathrm{softmax}(\\mathrm{scale}\\cdot I K^\\top),\\quad
+        \\hat K = A K,\\; \\hat V = A V,\\qquad
+        O = \\mathrm{softmax}(\\mathrm{scale}\\cdot Q \\hat K^\\top)\\, \\hat V
+
+    (Lee et al. 2019, "Set Transformer", §3.2 eq. 9–10: ``H = MAB(I, X)``, ``ISAB(X) = MAB(X, H)``).
+    This is the attention core without projections, layer norms and feed-forward: the induced set
+    H carries both the keys and the values of the tokens (``H = A[K | V]``), so the second attention
+    uses ``AK`` as keys and ``AV`` as values.
+
+    Shapes: ``q (..., H, L, D)``, ``k (..., G, S, D)``, ``v (..., G, S, E)`` → ``(..., H, L, E)``;
+    ``inducing (m, D)`` (learned, shared by the batch) or broadcasting to ``(..., G, m, D)``.
+
+    Args:
+        inducing: the m inducing points, explicit.
+        scale: default 1/√D, for both attentions. return_lse: also the lse of the second attention.
+        implementation: engine kernel ``"auto" | "dense" | "tiled"`` for both softmaxes.
+    """
+    prep = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
+    s = _kernels.resolve_scale(scale, prep.dim)
+    packed_k, packed_v = _pack(prep, "inducing", inducing, s, implementation)
+    return _unpack(prep, packed_k, packed_v, s, implementation, return_lse)
+
+
+def luna_attention(q: Any, k: Any, v: Any, /, *, p: Any, scale: float | None = None, return_packed: bool = False,
+                   compute_dtype: Any = None, implementation: str = "auto") -> Any:
+    """Luna: pack the sequence into the m-row P by attention, then unpack by attending the packed rows.
+
+    .. math::
+
+        P' = \\mathrm{Attn}(P, X):\\quad A = \\mathrm{softmax}(\\mathrm{scale}\\cdot P K^\\top),\\;
+        P'_K = A K,\\; P'_V = A V;\\qquad
+        O = \\mathrm{Attn}(X, P') = \\mathrm{softmax}(\\mathrm{scale}\\cdot Q P_K'^\\top)\\, P'_V
+
+    (Ma et al. 2021, "Luna: Linear Unified Nested Attention", §3.1 eq. 4–6: pack then unpack; the
+    packed context ``P'`` is Luna's second output, fed to the next layer as its P). Without
+    projections P' carries keys and values (``P' = A[K | V]``), as in :func:`isab_attention`; the
+    difference is that Luna's P is a per-sequence input and P' is returned.
+
+    Shapes: ``q (..., H, L, D)``, ``k (..., G, S, D)``, ``v (..., G, S, E)`` → ``(..., H, L, E)``;
+    ``p (..., G, m, D)`` (or broadcasting to it, e.g. ``(m, D)``).
+
+    Args:
+        p: the m packing queries (explicit; Luna's P, initialised as a learned sequence).
+        scale: default 1/√D, for both attentions.
+        return_packed: also return ``P'_K (..., G, m, D)`` and ``P'_V (..., G, m, E)``.
+        implementation: engine kernel ``"auto" | "dense" | "tiled"`` for both softmaxes.
+
+    Only the bidirectional form is implemented (Luna's causal variant uses a different pack).
+    """
+    prep = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
+    s = _kernels.resolve_scale(scale, prep.dim)
+    packed_k, packed_v = _pack(prep, "p", p, s, implementation)
+    out = _unpack(prep, packed_k, packed_v, s, implementation, False)
+    return (out, packed_k, packed_v) if return_packed else out
+
+
+def _cases(size: str, seed: int) -> list[Case]:
+    d = dims(size)
+    shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
+    gqa = qkv(seed, kv_heads=d["G"], **shapes)
+    m = max(1, d["L"] // 2)
+    inducing = random.normal((m, d["D"]), seed=(seed, 5))
+    per_head = random.normal((d["G"], m, d["D"]), seed=(seed, 6))
+    return [
+        Case("shared", {**gqa, "inducing": inducing}, {}, seed=seed),
+        Case("per_head_tiled", {**gqa, "inducing": per_head}, {"implementation": "tiled"}, seed=seed),
+    ]
+
+
+def _luna_cases(size: str, seed: int) -> list[Case]:
+    d = dims(size)
+    shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
+    gqa = qkv(seed, kv_heads=d["G"], **shapes)
+    m = max(1, d["L"] // 2)
+    return [
+        Case("per_sequence", {**gqa, "p": random.normal((2, d["G"], m, d["D"]), seed=(seed, 5))}, {}, seed=seed),
+        Case("shared", {**gqa, "p": random.normal((m, d["D"]), seed=(seed, 6))}, {}, seed=seed),
+    ]
+
+
+register(Mechanism(
+    key="isab",
+    function=isab_attention,
+    family="E. compressed memory",
+    paper="Lee et al. 2019, 'Set Transformer', §3.2 (ISAB)",
+    params={
+        "inducing": "(m, D) or (..., G, m, D) inducing points, explicit",
+        "scale": "score scale of both attentions, default 1/sqrt(D)",
+        "return_lse": "also the lse of the second attention",
+    },
+    cases=_cases,
+    returns_lse=True,
+    row_separable=True,
+))
+
+register(Mechanism(
+    key="luna",
+    function=luna_attention,
+    family="E. compressed memory",
+    paper="Ma et al. 2021, 'Luna: Linear Unified Nested Attention', §3.1",
+    params={
+        "p": "(..., G, m, D) packing queries (Luna's P), explicit",
+        "scale": "score scale of both attentions, default 1/sqrt(D)",
+        "return_packed": "also return the packed keys and values P'",
+    },
+    cases=_luna_cases,
+    row_separable=True,
+))
