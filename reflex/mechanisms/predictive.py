@@ -94,7 +94,7 @@ def predictive_attention(q: Any, k: Any, v: Any, /, *, prev_weights: Any, kernel
     masks, _ = mask_and_causal(p, mask, causal)
     current = attention_weights(p, scale=_kernels.resolve_scale(scale, p.dim), mask=masks)
     mixed = float(alpha) * current + (1.0 - float(alpha)) * predicted
-    out = shared_map_attention(mixed, p.v)
+    out = shared_map_attention(mixed, p.v, compute_dtype=p.q.dtype)
     return (out, mixed) if return_weights else out
 
 
