@@ -139,12 +139,22 @@ def _attention_kernel(q, k, v, order, chunk, before, after, scale, causal, self_
         h = (task // n_chunks) % heads
         t = task % n_chunks
         keys = numpy.empty(span, dtype=numpy.int64)
+        kbuf = numpy.empty((span, dim))
+        vbuf = numpy.empty((span, value_dim))
         for w in range(before + after + 1):
             c = (t + w - before) % n_chunks
             for s in range(chunk):
-                keys[w * chunk + s] = order[b, h, c * chunk + s]
-        scores = numpy.empty(span)
-        for u in range(t * chunk, (t + 1) * chunk):
+                j = order[b, h, c * chunk + s]
+                keys[w * chunk + s] = j
+                kbuf[w * chunk + s] = k[b, h, j]
+                vbuf[w * chunk + s] = v[b, h, j]
+        qbuf = numpy.empty((chunk, dim))
+        for s in range(chunk):
+            qbuf[s] = q[b, h, order[b, h, t * chunk + s]] * scale
+        scores = numpy.dot(qbuf, kbuf.T)  # (chunk, span): (scale·q)·k, as the gather kernel
+        totals = numpy.zeros(chunk)  # 0 marks a row that sees only itself
+        for row in range(chunk):
+            u = t * chunk + row
             r = u // length
             i = order[b, h, u]
             m = -math.inf
@@ -153,34 +163,28 @@ def _attention_kernel(q, k, v, order, chunk, before, after, scale, causal, self_
                 j = keys[s]
                 if j == i:
                     copies += 1
-                    scores[s] = -math.inf
+                    scores[row, s] = -math.inf
                 elif causal and j > i:
-                    scores[s] = -math.inf
-                else:
-                    dot = 0.0
-                    for d in range(dim):
-                        dot += q[b, h, i, d] * k[b, h, j, d]
-                    scores[s] = scale * dot
-                    if scores[s] > m:
-                        m = scores[s]
+                    scores[row, s] = -math.inf
+                elif scores[row, s] > m:
+                    m = scores[row, s]
             if m == -math.inf:  # nothing but itself: v_i, lse = self_value + log(copies)
-                for e in range(value_dim):
-                    out[b, h, r, i, e] = v[b, h, i, e]
+                out[b, h, r, i] = v[b, h, i]
                 lse[b, h, r, i] = self_value + math.log(copies)
+                scores[row, :] = 0.0
                 continue
-            for e in range(value_dim):
-                out[b, h, r, i, e] = 0.0
             total_weight = 0.0
             for s in range(span):
-                if scores[s] != -math.inf:
-                    weight = math.exp(scores[s] - m)
-                    total_weight += weight
-                    j = keys[s]
-                    for e in range(value_dim):
-                        out[b, h, r, i, e] += weight * v[b, h, j, e]
-            for e in range(value_dim):
-                out[b, h, r, i, e] /= total_weight
+                weight = math.exp(scores[row, s] - m)  # exp(−∞) = 0 for skipped keys
+                scores[row, s] = weight
+                total_weight += weight
+            totals[row] = total_weight
             lse[b, h, r, i] = m + math.log(total_weight)
+        mixed = numpy.dot(scores, vbuf)  # (chunk, E) unnormalised
+        for row in range(chunk):
+            if totals[row] > 0.0:
+                u = t * chunk + row
+                out[b, h, u // length, order[b, h, u]] = mixed[row] / totals[row]
 
 
 def chunked_attention(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, order: numpy.ndarray, *, chunk: int,
