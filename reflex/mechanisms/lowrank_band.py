@@ -1,0 +1,97 @@
+"""Low-rank plus band attention: softmax attention in a rank-r projected space, plus a local band."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from reflex import random
+from reflex.backends import device as device_of
+from reflex.backends import namespace
+from reflex.mechanisms import _kernels
+from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._patterns import band_pattern, check_window
+from reflex.registry import Case, Mechanism, register
+
+__all__ = ["lowrank_band_attention"]
+
+
+def _check_projection(prep: _kernels.Prepared, name: str, proj: Any) -> Any:
+    xp = prep.xp
+    if namespace(proj) is not xp or device_of(proj) != prep.device:
+        raise TypeError(f"{name} must come from the same array library and device as q ({prep.device})")
+    if proj.ndim != 2 or int(proj.shape[0]) != prep.dim or int(proj.shape[1]) < 1:
+        raise ValueError(f"{name} must have shape (D, r) = ({prep.dim}, r) with r >= 1; got {tuple(proj.shape)}")
+    return xp.astype(proj, prep.q.dtype)
+
+
+def lowrank_band_attention(q: Any, k: Any, v: Any, /, *, q_proj: Any, window: tuple[int, int], k_proj: Any = None,
+                           scale: float | None = None, lowrank_scale: float | None = None, compute_dtype: Any = None,
+                           implementation: str = "auto") -> Any:
+    """Low-rank attention (q, k projected to rank r) plus band attention, summed.
+
+    .. math::
+
+        O = \\mathrm{softmax}\\big(s_r\\,(Q W_Q)(K W_K)^\\top\\big)\\,V
+          + \\mathrm{softmax}_{\\,j - i \\in [-\\ell, r_w]}\\big(s\\, Q K^\\top\\big)\\,V
+
+    (Guo et al. 2019, "Low-Rank and Locality Constrained Self-Attention for Sequence Modeling",
+    IEEE/ACM TASLP 27(12), §III: a low-rank global module with a small projected dimension and a
+    band (locality-constrained) module; combined here by summation, the catalogue's semantics).
+
+    Shapes: ``q (..., H, L, D)``, ``k (..., G, S, D)``, ``v (..., G, S, E)`` → ``(..., H, L, E)``;
+    ``q_proj``, ``k_proj`` of shape ``(D, r)``.
+
+    Args:
+        q_proj: W_Q (D, r), explicit. k_proj: W_K (D, r); default shares W_Q.
+        window: ``(left, right)`` of the band (−1 = unbounded side), query i at key i.
+        scale: s of the band, default 1/√D. lowrank_scale: s_r, default 1/√r.
+        implementation: engine kernel for both softmaxes (band tiles are skipped when tiled).
+
+    A query whose band holds no key gets 0 from the band. With ``W_Q = W_K = I`` (r = D) and
+    ``lowrank_scale = scale`` the low-rank term is ``full_attention``.
+    """
+    prep = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
+    left, right = check_window(window)
+    wq = _check_projection(prep, "q_proj", q_proj)
+    wk = wq if k_proj is None else _check_projection(prep, "k_proj", k_proj)
+    rank = int(wq.shape[1])
+    if int(wk.shape[1]) != rank:
+        raise ValueError(f"k_proj has rank {wk.shape[1]}; q_proj has {rank}: they must match")
+    s_rank = 1.0 / math.sqrt(rank) if lowrank_scale is None else _kernels.resolve_scale(lowrank_scale, rank)
+    projected = _kernels.prepare(prep.q @ wq, prep.k @ wk, prep.v, compute_dtype=prep.q.dtype)
+    global_part = _kernels.softmax_attention(projected, scale=s_rank, implementation=implementation)
+    band = band_pattern(left, right)
+    local = _kernels.softmax_attention(prep, scale=_kernels.resolve_scale(scale, prep.dim), mask=band.allowed,
+                                       tile_active=band.tile_active, implementation=implementation)
+    return global_part + local
+
+
+def _cases(size: str, seed: int) -> list[Case]:
+    d = dims(size)
+    shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
+    gqa = qkv(seed, kv_heads=d["G"], **shapes)
+    rank = max(1, d["D"] // 4)
+    wq = random.normal((d["D"], rank), seed=(seed, 5))
+    wk = random.normal((d["D"], rank), seed=(seed, 6))
+    return [
+        Case("shared_projection", {**gqa, "q_proj": wq}, {"window": [1, 1]}, seed=seed),
+        Case("two_projections_causal_band", {**gqa, "q_proj": wq, "k_proj": wk}, {"window": [2, 0]}, seed=seed),
+        Case("tiled", {**gqa, "q_proj": wq}, {"window": [1, 1], "implementation": "tiled"}, seed=seed),
+    ]
+
+
+register(Mechanism(
+    key="lowrank_band",
+    function=lowrank_band_attention,
+    family="F. low-rank",
+    paper="Guo et al. 2019, 'Low-Rank and Locality Constrained Self-Attention for Sequence Modeling', §III",
+    params={
+        "q_proj": "W_Q (D, r), explicit",
+        "k_proj": "W_K (D, r); default shares W_Q",
+        "window": "(left, right) of the band, -1 = unbounded",
+        "scale": "band score scale, default 1/sqrt(D)",
+        "lowrank_scale": "low-rank score scale, default 1/sqrt(r)",
+    },
+    cases=_cases,
+))

@@ -1,0 +1,103 @@
+"""Poolingformer: a sliding-window level plus a level over pooled keys/values, summed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from reflex.mechanisms import _kernels
+from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._patterns import band_pattern, check_window
+from reflex.registry import Case, Mechanism, register
+
+__all__ = ["poolingformer_attention", "pool_sequence"]
+
+POOLS = ("mean", "max")
+
+
+def pool_sequence(xp: Any, x: Any, *, pool: str, kernel_size: int, stride: int) -> Any:
+    """Pool ``x (..., S, D)`` along S: slot t covers rows ``[tσ, tσ + κ)``, no padding → ``(..., T, D)``.
+
+    ``T = ⌊(S − κ)/σ⌋ + 1``; ``pool`` is ``"mean"`` or ``"max"`` over each slot's κ rows.
+    """
+    n = int(x.shape[-2])
+    slots = (n - kernel_size) // stride + 1
+    stop = stride * (slots - 1) + 1
+    windows = xp.stack([x[..., r:r + stop:stride, :] for r in range(kernel_size)], axis=0)  # (κ, ..., T, D)
+    return xp.mean(windows, axis=0) if pool == "mean" else xp.max(windows, axis=0)
+
+
+def poolingformer_attention(q: Any, k: Any, v: Any, /, *, window: tuple[int, int], pool: str | None = "mean",
+                            kernel_size: int = 2, stride: int | None = None, scale: float | None = None,
+                            compute_dtype: Any = None, implementation: str = "auto") -> Any:
+    """Poolingformer: sliding-window attention plus attention over pooled keys/values, summed.
+
+    .. math::
+
+        O = \\mathrm{softmax}_{\\,j - i \\in [-\\ell, r]}(\\mathrm{scale}\\cdot QK^\\top)\\,V
+          + \\mathrm{softmax}(\\mathrm{scale}\\cdot Q\\,\\mathrm{pool}(K)^\\top)\\,\\mathrm{pool}(V)
+
+    (Zhang et al. 2021, "Poolingformer: Long Document Modeling with Pooling Attention", §3.1–3.2:
+    first level a sliding window, second level pooled keys/values; the level outputs are summed.
+    Here the second level attends every pooled slot — the catalogue's semantics; the paper restricts
+    it to a second, larger window).
+
+    Shapes: ``q (..., H, L, D)``, ``k (..., G, S, D)``, ``v (..., G, S, E)`` → ``(..., H, L, E)``.
+
+    Args:
+        window: ``(left, right)`` of the first level (−1 = unbounded side), query i at key i.
+        pool: ``"mean"``, ``"max"``, or ``None`` to disable the second level.
+        kernel_size, stride: κ ≤ S and σ (default κ) of the pooling (:func:`pool_sequence`).
+        scale: default 1/√D, both levels. implementation: engine kernel (band tiles are skipped).
+
+    A query whose window holds no key gets 0 from the first level. With a window covering the
+    sequence and ``pool=None`` the result is ``full_attention``.
+    """
+    p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
+    xp = p.xp
+    left, right = check_window(window)
+    s = _kernels.resolve_scale(scale, p.dim)
+    band = band_pattern(left, right)
+    local = _kernels.softmax_attention(p, scale=s, mask=band.allowed, tile_active=band.tile_active,
+                                       implementation=implementation)
+    if pool is None:
+        return local
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {', '.join(POOLS)} or None; got {pool!r}")
+    stride = kernel_size if stride is None else stride
+    for name, value in (("kernel_size", kernel_size), ("stride", stride)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+    if kernel_size > p.key_length:
+        raise ValueError(f"kernel_size must be at most S = {p.key_length}; got {kernel_size}")
+    pooled_k = pool_sequence(xp, p.k, pool=pool, kernel_size=kernel_size, stride=stride)
+    pooled_v = pool_sequence(xp, p.v, pool=pool, kernel_size=kernel_size, stride=stride)
+    pooled = _kernels.softmax_attention(_kernels.prepare(p.q, pooled_k, pooled_v, compute_dtype=p.q.dtype), scale=s,
+                                        implementation=implementation)
+    return local + pooled
+
+
+def _cases(size: str, seed: int) -> list[Case]:
+    d = dims(size)
+    shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
+    gqa = qkv(seed, kv_heads=d["G"], **shapes)
+    return [
+        Case("mean", gqa, {"window": [1, 1], "pool": "mean", "kernel_size": 2}, seed=seed),
+        Case("max_overlapping", gqa, {"window": [2, 0], "pool": "max", "kernel_size": 3, "stride": 2}, seed=seed),
+        Case("tiled", gqa, {"window": [1, 2], "pool": "mean", "kernel_size": 2, "implementation": "tiled"}, seed=seed),
+    ]
+
+
+register(Mechanism(
+    key="poolingformer",
+    function=poolingformer_attention,
+    family="E. compressed memory",
+    paper="Zhang et al. 2021, 'Poolingformer', §3.1-3.2",
+    params={
+        "window": "(left, right) of the sliding level, -1 = unbounded",
+        "pool": "'mean' | 'max' | None (second level off)",
+        "kernel_size": "pooling kernel (<= S)",
+        "stride": "pooling stride (default kernel_size)",
+        "scale": "score scale, default 1/sqrt(D)",
+    },
+    cases=_cases,
+))
