@@ -82,3 +82,49 @@ def test_longformer_matches_hf_as_shipped_float32_softmax():
     layer, x = _longformer(1, 4)
     hf, projected = _run_longformer(layer, x, [0, 5])
     assert max_abs(_reflex_longformer(projected, 4, [0, 5]), hf) <= 1e-5
+
+
+def _bigbird(seed, heads=2, hidden=16, block_size=2, r=1):
+    from transformers import BigBirdConfig
+    from transformers.models.big_bird.modeling_big_bird import BigBirdBlockSparseAttention
+
+    torch.manual_seed(seed)
+    config = BigBirdConfig(hidden_size=hidden, num_attention_heads=heads, block_size=block_size, num_random_blocks=r,
+                           attention_type="block_sparse", use_bias=True, attention_probs_dropout_prob=0.0)
+    return BigBirdBlockSparseAttention(config, seed=0).double().eval()
+
+
+def _run_bigbird(layer, x, plan):
+    from transformers.models.big_bird.modeling_big_bird import BigBirdModel
+
+    # Hand HF our plan instead of its own draw (eval mode would give all zeros).
+    layer._bigbird_block_rand_mask_with_head = lambda **_: [numpy.asarray(p) for p in plan]
+    batch, length, _ = x.shape
+    blocked, band, from_mask, to_mask = BigBirdModel.create_masks_for_block_sparse_attn(
+        torch.ones(batch, length, dtype=torch.float64), layer.block_size)
+    with torch.no_grad():
+        out = layer(x, band_mask=band, from_mask=from_mask, to_mask=to_mask, from_blocked_mask=blocked,
+                    to_blocked_mask=blocked)[0]
+        projected = [_heads(getattr(layer, name)(x), layer.num_attention_heads) for name in ("query", "key", "value")]
+    return out.numpy(), projected
+
+
+@pytest.mark.parametrize("blocks,r,block_size", [(8, 1, 2), (10, 2, 2), (7, 1, 3), (9, 3, 1)])
+@pytest.mark.parametrize("plan_kind", ["seeded", "with_duplicates", "eval_zeros"])
+def test_bigbird_matches_hf_given_the_plan(blocks, r, block_size, plan_kind):
+    heads = 2
+    layer = _bigbird(blocks, heads=heads, block_size=block_size, r=r)
+    x = torch.tensor(random.normal((2, blocks * block_size, 16), seed=(blocks, 9)))
+    if plan_kind == "seeded":
+        from reflex.mechanisms.bigbird import draw_plan
+
+        plan = draw_plan(None, None, heads, blocks, r, (3, blocks))
+    elif plan_kind == "with_duplicates":
+        plan = random.integers((heads, blocks - 2, r), seed=(4, blocks), low=0, high=blocks)
+    else:
+        plan = numpy.zeros((heads, blocks - 2, r), dtype=numpy.int64)
+    hf, (q, k, v) = _run_bigbird(layer, x, plan)
+    for implementation in ("dense", "tiled"):
+        out = reflex.bigbird_attention(q, k, v, block_size=block_size, plan=plan, implementation=implementation)
+        ours = numpy.transpose(out, (0, 2, 1, 3)).reshape(hf.shape)
+        assert max_abs(ours, hf) <= 1e-13
