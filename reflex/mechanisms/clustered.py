@@ -159,6 +159,15 @@ def _improved_cases(size: str, seed: int) -> list[Case]:
     return [Case(c.variant, c.inputs, {**c.params, "topk": top}, seed=seed) for c in _cases(size, seed)]
 
 
+def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
+    return Case("example", qkv(seed, batch=(1,), **d), {"num_clusters": min(100, seq), "seed": seed}, seed=seed)
+
+
+def _improved_example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    case = _example(seq, heads, dim, seed)
+    return Case("example", case.inputs, {**case.params, "topk": min(32, seq)}, seed=seed)
+
 register(Mechanism(
     key="clustered",
     function=clustered_attention,
@@ -173,6 +182,7 @@ register(Mechanism(
     },
     cases=_cases,
     row_separable=False,
+    example=_example,
 ))
 
 register(Mechanism(
@@ -190,4 +200,5 @@ register(Mechanism(
     },
     cases=_improved_cases,
     row_separable=False,
+    example=_improved_example,
 ))

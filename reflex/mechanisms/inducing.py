@@ -127,6 +127,17 @@ def _luna_cases(size: str, seed: int) -> list[Case]:
     ]
 
 
+def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
+    points = random.normal((min(32, seq), dim), seed=(seed, 5))
+    return Case("example", {**qkv(seed, batch=(1,), **d), "inducing": points}, {}, seed=seed)
+
+
+def _luna_example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
+    packing = random.normal((1, heads, min(32, seq), dim), seed=(seed, 5))
+    return Case("example", {**qkv(seed, batch=(1,), **d), "p": packing}, {}, seed=seed)
+
 register(Mechanism(
     key="isab",
     function=isab_attention,
@@ -140,6 +151,7 @@ register(Mechanism(
     cases=_cases,
     returns_lse=True,
     row_separable=True,
+    example=_example,
 ))
 
 register(Mechanism(
@@ -154,4 +166,5 @@ register(Mechanism(
     },
     cases=_luna_cases,
     row_separable=True,
+    example=_luna_example,
 ))

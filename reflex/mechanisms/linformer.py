@@ -81,6 +81,12 @@ def _cases(size: str, seed: int) -> list[Case]:
     ]
 
 
+def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
+    rank = min(256, seq)
+    e = random.normal((rank, seq), seed=(seed, 5), std=rank ** -0.5)
+    return Case("example", {**qkv(seed, batch=(1,), **d), "e_proj": e}, {}, seed=seed)
+
 register(Mechanism(
     key="linformer",
     function=linformer_attention,
@@ -94,4 +100,5 @@ register(Mechanism(
     },
     cases=_cases,
     returns_lse=True,
+    example=_example,
 ))

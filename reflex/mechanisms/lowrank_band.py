@@ -81,6 +81,12 @@ def _cases(size: str, seed: int) -> list[Case]:
     ]
 
 
+def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
+    projection = random.normal((dim, max(1, dim // 4)), seed=(seed, 5))
+    w = min(64, max(1, seq // 16))
+    return Case("example", {**qkv(seed, batch=(1,), **d), "q_proj": projection}, {"window": [w, w]}, seed=seed)
+
 register(Mechanism(
     key="lowrank_band",
     function=lowrank_band_attention,
@@ -94,4 +100,5 @@ register(Mechanism(
         "lowrank_scale": "low-rank score scale, default 1/sqrt(r)",
     },
     cases=_cases,
+    example=_example,
 ))

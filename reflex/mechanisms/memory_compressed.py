@@ -100,6 +100,13 @@ def _cases(size: str, seed: int) -> list[Case]:
     ]
 
 
+def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
+    kappa = 4 if seq % 4 == 0 else 1
+    weights = {name: random.normal((kappa, dim, dim), seed=(seed, 5 + i), std=(kappa * dim) ** -0.5)
+               for i, name in enumerate(("k_weight", "v_weight"))}
+    return Case("example", {**qkv(seed, batch=(1,), **d), **weights}, {"kernel_size": kappa}, seed=seed)
+
 register(Mechanism(
     key="memory_compressed",
     function=memory_compressed_attention,
@@ -115,4 +122,5 @@ register(Mechanism(
     },
     cases=_cases,
     returns_lse=True,
+    example=_example,
 ))

@@ -166,6 +166,10 @@ def _reference(q: Any, k: Any, v: Any, /, *, num_landmarks: int, pinv: str = "it
     return (f @ a_pinv) @ (b @ v_heads)
 
 
+def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
+    return Case("example", qkv(seed, batch=(1,), **d), {"num_landmarks": min(64, seq)}, seed=seed)
+
 register(Mechanism(
     key="nystrom",
     function=nystrom_attention,
@@ -182,4 +186,5 @@ register(Mechanism(
     cases=_cases,
     reference=_reference,
     row_separable=False,
+    example=_example,
 ))

@@ -166,6 +166,10 @@ def _reference(q: Any, k: Any, v: Any, /, **params: Any) -> Any:
     return performer_attention(q, k, v, **{**params, "implementation": "quadratic"})
 
 
+def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
+    return Case("example", qkv(seed, batch=(1,), **d), {"num_features": 256, "seed": seed}, seed=seed)
+
 register(Mechanism(
     key="performer",
     function=performer_attention,
@@ -182,4 +186,5 @@ register(Mechanism(
     },
     cases=_cases,
     reference=_reference,
+    example=_example,
 ))

@@ -87,6 +87,12 @@ def _cases(size: str, seed: int) -> list[Case]:
     ]
 
 
+def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
+    w = min(64, max(1, seq // 16))
+    return Case("example", qkv(seed, batch=(1,), **d), {"window": [w, w], "pool": "mean", "kernel_size": min(4, seq)},
+                seed=seed)
+
 register(Mechanism(
     key="poolingformer",
     function=poolingformer_attention,
@@ -100,4 +106,5 @@ register(Mechanism(
         "scale": "score scale, default 1/sqrt(D)",
     },
     cases=_cases,
+    example=_example,
 ))

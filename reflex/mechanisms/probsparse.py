@@ -165,6 +165,10 @@ def _cases(size: str, seed: int) -> list[Case]:
     ]
 
 
+def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
+    return Case("example", qkv(seed, batch=(1,), **d), {"seed": seed}, seed=seed)
+
 register(Mechanism(
     key="probsparse",
     function=probsparse_attention,
@@ -181,4 +185,5 @@ register(Mechanism(
     },
     cases=_cases,
     row_separable=False,
+    example=_example,
 ))

@@ -94,6 +94,10 @@ def _reference(q: Any, k: Any, v: Any, /, **params: Any) -> Any:
     return rfa_attention(q, k, v, **{**params, "implementation": "quadratic"})
 
 
+def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
+    return Case("example", qkv(seed, batch=(1,), **d), {"num_features": 256, "seed": seed}, seed=seed)
+
 register(Mechanism(
     key="rfa",
     function=rfa_attention,
@@ -111,4 +115,5 @@ register(Mechanism(
     },
     cases=_cases,
     reference=_reference,
+    example=_example,
 ))
