@@ -188,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--dtype", help="tolerance dtype (default: each array's dtype), e.g. bfloat16")
     check.add_argument("--require-all", action="store_true", help="fail when a case is not exported")
     check.set_defaults(handler=_cmd_fixtures_check)
+
+    from reflex.show import add_parser as add_show_parser  # `reflex show KEY`: draw a pattern (reflex/show.py)
+
+    add_show_parser(sub)
     return parser
 
 

@@ -176,6 +176,14 @@ def _cases(size: str, seed: int) -> list[Case]:
     ]
 
 
+def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
+    block = max(1, seq // 8)
+    nb = -(-seq // block)
+    blocks = random.uniform((nb, nb), seed=(seed, 4)) < 0.3
+    return Case("example", {**qkv(seed, batch=(1,), **d), "block_mask": blocks}, {"block_size": block}, seed=seed)
+
+
 register(Mechanism(
     key="sparse_pattern",
     function=sparse_pattern_attention,
@@ -190,5 +198,6 @@ register(Mechanism(
     },
     cases=_cases,
     returns_lse=True,
+    example=_example,
     pattern=_pattern,
 ))
