@@ -98,10 +98,13 @@ def _range_kernel(q, kb, vb, lo, hi, key_ok, kx, vx, scale, block, out, lse):  #
                     m = sx[r, c]
             shift = 0.0 if m == -math.inf else m
             total = 0.0
-            for c in range(width):
-                w = math.exp(s[r, c] - shift)
-                s[r, c] = w
-                total += w
+            for c in range(width):  # exp only inside the row's range; masked entries weigh 0
+                if c < a or c >= z or s[r, c] == -math.inf:
+                    s[r, c] = 0.0
+                else:
+                    w = math.exp(s[r, c] - shift)
+                    s[r, c] = w
+                    total += w
             for c in range(extra):
                 w = math.exp(sx[r, c] - shift)
                 sx[r, c] = w
