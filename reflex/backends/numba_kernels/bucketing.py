@@ -17,7 +17,8 @@ Four kernels, each tested against the array-API path (indices identical, outputs
    lse are written at the query's position, per round.
 
 float64 arithmetic, ``cache=True``, no ``fastmath``; ``prange`` over (batch·head·round) or
-(batch·head·chunk) tasks, which write disjoint outputs.
+(batch·head·chunk) tasks, which write disjoint outputs; each chunk's scores and weighted values are
+two BLAS products over its gathered window, with BLAS held to one thread per task.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import math
 
 import numba
 import numpy
+import threadpoolctl
 
 __all__ = ["hash_vectors", "counting_sort", "chunk_windows", "chunked_attention"]
 
@@ -199,7 +201,10 @@ def chunked_attention(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, orde
     rounds = order.shape[-1] // length
     out = numpy.empty((batch, heads, rounds, length, v.shape[-1]))
     lse = numpy.empty((batch, heads, rounds, length))
-    _attention_kernel(numpy.ascontiguousarray(q, dtype=numpy.float64), numpy.ascontiguousarray(k, dtype=numpy.float64),
-                      numpy.ascontiguousarray(v, dtype=numpy.float64), numpy.ascontiguousarray(order, dtype=numpy.int64),
-                      int(chunk), int(before), int(after), float(scale), bool(causal), float(self_value), out, lse)
+    # The per-chunk BLAS products run inside prange tasks: one BLAS thread each, or they oversubscribe.
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        _attention_kernel(numpy.ascontiguousarray(q, dtype=numpy.float64), numpy.ascontiguousarray(k, dtype=numpy.float64),
+                          numpy.ascontiguousarray(v, dtype=numpy.float64),
+                          numpy.ascontiguousarray(order, dtype=numpy.int64), int(chunk), int(before), int(after),
+                          float(scale), bool(causal), float(self_value), out, lse)
     return out, lse
