@@ -138,7 +138,7 @@ def prepare(q: Any, k: Any, v: Any, *, compute_dtype: Any = None) -> Prepared:
     dtype = resolve_dtype(xp, compute_dtype)
     return Prepared(
         xp=xp, device=dev,
-        q=xp.astype(q, dtype), k=xp.astype(k, dtype), v=xp.astype(v, dtype),
+        q=xp.astype(q, dtype, copy=False), k=xp.astype(k, dtype, copy=False), v=xp.astype(v, dtype, copy=False),
         batch=batch, heads=heads, kv_heads=kv_heads, length=length, key_length=key_length,
         dim=dim, value_dim=int(v.shape[-1]),
     )
