@@ -30,6 +30,7 @@ Scores themselves are never hidden inside a term, so biases stay separate, diffe
 
 Kernels:
 1. :func:`dense` — materialises ``(..., H, L, S)``. The definition of truth for small sizes.
+   :func:`scores` and :func:`weights` return its score and probability maps.
 2. :func:`tiled` — the same semantics streamed over (query block, key tile) pairs with an online
    softmax (running max and sum, Dao 2022, Alg. 1). Tiles that ``tile_active`` rules out, or whose
    mask tile has no True, are skipped. Memory O(block_q · block_k) per head; never ``L × S``.
@@ -48,7 +49,7 @@ from reflex.backends import namespace, parallel_map
 
 __all__ = [
     "Prepared", "prepare", "check_term", "check_indices", "dense", "tiled", "gather", "finish", "empty_result",
-    "softmax_attention", "resolve_scale", "resolve_softcap", "IMPLEMENTATIONS",
+    "softmax_attention", "resolve_scale", "resolve_softcap", "IMPLEMENTATIONS", "scores", "weights",
 ]
 
 Term = Any  # an array broadcastable to (..., H, L, S), or a callable (rows, cols) -> such an array
@@ -269,22 +270,53 @@ def finish(xp: Any, acc: Any, row_max: Any, row_sum: Any) -> tuple[Any, Any]:
 
 # --- 1. dense ------------------------------------------------------------------------------------
 
+def _dense_scores(p: Prepared, *, scale: float, mask: Any, bias: Any, softcap: float | None) -> Any:
+    """Grouped final scores ``(..., G, H/G, L, S)`` (softcap, biases, masks → −∞)."""
+    xp = p.xp
+    rows, cols = _grids(p, 0, p.length, 0, p.key_length)
+    masks = _evaluate(p, _as_tuple(mask), rows, cols, None)
+    biases = _evaluate(p, _as_tuple(bias), rows, cols, None)
+    q = _group_queries(p, p.q * scale)
+    return _scores(p, q @ xp.matrix_transpose(xp.expand_dims(p.k, axis=-3)), softcap, biases, masks)
+
+
+def _softmax_parts(xp: Any, s: Any) -> tuple[Any, Any, Any]:
+    """Unnormalised weights ``exp(s − m)``, the row max ``m`` and the row sum ``ℓ`` of scores ``s``."""
+    row_max = xp.max(s, axis=-1, keepdims=True)
+    s -= _safe_max(xp, row_max)
+    weights = xp.exp(s)
+    return weights, row_max, xp.sum(weights, axis=-1, keepdims=True)
+
+
 def dense(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, softcap: float | None = None) -> tuple[Any, Any]:
     """Dense masked softmax attention: ``(out (..., H, L, E), lse (..., H, L))``."""
     xp = p.xp
     if p.length == 0 or p.key_length == 0:
         return empty_result(p)
-    rows, cols = _grids(p, 0, p.length, 0, p.key_length)
-    masks = _evaluate(p, _as_tuple(mask), rows, cols, None)
-    biases = _evaluate(p, _as_tuple(bias), rows, cols, None)
-    q = _group_queries(p, p.q * scale)
-    k = xp.expand_dims(p.k, axis=-3)
-    v = xp.expand_dims(p.v, axis=-3)
-    s = _scores(p, q @ xp.matrix_transpose(k), softcap, biases, masks)
-    row_max = xp.max(s, axis=-1, keepdims=True)
-    weights = xp.exp(s - _safe_max(xp, row_max))
-    out, lse = finish(xp, weights @ v, row_max, xp.sum(weights, axis=-1, keepdims=True))
+    s = _dense_scores(p, scale=scale, mask=mask, bias=bias, softcap=softcap)
+    weights, row_max, row_sum = _softmax_parts(xp, s)
+    out, lse = finish(xp, weights @ xp.expand_dims(p.v, axis=-3), row_max, row_sum)
     return _ungroup(p, out), _ungroup(p, lse[..., None])[..., 0]
+
+
+def scores(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, softcap: float | None = None) -> Any:
+    """The final scores ``(..., H, L, S)`` the dense kernel normalises: ``scale·q·kᵀ`` with no terms.
+
+    For mechanisms that mix, select from or return score maps (talking heads, top-k, RealFormer).
+    """
+    return _ungroup(p, _dense_scores(p, scale=scale, mask=mask, bias=bias, softcap=softcap))
+
+
+def weights(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, softcap: float | None = None) -> Any:
+    """The dense kernel's softmax probabilities ``(..., H, L, S)``; a fully masked row is all 0.
+
+    For mechanisms that multiply or reuse attention maps (Nyström, clustered, predictive).
+    """
+    xp = p.xp
+    if p.length == 0 or p.key_length == 0:
+        return xp.zeros(p.score_shape, dtype=p.q.dtype, device=p.device)
+    unnormalised, _, row_sum = _softmax_parts(xp, _dense_scores(p, scale=scale, mask=mask, bias=bias, softcap=softcap))
+    return _ungroup(p, unnormalised / xp.where(row_sum == 0, 1.0, row_sum))
 
 
 # --- 2. tiled ------------------------------------------------------------------------------------

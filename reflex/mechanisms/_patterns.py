@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from reflex.mechanisms import _kernels
+
 __all__ = ["Pattern", "ALIGNMENTS", "parse_causal", "causal_offset", "causal_pattern", "check_window", "band_pattern",
            "check_alignment", "check_positive_int", "dilated_band_pattern", "check_positions", "position_flags",
            "lookup_flags", "all_patterns", "any_pattern", "explicit_mask"]
@@ -44,9 +46,7 @@ def causal_offset(alignment: str, length: int, key_length: int) -> int:
     ``"top_left"``: δ = 0 (query i aligns with key i, torch SDPA ``is_causal``);
     ``"bottom_right"``: δ = S − L (the last query aligns with the last key, flash-attn, KV caches).
     """
-    if alignment not in ALIGNMENTS:
-        raise ValueError(f"alignment must be one of {ALIGNMENTS}; got {alignment!r}")
-    return 0 if alignment == "top_left" else key_length - length
+    return 0 if check_alignment(alignment) == "top_left" else key_length - length
 
 
 def causal_pattern(alignment: str, length: int, key_length: int) -> Pattern:
@@ -88,52 +88,6 @@ def band_pattern(left: int, right: int, offset: int = 0) -> Pattern:
         return (right < 0 or lowest <= right) and (left < 0 or highest >= -left)
 
     return Pattern(allowed=allowed, tile_active=tile_active)
-
-
-# --- dense score and weight matrices (for mechanisms that mix or reuse attention maps) ----------
-# Appended for the prior / multi-head family (issue 7). They evaluate exactly the engine's scores
-# (same operation order as ``_kernels.dense``) and take the normaliser from the engine's lse, so no
-# second softmax is written: weights = exp(s − lse), 0 where s = −∞ (masked pairs, empty rows).
-
-__all__ += ["raw_scores", "attention_weights"]
-
-
-def raw_scores(p: Any, scale: float) -> Any:
-    """``scale·q·kᵀ`` of a prepared ``p`` as ``(..., H, L, S)``, kv head ``h // (H/G)`` for query head h."""
-    xp = p.xp
-    q = xp.reshape(p.q * scale, (*p.batch, p.kv_heads, p.group, p.length, p.dim))
-    s = q @ xp.matrix_transpose(xp.expand_dims(p.k, axis=-3))
-    return xp.reshape(s, (*p.batch, p.heads, p.length, p.key_length))
-
-
-def attention_weights(p: Any, *, scale: float, mask: Any = None, bias: Any = None, softcap: float | None = None) -> Any:
-    """The engine's softmax probabilities ``(..., H, L, S)``: ``exp(s − lse)`` with lse from ``_kernels.dense``.
-
-    ``s`` is the engine's final score (softcap, then biases, then masks → −∞). Masked pairs and
-    fully masked rows get weight 0 (never NaN). Rows sum to 1 up to round-off.
-    """
-    from reflex.mechanisms import _kernels
-
-    xp = p.xp
-    _, lse = _kernels.dense(p, scale=scale, mask=mask, bias=bias, softcap=softcap)
-    if p.length == 0 or p.key_length == 0:
-        return xp.zeros(p.score_shape, dtype=p.q.dtype, device=p.device)
-    rows = xp.reshape(xp.arange(p.length, dtype=xp.int64, device=p.device), (p.length, 1))
-    cols = xp.reshape(xp.arange(p.key_length, dtype=xp.int64, device=p.device), (1, p.key_length))
-
-    def values(terms: Any) -> list[Any]:
-        terms = () if terms is None else tuple(terms) if isinstance(terms, (tuple, list)) else (terms,)
-        return [t(rows, cols) if callable(t) and not hasattr(t, "shape") else t for t in terms if t is not None]
-
-    s = raw_scores(p, scale)
-    if softcap is not None:
-        s = softcap * xp.tanh(s / softcap)
-    for b in values(bias):
-        s = s + b
-    for m in values(mask):
-        s = xp.where(m, s, -math.inf)
-    shift = xp.where(lse == -math.inf, 0.0, lse)[..., None]
-    return xp.where(s == -math.inf, 0.0, xp.exp(s - shift))
 
 
 # --- content-based selection (issue 5: topk, block_topk, indexer_topk, adaptive, lsh) ----------
@@ -269,8 +223,6 @@ __all__ += ["mask_and_causal"]
 
 def mask_and_causal(p: Any, mask: Any, causal: Any) -> tuple[list[Any], Callable[[int, int, int, int], bool] | None]:
     """The mask terms of ``full_attention``'s ``mask=`` and ``causal=`` options: ``(terms, tile_active)``."""
-    from reflex.mechanisms import _kernels
-
     terms: list[Any] = [_kernels.check_term(p, "mask", mask, boolean=True)]
     alignment = parse_causal(causal)
     if alignment is None:

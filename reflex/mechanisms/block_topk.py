@@ -9,7 +9,7 @@ from typing import Any
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, qkv
-from reflex.mechanisms._patterns import causal_offset, index_counts, parse_causal, raw_scores, top_indices
+from reflex.mechanisms._patterns import causal_offset, index_counts, parse_causal, top_indices
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["block_topk_attention", "block_topk_indices"]
@@ -42,7 +42,7 @@ def _block_scores(p: _kernels.Prepared, block_size: int, scale: float, alignment
     xp = p.xp
     pooled = _pooled_keys(p, block_size)
     n_blocks = int(pooled.shape[-2])
-    s = raw_scores(dataclasses.replace(p, k=pooled, key_length=n_blocks), scale)  # (..., H, L, nb)
+    s = _kernels.scores(dataclasses.replace(p, k=pooled, key_length=n_blocks), scale=scale)  # (..., H, L, nb)
     offset = causal_offset(alignment or "top_left", p.length, p.key_length)
     position = xp.reshape(xp.arange(p.length, dtype=xp.int64, device=p.device), (p.length, 1)) + offset
     block = xp.reshape(xp.arange(n_blocks, dtype=xp.int64, device=p.device), (1, n_blocks))

@@ -9,7 +9,6 @@ from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels, _kmeans
 from reflex.mechanisms._cases import dims, qkv
-from reflex.mechanisms._patterns import attention_weights, raw_scores
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["clustered_attention", "improved_clustered_attention", "cluster_queries"]
@@ -120,7 +119,7 @@ def improved_clustered_attention(q: Any, k: Any, v: Any, /, *, topk: int, num_cl
     ``topk = S`` every query gets its exact softmax: ``full_attention`` (up to round-off).
 
     Softmaxes run on the engine: the centroid weights ``A^c`` by
-    :func:`reflex.mechanisms._patterns.attention_weights`, the queries' top-k softmax by
+    :func:`reflex.mechanisms._kernels.weights`, the queries' top-k softmax by
     :func:`reflex.mechanisms._kernels.gather`. Memory O(C·S + L·topk) per head.
     """
     p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
@@ -129,10 +128,10 @@ def improved_clustered_attention(q: Any, k: Any, v: Any, /, *, topk: int, num_cl
     labels, count = cluster_queries(p, num_clusters=num_clusters, assignment=assignment, iterations=iterations, seed=seed)
     s = _kernels.resolve_scale(scale, p.dim)
     centroid = _kernels.prepare(_centroids(p, labels, count), p.k, p.v, compute_dtype=p.q.dtype)
-    order = xp.argsort(-raw_scores(centroid, s), axis=-1, stable=True)  # (..., H, C, S), best first
+    order = xp.argsort(-_kernels.scores(centroid, scale=s), axis=-1, stable=True)  # (..., H, C, S), best first
     chosen = order[..., :topk]
     in_top = xp.argsort(order, axis=-1, stable=True) < topk  # rank of each key < topk
-    weights = attention_weights(centroid, scale=s)  # A^c (..., H, C, S)
+    weights = _kernels.weights(centroid, scale=s)  # A^c (..., H, C, S)
     top_mass = xp.sum(xp.where(in_top, weights, 0.0), axis=-1, keepdims=True)  # m̂ (..., H, C, 1)
     rest = xp.where(in_top, 0.0, weights)
     grouped_rest = xp.reshape(rest, (*p.batch, p.kv_heads, p.group, count, p.key_length)) @ xp.expand_dims(p.v, axis=-3)

@@ -7,7 +7,7 @@ from typing import Any
 from reflex import random
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, qkv
-from reflex.mechanisms._patterns import causal_pattern, parse_causal
+from reflex.mechanisms._patterns import mask_and_causal
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["full_attention"]
@@ -47,13 +47,7 @@ def full_attention(q: Any, k: Any, v: Any, /, *, mask: Any = None, bias: Any = N
     (multi-query); Ainslie et al. 2023 (GQA); Gemma Team 2024, "Gemma 2", §2 (logit soft-capping).
     """
     p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
-    alignment = parse_causal(causal)
-    masks: list[Any] = [_kernels.check_term(p, "mask", mask, boolean=True)]
-    tile_active = None
-    if alignment is not None:
-        pattern = causal_pattern(alignment, p.length, p.key_length)
-        masks.append(pattern.allowed)
-        tile_active = pattern.tile_active
+    masks, tile_active = mask_and_causal(p, mask, causal)
     return _kernels.softmax_attention(
         p, scale=_kernels.resolve_scale(scale, p.dim), mask=masks,
         bias=_kernels.check_term(p, "bias", bias, boolean=False), softcap=_kernels.resolve_softcap(softcap),

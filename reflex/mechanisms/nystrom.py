@@ -7,7 +7,6 @@ from typing import Any
 
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, qkv
-from reflex.mechanisms._patterns import attention_weights
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["nystrom_attention"]
@@ -89,7 +88,7 @@ def nystrom_attention(q: Any, k: Any, v: Any, /, *, num_landmarks: int, pinv: st
 
     Softmaxes run on the engine: ``B·V`` and ``F·(A⁺BV)`` are softmax attention
     (:func:`reflex.mechanisms._kernels.softmax_attention`), ``A`` is
-    :func:`reflex.mechanisms._patterns.attention_weights`. The product is taken as ``F(A⁺(BV))``:
+    :func:`reflex.mechanisms._kernels.weights`. The product is taken as ``F(A⁺(BV))``:
     memory O((L + S)·m). Matching Hugging Face ``NystromformerSelfAttention`` (its depthwise
     convolution skip disabled) needs ``pinv="iterative"`` and, with several (batch, head) matrices,
     ``pinv_init="batch"``; Hugging Face computes plain softmax when m equals the sequence length,
@@ -115,7 +114,7 @@ def nystrom_attention(q: Any, k: Any, v: Any, /, *, num_landmarks: int, pinv: st
     # B·V: the landmark queries attend every key (engine softmax over S).
     bv = _kernels.softmax_attention(_kernels.prepare(q_land, k_scaled, p.v, compute_dtype=dtype), scale=1.0,
                                     implementation=implementation)
-    a = attention_weights(_kernels.prepare(q_land, k_land, k_land, compute_dtype=dtype), scale=1.0)  # (..., H, m, m)
+    a = _kernels.weights(_kernels.prepare(q_land, k_land, k_land, compute_dtype=dtype), scale=1.0)  # (..., H, m, m)
     if pinv == "iterative":
         w = newton_schulz_pinv(xp, a, iterations=iterations, init=pinv_init) @ bv
     elif pinv == "exact":
@@ -152,9 +151,9 @@ def _reference(q: Any, k: Any, v: Any, /, *, num_landmarks: int, pinv: str = "it
     q_land, k_land = segment_means(xp, q_scaled, num_landmarks), segment_means(xp, k_scaled, num_landmarks)
     k_land_heads = xp.reshape(xp.broadcast_to(xp.expand_dims(k_land, axis=-3), (*p.batch, p.kv_heads, p.group, num_landmarks, p.dim)),
                               (*p.batch, p.heads, num_landmarks, p.dim))
-    f = attention_weights(_kernels.prepare(q_scaled, k_land_heads, k_land_heads), scale=1.0)
-    a = attention_weights(_kernels.prepare(q_land, k_land, k_land), scale=1.0)
-    b = attention_weights(_kernels.prepare(q_land, k_scaled, p.v), scale=1.0)
+    f = _kernels.weights(_kernels.prepare(q_scaled, k_land_heads, k_land_heads), scale=1.0)
+    a = _kernels.weights(_kernels.prepare(q_land, k_land, k_land), scale=1.0)
+    b = _kernels.weights(_kernels.prepare(q_land, k_scaled, p.v), scale=1.0)
     if pinv == "iterative":
         a_pinv = newton_schulz_pinv(xp, a, iterations=iterations, init=pinv_init)
     elif pinv == "exact":

@@ -10,7 +10,7 @@ from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, qkv
-from reflex.mechanisms._patterns import attention_weights, mask_and_causal
+from reflex.mechanisms._patterns import mask_and_causal
 from reflex.mechanisms.shared_map import shared_map_attention
 from reflex.registry import Case, Mechanism, register
 
@@ -92,7 +92,7 @@ def predictive_attention(q: Any, k: Any, v: Any, /, *, prev_weights: Any, kernel
     predicted = attention_map_conv2d(xp.astype(prev_weights, p.q.dtype), xp.astype(kernel, p.q.dtype),
                                      bias=None if kernel_bias is None else xp.astype(kernel_bias, p.q.dtype))
     masks, _ = mask_and_causal(p, mask, causal)
-    current = attention_weights(p, scale=_kernels.resolve_scale(scale, p.dim), mask=masks)
+    current = _kernels.weights(p, scale=_kernels.resolve_scale(scale, p.dim), mask=masks)
     mixed = float(alpha) * current + (1.0 - float(alpha)) * predicted
     out = shared_map_attention(mixed, p.v, compute_dtype=p.q.dtype)
     return (out, mixed) if return_weights else out

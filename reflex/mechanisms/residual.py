@@ -7,7 +7,7 @@ from typing import Any
 from reflex import random
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, qkv
-from reflex.mechanisms._patterns import mask_and_causal, raw_scores
+from reflex.mechanisms._patterns import mask_and_causal
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["residual_attention"]
@@ -41,7 +41,7 @@ def residual_attention(q: Any, k: Any, v: Any, /, *, prev_scores: Any = None, ma
     resolved = _kernels.resolve_scale(scale, p.dim)
     out, lse = _kernels.softmax_attention(p, scale=resolved, mask=masks, bias=prev, tile_active=tile_active,
                                           implementation=implementation, return_lse=True)
-    scores = raw_scores(p, resolved)
+    scores = _kernels.scores(p, scale=resolved)
     if prev is not None:
         scores = scores + prev
     return (out, scores, lse) if return_lse else (out, scores)

@@ -9,7 +9,7 @@ from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims
-from reflex.mechanisms._patterns import attention_weights, mask_and_causal, raw_scores
+from reflex.mechanisms._patterns import mask_and_causal
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["talking_heads_attention", "mix_heads"]
@@ -64,14 +64,14 @@ def talking_heads_attention(q: Any, k: Any, v: Any, /, *, p_logits: Any, p_weigh
     expected = (*p.batch, value_heads, p.key_length)
     if tuple(v.shape[:-1]) != expected or device_of(v) != p.device:
         raise ValueError(f"v must have shape (..., H_v, S, E) with (..., H_v, S) = {expected}; got {tuple(v.shape)}")
-    logits = mix_heads(raw_scores(p, _kernels.resolve_scale(scale, p.dim)), p_logits)
+    logits = mix_heads(_kernels.scores(p, scale=_kernels.resolve_scale(scale, p.dim)), p_logits)
     # The mixed logits are the whole score: a score-free prepared problem with M heads carries them.
     blank = _kernels.prepare(xp.zeros((*p.batch, mid, p.length, 1), dtype=p.q.dtype, device=p.device),
                              xp.zeros((*p.batch, 1, p.key_length, 1), dtype=p.q.dtype, device=p.device),
                              xp.zeros((*p.batch, 1, p.key_length, 1), dtype=p.q.dtype, device=p.device),
                              compute_dtype=p.q.dtype)
     masks, _ = mask_and_causal(blank, mask, causal)
-    weights = attention_weights(blank, scale=0.0, mask=masks, bias=logits)
+    weights = _kernels.weights(blank, scale=0.0, mask=masks, bias=logits)
     return mix_heads(weights, p_weights) @ xp.astype(v, p.q.dtype)
 
 

@@ -10,7 +10,7 @@ from reflex.backends import namespace
 
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, qkv
-from reflex.mechanisms._patterns import causal_pattern, index_counts, parse_causal, raw_scores, top_indices
+from reflex.mechanisms._patterns import causal_pattern, index_counts, parse_causal, top_indices
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["topk_attention", "topk_indices"]
@@ -28,7 +28,7 @@ def _selection_scores(p: _kernels.Prepared, scale: float, mask: Any, alignment: 
     """``scale·q·kᵀ`` for query rows ``i0:i1`` with masked and (causally) future keys at −∞."""
     xp = p.xp
     rows = dataclasses.replace(p, q=p.q[..., i0:i1, :], length=i1 - i0)
-    s = raw_scores(rows, scale)
+    s = _kernels.scores(rows, scale=scale)
     if mask is not None:
         m = mask[..., i0:i1, :] if mask.shape[-2] != 1 else mask
         s = xp.where(m, s, -math.inf)
