@@ -7,7 +7,7 @@ from typing import Any
 from reflex import random
 from reflex.registry import size_scale
 
-__all__ = ["qkv", "dims"]
+__all__ = ["qkv", "dims", "standard"]
 
 
 def dims(size: str) -> dict[str, int]:
@@ -24,3 +24,14 @@ def qkv(seed: int, *, batch: tuple[int, ...] = (2,), heads: int, kv_heads: int, 
         "k": random.normal((*batch, kv_heads, key_length, dim), seed=(seed, 1)),
         "v": random.normal((*batch, kv_heads, key_length, value_dim), seed=(seed, 2)),
     }
+
+
+def standard(size: str, seed: int, **shapes: int) -> tuple[dict[str, int], dict[str, Any]]:
+    """``(dims(size), q/k/v)`` with GQA (H query heads, G kv heads), L ≠ S, D ≠ E.
+
+    Keyword overrides (``heads``, ``kv_heads``, ``length``, ``key_length``, ``dim``, ``value_dim``,
+    ``batch``) replace the standard shape for this case.
+    """
+    d = dims(size)
+    base = dict(heads=d["H"], kv_heads=d["G"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
+    return d, qkv(seed, **{**base, **shapes})

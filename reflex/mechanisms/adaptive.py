@@ -9,7 +9,7 @@ from reflex import random
 from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import standard
 from reflex.mechanisms._patterns import band_pattern, causal_offset, causal_pattern, check_window, parse_causal, top_indices
 from reflex.registry import Case, Mechanism, register
 
@@ -126,9 +126,7 @@ def _reference(q: Any, k: Any, v: Any, importance: Any, /, *, scale: Any = None,
 
 
 def _cases(size: str, seed: int) -> list[Case]:
-    d = dims(size)
-    shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
-    gqa = qkv(seed, kv_heads=d["G"], **shapes)
+    d, gqa = standard(size, seed)
     shared = {**gqa, "importance": random.uniform((2, 1, d["S"]), seed=(seed, 5))}
     per_head = {**gqa, "importance": random.uniform((2, d["H"], d["S"]), seed=(seed, 6))}
     positional = ("q", "k", "v", "importance")

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 from reflex import random
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import standard
 from reflex.mechanisms._patterns import band_pattern, causal_offset, parse_causal
 from reflex.registry import Case, Mechanism, register
 
@@ -79,9 +79,7 @@ def adaptive_span_attention(q: Any, k: Any, v: Any, /, *, spans: float | Sequenc
 
 
 def _cases(size: str, seed: int) -> list[Case]:
-    d = dims(size)
-    shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
-    gqa = qkv(seed, kv_heads=d["G"], **shapes)
+    d, gqa = standard(size, seed)
     spans = random.uniform((d["H"],), seed=(seed, 3), high=float(d["S"]))
     return [
         Case("per_head", {**gqa, "spans": spans}, {"ramp": 2.0}, seed=seed),

@@ -8,7 +8,7 @@ from reflex import random
 from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels, _kmeans
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import dims, qkv, standard
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["clustered_attention", "improved_clustered_attention", "cluster_queries"]
@@ -141,9 +141,7 @@ def improved_clustered_attention(q: Any, k: Any, v: Any, /, *, topk: int, num_cl
 
 
 def _cases(size: str, seed: int) -> list[Case]:
-    d = dims(size)
-    shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
-    gqa = qkv(seed, kv_heads=d["G"], **shapes)
+    d, gqa = standard(size, seed)
     count = max(1, d["L"] // 2)
     assignment = random.integers((2, d["H"], d["L"]), seed=(seed, 5), low=0, high=count)
     return [

@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import standard
 from reflex.mechanisms.linear import _kernelized, causal_shift, check_form, grouped
 from reflex.registry import Case, Mechanism, register
 
@@ -65,9 +65,7 @@ def cosformer_attention(q: Any, k: Any, v: Any, /, *, causal: bool | str = False
 
 
 def _cases(size: str, seed: int) -> list[Case]:
-    d = dims(size)
-    shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
-    gqa = qkv(seed, kv_heads=d["G"], **shapes)
+    d, gqa = standard(size, seed)
     return [
         Case("gqa", gqa, {}, seed=seed),
         Case("causal_top_left", gqa, {"causal": "top_left"}, seed=seed),

@@ -8,7 +8,7 @@ from reflex import random
 from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import standard
 from reflex.mechanisms._patterns import causal_pattern, parse_causal
 from reflex.registry import Case, Mechanism, register
 
@@ -144,9 +144,7 @@ def _reference(q: Any, k: Any, v: Any, /, *, scale: Any = None, implementation: 
 
 
 def _cases(size: str, seed: int) -> list[Case]:
-    d = dims(size)
-    shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
-    gqa = qkv(seed, kv_heads=d["G"], **shapes)
+    d, gqa = standard(size, seed)
     explicit = {"projections": random.normal((d["D"], 2), seed=(seed, 5)),
                 "offsets": random.uniform((2,), seed=(seed, 6), high=4.0)}
     return [

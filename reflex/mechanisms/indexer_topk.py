@@ -9,7 +9,7 @@ from reflex import random
 from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import standard
 from reflex.mechanisms._patterns import causal_offset, index_counts, parse_causal, top_indices
 from reflex.registry import Case, Mechanism, register
 
@@ -151,9 +151,7 @@ def _reference(*arrays: Any, **params: Any) -> Any:
 
 
 def _cases(size: str, seed: int) -> list[Case]:
-    d = dims(size)
-    shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
-    gqa = qkv(seed, kv_heads=d["G"], **shapes)
+    d, gqa = standard(size, seed)
     J, DI = 3, 4
     indexer = {
         "index_q": random.normal((2, J, d["L"], DI), seed=(seed, 5)),

@@ -8,7 +8,7 @@ from reflex import random
 from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import qkv, standard
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["isab_attention", "luna_attention"]
@@ -104,9 +104,7 @@ def luna_attention(q: Any, k: Any, v: Any, /, *, p: Any, scale: float | None = N
 
 
 def _cases(size: str, seed: int) -> list[Case]:
-    d = dims(size)
-    shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
-    gqa = qkv(seed, kv_heads=d["G"], **shapes)
+    d, gqa = standard(size, seed)
     m = max(1, d["L"] // 2)
     inducing = random.normal((m, d["D"]), seed=(seed, 5))
     per_head = random.normal((d["G"], m, d["D"]), seed=(seed, 6))
@@ -117,9 +115,7 @@ def _cases(size: str, seed: int) -> list[Case]:
 
 
 def _luna_cases(size: str, seed: int) -> list[Case]:
-    d = dims(size)
-    shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
-    gqa = qkv(seed, kv_heads=d["G"], **shapes)
+    d, gqa = standard(size, seed)
     m = max(1, d["L"] // 2)
     return [
         Case("per_sequence", {**gqa, "p": random.normal((2, d["G"], m, d["D"]), seed=(seed, 5))}, {}, seed=seed),

@@ -28,7 +28,7 @@ from typing import Any, Callable
 from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import standard
 from reflex.mechanisms._patterns import causal_offset, parse_causal
 from reflex.registry import Case, Mechanism, register
 
@@ -264,9 +264,7 @@ def linear_attention(q: Any, k: Any, v: Any, /, *, feature_map: Any = "elu", cau
 
 
 def _cases(size: str, seed: int) -> list[Case]:
-    d = dims(size)
-    shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
-    gqa = qkv(seed, kv_heads=d["G"], **shapes)
+    d, gqa = standard(size, seed)
     return [
         Case("gqa", gqa, {}, seed=seed),
         Case("relu", gqa, {"feature_map": "relu"}, seed=seed),

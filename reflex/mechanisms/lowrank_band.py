@@ -9,7 +9,7 @@ from reflex import random
 from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import qkv, standard
 from reflex.mechanisms._patterns import band_pattern, check_window
 from reflex.registry import Case, Mechanism, register
 
@@ -68,9 +68,7 @@ def lowrank_band_attention(q: Any, k: Any, v: Any, /, *, q_proj: Any, window: tu
 
 
 def _cases(size: str, seed: int) -> list[Case]:
-    d = dims(size)
-    shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
-    gqa = qkv(seed, kv_heads=d["G"], **shapes)
+    d, gqa = standard(size, seed)
     rank = max(1, d["D"] // 4)
     wq = random.normal((d["D"], rank), seed=(seed, 5))
     wk = random.normal((d["D"], rank), seed=(seed, 6))

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 from reflex import random
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import standard
 from reflex.mechanisms._patterns import band_pattern, causal_offset, check_window
 from reflex.registry import Case, Mechanism, register
 
@@ -86,9 +86,7 @@ def _pattern(q: Any, k: Any, v: Any, /, *, head_windows: Any, alignment: str = "
 
 
 def _cases(size: str, seed: int) -> list[Case]:
-    d = dims(size)
-    shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
-    gqa = qkv(seed, kv_heads=d["G"], **shapes)
+    d, gqa = standard(size, seed)
     n = d["L"]
     return [
         Case("symmetric", gqa, {"head_windows": [0, 1, n // 2, n]}, seed=seed),

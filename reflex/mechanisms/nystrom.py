@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import qkv, standard
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["nystrom_attention"]
@@ -129,9 +129,7 @@ def nystrom_attention(q: Any, k: Any, v: Any, /, *, num_landmarks: int, pinv: st
 
 
 def _cases(size: str, seed: int) -> list[Case]:
-    d = dims(size)
-    shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
-    gqa = qkv(seed, kv_heads=d["G"], **shapes)
+    d, gqa = standard(size, seed)
     m = max(1, d["L"] // 2)
     return [
         Case("iterative", gqa, {"num_landmarks": m}, seed=seed),

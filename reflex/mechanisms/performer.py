@@ -9,7 +9,7 @@ from reflex import random
 from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import qkv, standard
 from reflex.mechanisms.linear import _kernelized, causal_shift, check_form, grouped, safe_divide
 from reflex.registry import Case, Mechanism, register
 
@@ -144,9 +144,7 @@ def _features(xp: Any, kernel: str, qg: Any, kg: Any, omega_t: Any, root: float,
 
 
 def _cases(size: str, seed: int) -> list[Case]:
-    d = dims(size)
-    shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
-    gqa = qkv(seed, kv_heads=d["G"], **shapes)
+    d, gqa = standard(size, seed)
     projection = random.orthogonal((4 * d["D"], d["D"]), seed=(seed, 5))
     with_projection = {**gqa, "projection": projection}
     return [

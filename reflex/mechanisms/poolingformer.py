@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import qkv, standard
 from reflex.mechanisms._patterns import band_pattern, check_window
 from reflex.registry import Case, Mechanism, register
 
@@ -77,9 +77,7 @@ def poolingformer_attention(q: Any, k: Any, v: Any, /, *, window: tuple[int, int
 
 
 def _cases(size: str, seed: int) -> list[Case]:
-    d = dims(size)
-    shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
-    gqa = qkv(seed, kv_heads=d["G"], **shapes)
+    d, gqa = standard(size, seed)
     return [
         Case("mean", gqa, {"window": [1, 1], "pool": "mean", "kernel_size": 2}, seed=seed),
         Case("max_overlapping", gqa, {"window": [2, 0], "pool": "max", "kernel_size": 3, "stride": 2}, seed=seed),

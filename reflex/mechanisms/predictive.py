@@ -9,7 +9,7 @@ from reflex import random
 from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import standard
 from reflex.mechanisms._patterns import mask_and_causal
 from reflex.mechanisms.shared_map import shared_map_attention
 from reflex.registry import Case, Mechanism, register
@@ -99,9 +99,7 @@ def predictive_attention(q: Any, k: Any, v: Any, /, *, prev_weights: Any, kernel
 
 
 def _cases(size: str, seed: int) -> list[Case]:
-    d = dims(size)
-    shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
-    gqa = qkv(seed, kv_heads=d["G"], **shapes)
+    d, gqa = standard(size, seed)
     prev = random.uniform((2, d["H"], d["L"], d["S"]), seed=(seed, 3))
     prev = prev / prev.sum(-1, keepdims=True)
     kernel = random.normal((d["H"], d["H"], 3, 3), seed=(seed, 4), std=1 / 3)

@@ -6,7 +6,7 @@ from typing import Any
 
 from reflex import random
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import standard
 from reflex.mechanisms._patterns import mask_and_causal
 from reflex.registry import Case, Mechanism, register
 
@@ -48,9 +48,7 @@ def residual_attention(q: Any, k: Any, v: Any, /, *, prev_scores: Any = None, ma
 
 
 def _cases(size: str, seed: int) -> list[Case]:
-    d = dims(size)
-    shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
-    gqa = qkv(seed, kv_heads=d["G"], **shapes)
+    d, gqa = standard(size, seed)
     prev = random.normal((2, d["H"], d["L"], d["S"]), seed=(seed, 3))
     return [
         Case("first_layer", gqa, {}, seed=seed),

@@ -7,7 +7,7 @@ from typing import Any
 
 from reflex import random
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import qkv, standard
 from reflex.mechanisms.linear import _kernelized, causal_shift, check_form, check_gate, grouped, safe_divide
 from reflex.mechanisms.performer import check_projection
 from reflex.registry import Case, Mechanism, register
@@ -76,9 +76,7 @@ def rfa_attention(q: Any, k: Any, v: Any, /, *, projection: Any = None, num_feat
 
 
 def _cases(size: str, seed: int) -> list[Case]:
-    d = dims(size)
-    shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
-    gqa = qkv(seed, kv_heads=d["G"], **shapes)
+    d, gqa = standard(size, seed)
     inputs = {**gqa, "projection": random.normal((4 * d["D"], d["D"]), seed=(seed, 5))}
     gate = random.uniform((2, d["G"], d["S"]), seed=(seed, 6), low=0.5, high=1.0)
     return [

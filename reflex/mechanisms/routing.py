@@ -8,7 +8,7 @@ from reflex import random
 from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import standard
 from reflex.mechanisms._kmeans import initial_centroids, kmeans
 from reflex.mechanisms._patterns import causal_pattern, parse_causal, top_indices
 from reflex.registry import Case, Mechanism, register
@@ -157,9 +157,7 @@ def _reference(q: Any, k: Any, v: Any, /, *, scale: Any = None, implementation: 
 
 
 def _cases(size: str, seed: int) -> list[Case]:
-    d = dims(size)
-    shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
-    gqa = qkv(seed, kv_heads=d["G"], **shapes)
+    d, gqa = standard(size, seed)
     centroids = random.normal((d["H"], 3, d["D"]), seed=(seed, 5))
     return [
         Case("centroids", {**gqa, "centroids": centroids}, {"num_clusters": 3}, seed=seed),

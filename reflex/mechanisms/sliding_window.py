@@ -7,7 +7,7 @@ from typing import Any
 
 from reflex.backends import is_plain_numpy
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import qkv, standard
 from reflex.mechanisms._patterns import (band_pattern, causal_offset, check_alignment, check_window,
                                          dilated_band_pattern, explicit_mask)
 from reflex.registry import Case, Mechanism, register
@@ -123,9 +123,7 @@ def _pattern(q: Any, k: Any, v: Any, /, *, window: tuple[int, int], alignment: s
 
 
 def _cases(size: str, seed: int) -> list[Case]:
-    d = dims(size)
-    shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
-    gqa = qkv(seed, kv_heads=d["G"], **shapes)
+    d, gqa = standard(size, seed)
     w = max(1, d["L"] // 4)
     return [
         Case("symmetric", gqa, {"window": [w, w]}, seed=seed),

@@ -6,7 +6,7 @@ from typing import Any
 
 from reflex import random
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import qkv, standard
 from reflex.mechanisms._patterns import explicit_mask, index_counts
 from reflex.registry import Case, Mechanism, register
 
@@ -154,9 +154,7 @@ def _pattern(q: Any, k: Any, v: Any, /, *, mask: Any = None, indptr: Any = None,
 
 
 def _cases(size: str, seed: int) -> list[Case]:
-    d = dims(size)
-    shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
-    gqa = qkv(seed, kv_heads=d["G"], **shapes)
+    d, gqa = standard(size, seed)
     mask = random.uniform((2, d["H"], d["L"], d["S"]), seed=(seed, 3)) < 0.4
     mask[..., 0, :] = False  # a fully masked row: output 0, lse -inf
     bq, bk = 3, 2

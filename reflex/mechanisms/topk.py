@@ -9,7 +9,7 @@ from typing import Any
 from reflex.backends import namespace
 
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import standard
 from reflex.mechanisms._patterns import causal_pattern, index_counts, parse_causal, top_indices
 from reflex.registry import Case, Mechanism, register
 
@@ -125,9 +125,7 @@ def _reference(q: Any, k: Any, v: Any, /, **params: Any) -> Any:
 
 
 def _cases(size: str, seed: int) -> list[Case]:
-    d = dims(size)
-    shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
-    gqa = qkv(seed, kv_heads=d["G"], **shapes)
+    d, gqa = standard(size, seed)
     tied = {**gqa, "k": gqa["k"].copy()}
     tied["k"][..., 1::2, :] = tied["k"][..., 0:-1:2, :]  # duplicated keys: exact score ties
     half = max(1, d["S"] // 2)
