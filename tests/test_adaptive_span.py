@@ -8,7 +8,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import reflex
-from reflex import random
 from reflex.mechanisms import _kernels
 from tests.helpers import max_abs, qkv_host
 

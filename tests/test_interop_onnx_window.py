@@ -10,7 +10,6 @@ as long as the ``scale`` attribute is left out: ONNX attributes are float32, and
 
 from __future__ import annotations
 
-import numpy
 import pytest
 
 import reflex

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 
 import reflex
 from reflex import random
-from tests.conftest import make_backend
 from tests.helpers import max_abs, qkv_host
 
 

@@ -223,7 +223,7 @@ __all__ += ["mask_and_causal"]
 
 def mask_and_causal(p: Any, mask: Any, causal: Any) -> tuple[list[Any], Callable[[int, int, int, int], bool] | None]:
     """The mask terms of ``full_attention``'s ``mask=`` and ``causal=`` options: ``(terms, tile_active)``."""
-    terms: list[Any] = [_kernels.check_term(p, "mask", mask, boolean=True)]
+    terms: list[Any] = [] if mask is None else [_kernels.check_term(p, "mask", mask, boolean=True)]
     alignment = parse_causal(causal)
     if alignment is None:
         return terms, None

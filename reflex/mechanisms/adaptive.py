@@ -10,7 +10,7 @@ from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import standard
-from reflex.mechanisms._patterns import band_pattern, causal_offset, causal_pattern, check_window, parse_causal, top_indices
+from reflex.mechanisms._patterns import band_pattern, causal_offset, causal_pattern, check_window, mask_and_causal, parse_causal, top_indices
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["adaptive_attention", "adaptive_keys"]
@@ -95,11 +95,8 @@ def adaptive_attention(q: Any, k: Any, v: Any, importance: Any, /, *, keep: floa
     p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
     alignment = parse_causal(causal)
     masks = [_allowed(p, _kept(p, importance, keep), window, alignment)]
-    tile_active = None
-    if alignment is not None:
-        pattern = causal_pattern(alignment, p.length, p.key_length)
-        masks.append(pattern.allowed)
-        tile_active = pattern.tile_active
+    causal_masks, tile_active = mask_and_causal(p, None, causal)
+    masks += causal_masks
     return _kernels.softmax_attention(p, scale=_kernels.resolve_scale(scale, p.dim), mask=masks, tile_active=tile_active,
                                       implementation=implementation, return_lse=return_lse)
 

@@ -9,7 +9,7 @@ from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import standard
-from reflex.mechanisms._patterns import causal_pattern, parse_causal
+from reflex.mechanisms._patterns import causal_pattern, explicit_mask, mask_and_causal, parse_causal
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["e2lsh_attention", "e2lsh_hash"]
@@ -110,12 +110,8 @@ def e2lsh_attention(q: Any, k: Any, v: Any, /, *, num_projections: int, bucket_w
     p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
     r, b, width = _projections(p.xp, p.device, p.q.dtype, p.dim, num_projections, bucket_width, projections, offsets, seed)
     masks = [_same_bucket(p, r, b, width)]
-    tile_active = None
-    alignment = parse_causal(causal)
-    if alignment is not None:
-        pattern = causal_pattern(alignment, p.length, p.key_length)
-        masks.append(pattern.allowed)
-        tile_active = pattern.tile_active
+    causal_masks, tile_active = mask_and_causal(p, None, causal)
+    masks += causal_masks
     return _kernels.softmax_attention(p, scale=_kernels.resolve_scale(scale, p.dim), mask=masks, tile_active=tile_active,
                                       implementation=implementation, return_lse=return_lse)
 
@@ -128,10 +124,7 @@ def _pattern(q: Any, k: Any, v: Any, /, *, num_projections: int, bucket_width: f
     same = _same_bucket(p, r, b, width)
     alignment = parse_causal(causal)
     if alignment is not None:
-        xp = p.xp
-        rows = xp.reshape(xp.arange(p.length, dtype=xp.int64, device=p.device), (p.length, 1))
-        cols = xp.reshape(xp.arange(p.key_length, dtype=xp.int64, device=p.device), (1, p.key_length))
-        same = same & causal_pattern(alignment, p.length, p.key_length).allowed(rows, cols)
+        same = same & explicit_mask(p.xp, p.device, p.score_shape, causal_pattern(alignment, p.length, p.key_length).allowed)
     return same
 
 

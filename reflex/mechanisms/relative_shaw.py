@@ -9,7 +9,7 @@ from reflex import random
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, qkv
-from reflex.mechanisms._patterns import causal_pattern, parse_causal, relative_logits_term
+from reflex.mechanisms._patterns import mask_and_causal, relative_logits_term
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["relative_shaw_attention"]
@@ -68,11 +68,7 @@ def relative_shaw_attention(q: Any, k: Any, v: Any, /, *, rel_k: Any, rel_v: Any
     if rel_v is not None:
         rel_v = xp.astype(_check_table(xp, "rel_v", rel_v, p.heads, rows_k, p.value_dim, "E"), dtype)
     scale = _kernels.resolve_scale(scale, p.dim)
-    alignment = parse_causal(causal)
-    masks, tile_active = [], None
-    if alignment is not None:
-        pattern = causal_pattern(alignment, p.length, p.key_length)
-        masks, tile_active = [pattern.allowed], pattern.tile_active
+    masks, tile_active = mask_and_causal(p, None, causal)
 
     def embed(d_min: int, d_max: int) -> Any:
         distance = xp.arange(d_min, d_max + 1, dtype=xp.int64, device=p.device)

@@ -9,7 +9,7 @@ from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, qkv
-from reflex.mechanisms._patterns import causal_pattern, parse_causal
+from reflex.mechanisms._patterns import mask_and_causal
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["rope_attention", "apply_rope"]
@@ -137,11 +137,7 @@ def rope_attention(q: Any, k: Any, v: Any, /, *, positions: Any = None, key_posi
     rq = apply_rope(p.q, positions=positions, **options)
     rk = apply_rope(p.k, positions=key_positions, **options)
     p = _kernels.prepare(rq, rk, p.v, compute_dtype=p.q.dtype)
-    alignment = parse_causal(causal)
-    masks, tile_active = [], None
-    if alignment is not None:
-        pattern = causal_pattern(alignment, p.length, p.key_length)
-        masks, tile_active = [pattern.allowed], pattern.tile_active
+    masks, tile_active = mask_and_causal(p, None, causal)
     return _kernels.softmax_attention(p, scale=_kernels.resolve_scale(scale, p.dim), mask=masks,
                                       tile_active=tile_active, implementation=implementation, return_lse=return_lse)
 

@@ -10,7 +10,7 @@ from reflex.backends import namespace
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import standard
 from reflex.mechanisms._kmeans import initial_centroids, kmeans
-from reflex.mechanisms._patterns import causal_pattern, parse_causal, top_indices
+from reflex.mechanisms._patterns import causal_pattern, explicit_mask, mask_and_causal, parse_causal, top_indices
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["routing_attention", "routing_clusters", "routing_pattern"]
@@ -90,10 +90,7 @@ def routing_pattern(q: Any, k: Any, /, *, num_clusters: int, centroids: Any = No
     allowed = _allowed(p, *_routing(p, num_clusters, centroids, iterations, seed, window))
     alignment = parse_causal(causal)
     if alignment is not None:
-        xp = p.xp
-        rows = xp.reshape(xp.arange(p.length, dtype=xp.int64, device=p.device), (p.length, 1))
-        cols = xp.reshape(xp.arange(p.key_length, dtype=xp.int64, device=p.device), (1, p.key_length))
-        allowed = allowed & causal_pattern(alignment, p.length, p.key_length).allowed(rows, cols)
+        allowed = allowed & explicit_mask(p.xp, p.device, p.score_shape, causal_pattern(alignment, p.length, p.key_length).allowed)
     return allowed
 
 
@@ -134,12 +131,8 @@ def routing_attention(q: Any, k: Any, v: Any, /, *, num_clusters: int, centroids
     """
     p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
     masks = [_allowed(p, *_routing(p, num_clusters, centroids, iterations, seed, window))]
-    tile_active = None
-    alignment = parse_causal(causal)
-    if alignment is not None:
-        pattern = causal_pattern(alignment, p.length, p.key_length)
-        masks.append(pattern.allowed)
-        tile_active = pattern.tile_active
+    causal_masks, tile_active = mask_and_causal(p, None, causal)
+    masks += causal_masks
     return _kernels.softmax_attention(p, scale=_kernels.resolve_scale(scale, p.dim), mask=masks,
                                       tile_active=tile_active, implementation=implementation, return_lse=return_lse)
 

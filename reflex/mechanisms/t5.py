@@ -10,7 +10,7 @@ from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, qkv
-from reflex.mechanisms._patterns import causal_pattern, parse_causal
+from reflex.mechanisms._patterns import mask_and_causal
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["t5_bias_attention", "t5_relative_position_bucket", "t5_bias"]
@@ -160,11 +160,7 @@ def t5_bias_attention(q: Any, k: Any, v: Any, /, *, table: Any, bidirectional: b
     if int(table.shape[1]) != p.heads:
         raise ValueError(f"table has {int(table.shape[1])} heads (columns); q has {p.heads}")
     _check_buckets(bidirectional, num_buckets, max_distance)
-    alignment = parse_causal(causal)
-    masks, tile_active = [], None
-    if alignment is not None:
-        pattern = causal_pattern(alignment, p.length, p.key_length)
-        masks, tile_active = [pattern.allowed], pattern.tile_active
+    masks, tile_active = mask_and_causal(p, None, causal)
     bias = _table_term(xp.astype(table, p.q.dtype), query_offset, bidirectional, num_buckets, max_distance)
     return _kernels.softmax_attention(p, scale=_kernels.resolve_scale(scale, p.dim), mask=masks, bias=bias,
                                       tile_active=tile_active, implementation=implementation, return_lse=return_lse)

@@ -10,7 +10,7 @@ from reflex.backends import namespace
 
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import standard
-from reflex.mechanisms._patterns import causal_pattern, index_counts, parse_causal, top_indices
+from reflex.mechanisms._patterns import index_counts, parse_causal, top_indices
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["topk_attention", "topk_indices"]
