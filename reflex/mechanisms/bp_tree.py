@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import qkv, standard
 from reflex.mechanisms._patterns import (Pattern, causal_offset, check_alignment, check_positive_int, explicit_mask,
                                          lookup_flags)
 from reflex.registry import Case, Mechanism, register
@@ -120,7 +120,7 @@ def bp_tree_indices(xp: Any, device: Any, length: int, key_length: int, neighbou
     if include_self:
         place(0, a, a == a)
     for level, _ in enumerate(sizes):
-        span, half = 1 << level, max(1, 1 << (level - 1))
+        span, half = 1 << level, 1 << max(level - 1, 0)
         left = a if level == 0 else half * xp.maximum(_ceil_div(a + k, half) - 2 * k, 0)
         t = _ceil_div(left, span) - k + steps
         place(level, t, (t + 1) * span <= left)
@@ -247,9 +247,8 @@ def _pattern(q: Any, k: Any, v: Any, /, *, neighbours: int, causal: bool = False
 
 
 def _cases(size: str, seed: int) -> list[Case]:
-    d = dims(size)
-    gqa = qkv(seed, heads=d["H"], kv_heads=d["G"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
-    square = qkv(seed, heads=d["H"], kv_heads=d["G"], length=d["S"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
+    d, gqa = standard(size, seed)
+    _, square = standard(size, seed, length=d["S"])  # S = 1.5 L + 1: not a power of two
     return [
         Case("k1", square, {"neighbours": 1}, seed=seed),
         Case("k2_causal", square, {"neighbours": 2, "causal": True}, seed=seed),
