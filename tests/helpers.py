@@ -27,3 +27,13 @@ def max_abs(a: Any, b: Any) -> float:
     with numpy.errstate(invalid="ignore"):
         diff = numpy.where(same, 0.0, numpy.abs(a - b))
     return float(numpy.max(diff)) if diff.size else 0.0
+
+
+def softmax_map(q: numpy.ndarray, k: numpy.ndarray, causal: bool = False) -> numpy.ndarray:
+    """Host softmax probabilities ``(..., H, L, S)`` of scale 1/√D scores, kv heads repeated (causal: top-left)."""
+    k = numpy.repeat(k, q.shape[-3] // k.shape[-3], axis=-3)
+    s = q @ numpy.swapaxes(k, -1, -2) / numpy.sqrt(q.shape[-1])
+    if causal:
+        s = numpy.where(numpy.tri(s.shape[-2], s.shape[-1], dtype=bool), s, -numpy.inf)
+    e = numpy.exp(s - s.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)

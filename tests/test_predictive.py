@@ -7,7 +7,7 @@ import pytest
 
 import reflex
 from reflex import random
-from tests.helpers import max_abs, qkv_host
+from tests.helpers import max_abs, qkv_host, softmax_map
 
 
 def conv_host(x, kernel, bias=None):
@@ -21,15 +21,6 @@ def conv_host(x, kernel, bias=None):
         for b in range(ks):
             out += numpy.einsum("hc,...cls->...hls", kernel[:, :, a, b], pad[..., a:a + length, b:b + key_length])
     return out if bias is None else out + bias[:, None, None]
-
-
-def softmax_map(q, k, causal=False):
-    k = numpy.repeat(k, q.shape[-3] // k.shape[-3], axis=-3)
-    s = q @ numpy.swapaxes(k, -1, -2) / numpy.sqrt(q.shape[-1])
-    if causal:
-        s = numpy.where(numpy.tri(s.shape[-2], s.shape[-1], dtype=bool), s, -numpy.inf)
-    e = numpy.exp(s - s.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -7,7 +7,7 @@ from typing import Any
 from reflex import random
 from reflex.registry import size_scale
 
-__all__ = ["qkv", "dims", "standard"]
+__all__ = ["qkv", "dims", "standard", "example_qkv"]
 
 
 def dims(size: str) -> dict[str, int]:
@@ -35,3 +35,8 @@ def standard(size: str, seed: int, **shapes: int) -> tuple[dict[str, int], dict[
     d = dims(size)
     base = dict(heads=d["H"], kv_heads=d["G"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
     return d, qkv(seed, **{**base, **shapes})
+
+
+def example_qkv(seq: int, heads: int, dim: int, seed: int) -> dict[str, Any]:
+    """q, k, v of shape ``(1, heads, seq, dim)`` for ``reflex run`` examples (L = S, D = E, no GQA)."""
+    return qkv(seed, batch=(1,), heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import qkv
+from reflex.mechanisms._cases import example_qkv, qkv
 from reflex.mechanisms._patterns import Pattern, explicit_mask
 from reflex.registry import Case, Mechanism, register
 
@@ -110,8 +110,7 @@ def _cases(size: str, seed: int) -> list[Case]:
 def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
     cols = max(1, int(seq ** 0.5))
     rows = max(1, seq // cols)
-    d = dict(heads=heads, kv_heads=heads, length=rows * cols, key_length=rows * cols, dim=dim, value_dim=dim)
-    return Case("example", qkv(seed, batch=(1,), **d), {"shape": [rows, cols]}, seed=seed)
+    return Case("example", example_qkv(rows * cols, heads, dim, seed), {"shape": [rows, cols]}, seed=seed)
 
 
 register(Mechanism(

@@ -7,7 +7,7 @@ from typing import Any
 from reflex import random
 from reflex.backends import numpy_namespace
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import qkv
+from reflex.mechanisms._cases import example_qkv, qkv
 from reflex.mechanisms._patterns import check_positive_int
 from reflex.registry import Case, Mechanism, register
 
@@ -176,9 +176,8 @@ def _cases(size: str, seed: int) -> list[Case]:
 def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
     block_size = max(1, seq // 16)
     length = block_size * (seq // block_size)
-    d = dict(heads=heads, kv_heads=heads, length=length, key_length=length, dim=dim, value_dim=dim)
     plan = draw_plan(None, None, heads, length // block_size, 1 if length // block_size >= 6 else 0, (seed, 3))
-    return Case("example", {**qkv(seed, batch=(1,), **d), "plan": plan}, {"block_size": block_size}, seed=seed)
+    return Case("example", {**example_qkv(length, heads, dim, seed), "plan": plan}, {"block_size": block_size}, seed=seed)
 
 
 register(Mechanism(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import (Pattern, causal_offset, check_alignment, check_positive_int, explicit_mask)
 from reflex.mechanisms.sliding_window import check_band_implementation, numba_band_module
 from reflex.registry import Case, Mechanism, register
@@ -112,8 +112,7 @@ def _cases(size: str, seed: int) -> list[Case]:
 
 
 def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
-    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
-    return Case("example", qkv(seed, batch=(1,), **d), {"block_size": min(256, max(1, seq // 8)), "look_back": 1},
+    return Case("example", example_qkv(seq, heads, dim, seed), {"block_size": min(256, max(1, seq // 8)), "look_back": 1},
                 seed=seed)
 
 

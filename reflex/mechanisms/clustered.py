@@ -8,7 +8,7 @@ from reflex import random
 from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels, _kmeans
-from reflex.mechanisms._cases import dims, qkv, standard
+from reflex.mechanisms._cases import dims, example_qkv, standard
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["clustered_attention", "improved_clustered_attention", "cluster_queries"]
@@ -157,8 +157,7 @@ def _improved_cases(size: str, seed: int) -> list[Case]:
 
 
 def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
-    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
-    return Case("example", qkv(seed, batch=(1,), **d), {"num_clusters": min(100, seq), "seed": seed}, seed=seed)
+    return Case("example", example_qkv(seq, heads, dim, seed), {"num_clusters": min(100, seq), "seed": seed}, seed=seed)
 
 
 def _improved_example(seq: int, heads: int, dim: int, seed: int) -> Case:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import (causal_offset, check_alignment, check_positive_int, check_window,
                                          dilated_band_pattern, explicit_mask)
 from reflex.mechanisms.sliding_window import band_indices, check_band_implementation, numba_band_module
@@ -82,9 +82,8 @@ def _cases(size: str, seed: int) -> list[Case]:
 
 
 def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
-    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
     w = min(64, max(1, seq // 16))
-    return Case("example", qkv(seed, batch=(1,), **d), {"window": [w, w], "dilation": 2}, seed=seed)
+    return Case("example", example_qkv(seq, heads, dim, seed), {"window": [w, w], "dilation": 2}, seed=seed)
 
 
 register(Mechanism(

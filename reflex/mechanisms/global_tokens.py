@@ -6,7 +6,7 @@ import bisect
 from typing import Any
 
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import (Pattern, causal_offset, check_alignment, check_positions, explicit_mask,
                                          lookup_flags, position_flags)
 from reflex.mechanisms.sliding_window import check_band_implementation, numba_band_module
@@ -107,8 +107,7 @@ def _cases(size: str, seed: int) -> list[Case]:
 
 
 def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
-    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
-    return Case("example", qkv(seed, batch=(1,), **d), {"global_indices": sorted({0, seq // 2, seq - 1})}, seed=seed)
+    return Case("example", example_qkv(seq, heads, dim, seed), {"global_indices": sorted({0, seq // 2, seq - 1})}, seed=seed)
 
 
 register(Mechanism(

@@ -8,7 +8,7 @@ from reflex import random
 from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import qkv, standard
+from reflex.mechanisms._cases import example_qkv, standard
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["isab_attention", "luna_attention"]
@@ -124,15 +124,13 @@ def _luna_cases(size: str, seed: int) -> list[Case]:
 
 
 def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
-    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
     points = random.normal((min(32, seq), dim), seed=(seed, 5))
-    return Case("example", {**qkv(seed, batch=(1,), **d), "inducing": points}, {}, seed=seed)
+    return Case("example", {**example_qkv(seq, heads, dim, seed), "inducing": points}, {}, seed=seed)
 
 
 def _luna_example(seq: int, heads: int, dim: int, seed: int) -> Case:
-    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
     packing = random.normal((1, heads, min(32, seq), dim), seed=(seed, 5))
-    return Case("example", {**qkv(seed, batch=(1,), **d), "p": packing}, {}, seed=seed)
+    return Case("example", {**example_qkv(seq, heads, dim, seed), "p": packing}, {}, seed=seed)
 
 register(Mechanism(
     key="isab",

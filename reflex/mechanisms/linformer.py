@@ -8,7 +8,7 @@ from reflex import random
 from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["linformer_attention"]
@@ -82,10 +82,9 @@ def _cases(size: str, seed: int) -> list[Case]:
 
 
 def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
-    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
     rank = min(256, seq)
     e = random.normal((rank, seq), seed=(seed, 5), std=rank ** -0.5)
-    return Case("example", {**qkv(seed, batch=(1,), **d), "e_proj": e}, {}, seed=seed)
+    return Case("example", {**example_qkv(seq, heads, dim, seed), "e_proj": e}, {}, seed=seed)
 
 register(Mechanism(
     key="linformer",

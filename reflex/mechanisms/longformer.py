@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import (Pattern, any_pattern, causal_offset, check_alignment, check_positive_int,
                                          check_positions, check_window, dilated_band_pattern, explicit_mask,
                                          lookup_flags, position_flags)
@@ -145,9 +145,8 @@ def _cases(size: str, seed: int) -> list[Case]:
 
 
 def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
-    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
     w = min(256, max(1, seq // 8))
-    return Case("example", qkv(seed, batch=(1,), **d), {"window": [w, w], "global_indices": [0]}, seed=seed)
+    return Case("example", example_qkv(seq, heads, dim, seed), {"window": [w, w], "global_indices": [0]}, seed=seed)
 
 
 register(Mechanism(

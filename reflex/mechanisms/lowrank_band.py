@@ -9,7 +9,7 @@ from reflex import random
 from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import qkv, standard
+from reflex.mechanisms._cases import example_qkv, standard
 from reflex.mechanisms._patterns import band_pattern, check_window
 from reflex.registry import Case, Mechanism, register
 
@@ -80,10 +80,9 @@ def _cases(size: str, seed: int) -> list[Case]:
 
 
 def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
-    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
     projection = random.normal((dim, max(1, dim // 4)), seed=(seed, 5))
     w = min(64, max(1, seq // 16))
-    return Case("example", {**qkv(seed, batch=(1,), **d), "q_proj": projection}, {"window": [w, w]}, seed=seed)
+    return Case("example", {**example_qkv(seq, heads, dim, seed), "q_proj": projection}, {"window": [w, w]}, seed=seed)
 
 register(Mechanism(
     key="lowrank_band",

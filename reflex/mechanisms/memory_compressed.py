@@ -8,7 +8,7 @@ from reflex import random
 from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import Pattern, causal_offset, parse_causal
 from reflex.registry import Case, Mechanism, register
 
@@ -101,11 +101,10 @@ def _cases(size: str, seed: int) -> list[Case]:
 
 
 def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
-    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
     kappa = 4 if seq % 4 == 0 else 1
     weights = {name: random.normal((kappa, dim, dim), seed=(seed, 5 + i), std=(kappa * dim) ** -0.5)
                for i, name in enumerate(("k_weight", "v_weight"))}
-    return Case("example", {**qkv(seed, batch=(1,), **d), **weights}, {"kernel_size": kappa}, seed=seed)
+    return Case("example", {**example_qkv(seq, heads, dim, seed), **weights}, {"kernel_size": kappa}, seed=seed)
 
 register(Mechanism(
     key="memory_compressed",

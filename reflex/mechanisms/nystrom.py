@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import qkv, standard
+from reflex.mechanisms._cases import example_qkv, standard
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["nystrom_attention"]
@@ -164,8 +164,7 @@ def _reference(q: Any, k: Any, v: Any, /, *, num_landmarks: int, pinv: str = "it
 
 
 def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
-    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
-    return Case("example", qkv(seed, batch=(1,), **d), {"num_landmarks": min(64, seq)}, seed=seed)
+    return Case("example", example_qkv(seq, heads, dim, seed), {"num_landmarks": min(64, seq)}, seed=seed)
 
 register(Mechanism(
     key="nystrom",

@@ -9,7 +9,7 @@ from reflex import random
 from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import qkv, standard
+from reflex.mechanisms._cases import example_qkv, standard
 from reflex.mechanisms.linear import _kernelized, causal_shift, check_form, grouped, safe_divide
 from reflex.registry import Case, Mechanism, register
 
@@ -165,8 +165,7 @@ def _reference(q: Any, k: Any, v: Any, /, **params: Any) -> Any:
 
 
 def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
-    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
-    return Case("example", qkv(seed, batch=(1,), **d), {"num_features": 256, "seed": seed}, seed=seed)
+    return Case("example", example_qkv(seq, heads, dim, seed), {"num_features": 256, "seed": seed}, seed=seed)
 
 register(Mechanism(
     key="performer",

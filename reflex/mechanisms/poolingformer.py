@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import qkv, standard
+from reflex.mechanisms._cases import example_qkv, standard
 from reflex.mechanisms._patterns import band_pattern, check_window
 from reflex.registry import Case, Mechanism, register
 
@@ -86,9 +86,8 @@ def _cases(size: str, seed: int) -> list[Case]:
 
 
 def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
-    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
     w = min(64, max(1, seq // 16))
-    return Case("example", qkv(seed, batch=(1,), **d), {"window": [w, w], "pool": "mean", "kernel_size": min(4, seq)},
+    return Case("example", example_qkv(seq, heads, dim, seed), {"window": [w, w], "pool": "mean", "kernel_size": min(4, seq)},
                 seed=seed)
 
 register(Mechanism(

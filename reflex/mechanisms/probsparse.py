@@ -9,7 +9,7 @@ from reflex import random
 from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import causal_offset, parse_causal
 from reflex.registry import Case, Mechanism, register
 
@@ -166,8 +166,7 @@ def _cases(size: str, seed: int) -> list[Case]:
 
 
 def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
-    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
-    return Case("example", qkv(seed, batch=(1,), **d), {"seed": seed}, seed=seed)
+    return Case("example", example_qkv(seq, heads, dim, seed), {"seed": seed}, seed=seed)
 
 register(Mechanism(
     key="probsparse",

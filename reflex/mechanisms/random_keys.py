@@ -6,7 +6,7 @@ from typing import Any
 
 from reflex import random
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import check_positive_int, index_counts
 from reflex.registry import Case, Mechanism, register
 
@@ -98,10 +98,9 @@ def _cases(size: str, seed: int) -> list[Case]:
 
 
 def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
-    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
     r = min(8, seq)
     indices = random.choice((1, heads, seq), seed=(seed, 3), population=seq, count=r)
-    return Case("example", {**qkv(seed, batch=(1,), **d), "indices": indices}, {"num_random": r}, seed=seed)
+    return Case("example", {**example_qkv(seq, heads, dim, seed), "indices": indices}, {"num_random": r}, seed=seed)
 
 
 register(Mechanism(

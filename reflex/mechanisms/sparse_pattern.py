@@ -6,7 +6,7 @@ from typing import Any
 
 from reflex import random
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import qkv, standard
+from reflex.mechanisms._cases import example_qkv, standard
 from reflex.mechanisms._patterns import explicit_mask, index_counts
 from reflex.registry import Case, Mechanism, register
 
@@ -175,11 +175,10 @@ def _cases(size: str, seed: int) -> list[Case]:
 
 
 def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
-    d = dict(heads=heads, kv_heads=heads, length=seq, key_length=seq, dim=dim, value_dim=dim)
     block = max(1, seq // 8)
     nb = -(-seq // block)
     blocks = random.uniform((nb, nb), seed=(seed, 4)) < 0.3
-    return Case("example", {**qkv(seed, batch=(1,), **d), "block_mask": blocks}, {"block_size": block}, seed=seed)
+    return Case("example", {**example_qkv(seq, heads, dim, seed), "block_mask": blocks}, {"block_size": block}, seed=seed)
 
 
 register(Mechanism(
