@@ -21,6 +21,7 @@ import pytest
 from hypothesis import settings
 
 from reflex.backends import from_numpy, numpy_namespace, to_numpy
+from reflex.mechanisms import _kernels
 
 settings.register_profile("reflex", deadline=None, max_examples=25, derandomize=True)
 settings.load_profile("reflex")
@@ -80,3 +81,11 @@ def backend(request: pytest.FixtureRequest) -> Backend:
 def xp(backend: Backend) -> Any:
     """The namespace of the current backend."""
     return backend.xp
+
+
+@pytest.fixture
+def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the tiled kernel use 3 × 4 tiles, so index-grid terms are evaluated tile by tile and
+    tile filters are exercised on sizes the tiles do not divide."""
+    monkeypatch.setitem(_kernels.tiled.__kwdefaults__, "block_q", 3)
+    monkeypatch.setitem(_kernels.tiled.__kwdefaults__, "block_k", 4)

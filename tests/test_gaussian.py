@@ -9,15 +9,7 @@ from hypothesis import strategies as st
 
 import reflex
 from reflex import random
-from reflex.mechanisms import _kernels
 from tests.helpers import max_abs, qkv_host
-
-
-@pytest.fixture
-def small_tiles(monkeypatch):
-    """Make the tiled kernel use 3 × 4 tiles so index-grid biases are evaluated tile by tile."""
-    monkeypatch.setitem(_kernels.tiled.__kwdefaults__, "block_q", 3)
-    monkeypatch.setitem(_kernels.tiled.__kwdefaults__, "block_k", 4)
 
 
 def localness(centers, sigmas, length, key_length):

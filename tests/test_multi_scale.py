@@ -8,14 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import reflex
-from reflex.mechanisms import _kernels
 from tests.helpers import max_abs, qkv_host
-
-
-@pytest.fixture
-def small_tiles(monkeypatch):
-    monkeypatch.setitem(_kernels.tiled.__kwdefaults__, "block_q", 2)
-    monkeypatch.setitem(_kernels.tiled.__kwdefaults__, "block_k", 3)
 
 
 def bands(windows, length, key_length, offset):

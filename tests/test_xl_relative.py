@@ -9,7 +9,6 @@ import pytest
 
 import reflex
 from reflex import random
-from reflex.mechanisms import _kernels
 from tests.helpers import max_abs, qkv_host
 
 
@@ -80,18 +79,13 @@ def test_sinusoid_matches_the_paper_formula():
         reflex.relative_sinusoid(distances, 5)
 
 
-def test_tiled_many_tiles_equals_dense():
+def test_tiled_many_tiles_equals_dense(small_tiles):
     q, k, v = qkv_host(4, length=30, key_length=47)
     w_r, u, vb = weights(4)
     dense = reflex.xl_relative_attention(q, k, v, w_r=w_r, content_bias=u, position_bias=vb, implementation="dense",
                                          return_lse=True)
-    old = _kernels.tiled.__kwdefaults__.copy()
-    try:
-        _kernels.tiled.__kwdefaults__.update(block_q=7, block_k=6)
-        tiled = reflex.xl_relative_attention(q, k, v, w_r=w_r, content_bias=u, position_bias=vb,
-                                             implementation="tiled", return_lse=True)
-    finally:
-        _kernels.tiled.__kwdefaults__.update(old)
+    tiled = reflex.xl_relative_attention(q, k, v, w_r=w_r, content_bias=u, position_bias=vb,
+                                         implementation="tiled", return_lse=True)
     assert max_abs(dense[0], tiled[0]) < 1e-14 and max_abs(dense[1], tiled[1]) < 1e-13
     assert max_abs(dense[0], xl_by_hand(q, k, v, w_r, u, vb)) < 1e-14
 
