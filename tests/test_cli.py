@@ -31,6 +31,16 @@ def test_run(capsys):
     assert "implementation  tiled" in out and "checksum        sha256:" in out
 
 
+@pytest.mark.parametrize("key", [m.key for m in reflex.list_mechanisms()])
+def test_run_every_mechanism(key, capsys):
+    """Every registered mechanism runs from the command line with no options beyond the sizes."""
+    assert main(["run", key, "--seq", "16", "--heads", "2", "--dim", "8"]) == 0
+    out = capsys.readouterr().out
+    assert f"mechanism       {key}\n" in out
+    (checksum,) = [line for line in out.splitlines() if line.startswith("checksum        sha256:")]
+    assert numpy.isfinite(float(checksum.split(" sum ")[1]))
+
+
 def test_run_same_checksum_on_every_backend(capsys):
     sums = []
     for backend in ("numpy", "array_api_strict"):

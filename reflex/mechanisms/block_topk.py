@@ -8,7 +8,7 @@ from typing import Any
 
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import causal_offset, index_counts, parse_causal, top_indices
 from reflex.registry import Case, Mechanism, register
 
@@ -164,6 +164,14 @@ def _cases(size: str, seed: int) -> list[Case]:
     ]
 
 
+def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    """MoBA-style causal selection: blocks of min(64, seq) keys, the 4 best blocks (own block included)."""
+    block_size = min(64, seq)
+    top_k = min(4, -(-seq // block_size))
+    return Case("example", example_qkv(seq, heads, dim, seed), {"block_size": block_size, "top_k": top_k, "causal": True},
+                seed=seed)
+
+
 register(Mechanism(
     key="block_topk",
     function=block_topk_attention,
@@ -179,4 +187,5 @@ register(Mechanism(
     reference=_reference,
     returns_lse=True,
     pattern=_pattern,
+    example=_example,
 ))

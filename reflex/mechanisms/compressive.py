@@ -7,7 +7,7 @@ from typing import Any
 from reflex import random
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import causal_pattern, check_positive_int
 from reflex.registry import Case, Mechanism, register
 
@@ -129,6 +129,17 @@ def _cases(size: str, seed: int) -> list[Case]:
     ]
 
 
+def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    """Four segments (s = m = n_c = min(512, ⌈seq/4⌉)), conv compression at rate 4 (std 1/√(rD) weights)."""
+    s = min(512, -(-seq // 4))
+    rate = 4
+    inputs = {**example_qkv(seq, heads, dim, seed),
+              "conv_k": random.normal((rate, dim, dim), seed=(seed, 3), std=(rate * dim) ** -0.5),
+              "conv_v": random.normal((rate, dim, dim), seed=(seed, 4), std=(rate * dim) ** -0.5)}
+    params = {"segment_length": s, "memory_length": s, "compressed_length": s, "rate": rate, "compression": "conv"}
+    return Case("example", inputs, params, seed=seed)
+
+
 register(Mechanism(
     key="compressive",
     function=compressive_attention,
@@ -143,4 +154,5 @@ register(Mechanism(
     },
     cases=_cases,
     returns_lse=True,
+    example=_example,
 ))

@@ -8,7 +8,7 @@ from reflex import random
 from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import standard
+from reflex.mechanisms._cases import example_qkv, standard
 from reflex.mechanisms._patterns import causal_pattern, explicit_mask, mask_and_causal, parse_causal
 from reflex.registry import Case, Mechanism, register
 
@@ -147,6 +147,15 @@ def _cases(size: str, seed: int) -> list[Case]:
     ]
 
 
+def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    """P = 2 hash functions of width w = √D (about the spread of q·r for N(0, I) inputs)."""
+    width = float(dim) ** 0.5
+    inputs = {**example_qkv(seq, heads, dim, seed),
+              "projections": random.normal((dim, 2), seed=(seed, 3)),
+              "offsets": random.uniform((2,), seed=(seed, 4), high=width)}
+    return Case("example", inputs, {"num_projections": 2, "bucket_width": width}, seed=seed)
+
+
 register(Mechanism(
     key="e2lsh",
     function=e2lsh_attention,
@@ -165,4 +174,5 @@ register(Mechanism(
     reference=_reference,
     returns_lse=True,
     pattern=_pattern,
+    example=_example,
 ))

@@ -8,7 +8,7 @@ from reflex import random
 from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import Pattern, check_positive_int
 from reflex.registry import Case, Mechanism, register
 
@@ -114,6 +114,15 @@ def _cases(size: str, seed: int) -> list[Case]:
     ]
 
 
+def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    """Blocks of b = min(16, max(2, seq // 4)); one summary level per span b^ℓ < seq."""
+    b = min(16, max(2, seq // 4))
+    levels = 1
+    while b ** levels < seq:
+        levels += 1
+    return Case("example", example_qkv(seq, heads, dim, seed), {"block_size": b, "levels": levels}, seed=seed)
+
+
 register(Mechanism(
     key="hierarchical",
     function=hierarchical_attention,
@@ -126,4 +135,5 @@ register(Mechanism(
         "w_o": "(levels * E, F) projection for combine='concat'",
     },
     cases=_cases,
+    example=_example,
 ))

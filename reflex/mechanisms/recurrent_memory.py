@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import Pattern, causal_pattern, check_positive_int, explicit_mask
 from reflex.registry import Case, Mechanism, register
 
@@ -120,6 +120,12 @@ def _cases(size: str, seed: int) -> list[Case]:
     ]
 
 
+def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    """Four segments: s = m = min(512, ⌈seq/4⌉)."""
+    s = min(512, -(-seq // 4))
+    return Case("example", example_qkv(seq, heads, dim, seed), {"segment_length": s, "memory_length": s}, seed=seed)
+
+
 register(Mechanism(
     key="recurrent_memory",
     function=recurrent_memory_attention,
@@ -133,4 +139,5 @@ register(Mechanism(
     reference=_reference,
     returns_lse=True,
     pattern=_pattern,
+    example=_example,
 ))

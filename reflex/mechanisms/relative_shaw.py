@@ -8,7 +8,7 @@ from typing import Any
 from reflex import random
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import mask_and_causal, relative_logits_term
 from reflex.registry import Case, Mechanism, register
 
@@ -134,6 +134,15 @@ def _cases(size: str, seed: int) -> list[Case]:
     ]
 
 
+def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    """Shared key and value tables with clipping distance k = 16 (the paper's setting)."""
+    rows = 2 * 16 + 1
+    inputs = {**example_qkv(seq, heads, dim, seed),
+              "rel_k": random.normal((rows, dim), seed=(seed, 3)),
+              "rel_v": random.normal((rows, dim), seed=(seed, 4))}
+    return Case("example", inputs, {}, seed=seed)
+
+
 register(Mechanism(
     key="relative_shaw",
     function=relative_shaw_attention,
@@ -148,4 +157,5 @@ register(Mechanism(
     },
     cases=_cases,
     returns_lse=True,
+    example=_example,
 ))

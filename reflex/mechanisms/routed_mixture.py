@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 from reflex import random
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["routed_mixture_attention", "routing_gates"]
@@ -105,6 +105,17 @@ def _cases(size: str, seed: int) -> list[Case]:
     ]
 
 
+def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    """Three causal pathways (full, block-local with look-back, ALiBi) gated by a router on x (1, L, D)."""
+    pathways = [{"mechanism": "full", "causal": True},
+                {"mechanism": "block_local", "block_size": min(64, seq), "look_back": 1, "causal": True},
+                {"mechanism": "alibi", "causal": True}]
+    inputs = {**example_qkv(seq, heads, dim, seed),
+              "x": random.normal((1, seq, dim), seed=(seed, 3)),
+              "w_r": random.normal((dim, len(pathways)), seed=(seed, 4), std=dim ** -0.5)}
+    return Case("example", inputs, {"pathways": pathways}, seed=seed)
+
+
 register(Mechanism(
     key="routed_mixture",
     function=routed_mixture_attention,
@@ -117,4 +128,5 @@ register(Mechanism(
         "gates": "explicit (..., H, L, P)-broadcastable gates instead of x, w_r",
     },
     cases=_cases,
+    example=_example,
 ))

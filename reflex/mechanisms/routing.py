@@ -8,7 +8,7 @@ from reflex import random
 from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import standard
+from reflex.mechanisms._cases import example_qkv, standard
 from reflex.mechanisms._kmeans import initial_centroids, kmeans
 from reflex.mechanisms._patterns import causal_pattern, explicit_mask, mask_and_causal, parse_causal, top_indices
 from reflex.registry import Case, Mechanism, register
@@ -160,6 +160,13 @@ def _cases(size: str, seed: int) -> list[Case]:
     ]
 
 
+def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    """C ≈ √seq clusters with explicit per-head centroids (H, C, D)."""
+    clusters = max(1, round(seq ** 0.5))
+    inputs = {**example_qkv(seq, heads, dim, seed), "centroids": random.normal((heads, clusters, dim), seed=(seed, 3))}
+    return Case("example", inputs, {"num_clusters": clusters}, seed=seed)
+
+
 register(Mechanism(
     key="routing",
     function=routing_attention,
@@ -179,4 +186,5 @@ register(Mechanism(
     returns_lse=True,
     row_separable=False,
     pattern=_pattern,
+    example=_example,
 ))

@@ -9,7 +9,7 @@ from reflex import random
 from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import mask_and_causal
 from reflex.registry import Case, Mechanism, register
 
@@ -191,6 +191,12 @@ def _reference(q: Any, k: Any, v: Any, /, *, table: Any, bidirectional: bool = T
     return full_attention(q, k, v, bias=bias, causal=causal, implementation="dense", **params)
 
 
+def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    """Encoder buckets: a (32, H) table, max_distance 128 (the T5 defaults)."""
+    inputs = {**example_qkv(seq, heads, dim, seed), "table": random.normal((32, heads), seed=(seed, 3))}
+    return Case("example", inputs, {}, seed=seed)
+
+
 register(Mechanism(
     key="t5_bias",
     function=t5_bias_attention,
@@ -206,4 +212,5 @@ register(Mechanism(
     cases=_cases,
     reference=_reference,
     returns_lse=True,
+    example=_example,
 ))

@@ -9,7 +9,7 @@ from typing import Any
 from reflex.backends import namespace
 
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import standard
+from reflex.mechanisms._cases import example_qkv, standard
 from reflex.mechanisms._patterns import index_counts, parse_causal, top_indices
 from reflex.registry import Case, Mechanism, register
 
@@ -138,6 +138,10 @@ def _cases(size: str, seed: int) -> list[Case]:
     ]
 
 
+def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    return Case("example", example_qkv(seq, heads, dim, seed), {"top_k": min(64, seq)}, seed=seed)
+
+
 register(Mechanism(
     key="topk",
     function=topk_attention,
@@ -153,4 +157,5 @@ register(Mechanism(
     reference=_reference,
     returns_lse=True,
     pattern=_pattern,
+    example=_example,
 ))

@@ -8,7 +8,7 @@ from reflex import random
 from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, qkv
+from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import causal_offset, causal_pattern, parse_causal, relative_logits_term
 from reflex.registry import Case, Mechanism, register
 
@@ -127,6 +127,15 @@ def _cases(size: str, seed: int) -> list[Case]:
     ]
 
 
+def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
+    """No memory (S = L, causal over the segment); W_R (H, D, 2D) with std 1/√D keeps r_Δ of unit scale."""
+    inputs = {**example_qkv(seq, heads, dim, seed),
+              "w_r": random.normal((heads, dim, 2 * dim), seed=(seed, 3), std=dim ** -0.5),
+              "content_bias": random.normal((heads, dim), seed=(seed, 4)),
+              "position_bias": random.normal((heads, dim), seed=(seed, 5))}
+    return Case("example", inputs, {}, seed=seed)
+
+
 register(Mechanism(
     key="xl_relative",
     function=xl_relative_attention,
@@ -140,4 +149,5 @@ register(Mechanism(
     },
     cases=_cases,
     returns_lse=True,
+    example=_example,
 ))
