@@ -396,12 +396,18 @@ def check_indices(p: Prepared, indices: Any, name: str = "indices") -> Any:
     return xp.astype(indices, xp.int64)
 
 
+# Gathered keys and values per query block: at most this many elements (32 MiB in float64).
+GATHER_BLOCK_ELEMENTS = 1 << 22
+
+
 def gather(p: Prepared, indices: Any, *, scale: float, mask: Any = None, bias: Any = None,
-           softcap: float | None = None, block_q: int = 1024) -> tuple[Any, Any]:
+           softcap: float | None = None, block_q: int | None = None) -> tuple[Any, Any]:
     """Attention of each query over its own key list ``indices (..., H, L, K)``; ``-1`` = padding.
 
     Mask and bias terms must be callables; they receive ``rows (l, 1)`` and the gathered key
-    positions ``cols (..., H, l, K)``. A key listed twice counts twice in the softmax.
+    positions ``cols (..., H, l, K)``. A key listed twice counts twice in the softmax. Queries go
+    in blocks of ``block_q`` (default: as many as keep the gathered keys and values of a block
+    under ``GATHER_BLOCK_ELEMENTS``), on a thread per core for NumPy.
     """
     xp = p.xp
     if p.length == 0:
@@ -423,8 +429,11 @@ def gather(p: Prepared, indices: Any, *, scale: float, mask: Any = None, bias: A
     k_flat = xp.reshape(p.k, (batch_size * p.kv_heads * p.key_length, p.dim))
     v_flat = xp.reshape(p.v, (batch_size * p.kv_heads * p.key_length, p.value_dim))
     q_all = p.q * scale
-    outs, lses = [], []
-    for i0 in range(0, p.length, block_q):
+    if block_q is None:
+        per_query = max(1, math.prod(p.batch) * p.heads * count * (p.dim + p.value_dim))
+        block_q = max(1, GATHER_BLOCK_ELEMENTS // per_query)
+
+    def query_block(i0: int) -> tuple[Any, Any]:
         i1 = min(i0 + block_q, p.length)
         cols = idx[..., i0:i1, :]
         valid = cols >= 0
@@ -436,14 +445,15 @@ def gather(p: Prepared, indices: Any, *, scale: float, mask: Any = None, bias: A
         raw = xp.vecdot(xp.expand_dims(q_all[..., i0:i1, :], axis=-2), keys, axis=-1)
         tile_masks = [valid] + [t(rows, cols) for t in masks]
         s = _scores(p, raw, softcap, [t(rows, cols) for t in biases], tile_masks)
-        row_max = xp.max(s, axis=-1, keepdims=True) if count else xp.full((*block_shape[:-1], 1), -math.inf, dtype=raw.dtype, device=p.device)
-        weights = xp.exp(s - _safe_max(xp, row_max))
-        acc = (xp.expand_dims(weights, axis=-2) @ values)[..., 0, :]
-        out, lse = finish(xp, acc, row_max, xp.sum(weights, axis=-1, keepdims=True))
-        outs.append(out)
-        lses.append(lse)
-    out = xp.concat(outs, axis=-2) if len(outs) != 1 else outs[0]
-    lse = xp.concat(lses, axis=-1) if len(lses) != 1 else lses[0]
+        if count == 0:
+            empty = xp.zeros((*block_shape[:-1], 1), dtype=raw.dtype, device=p.device)
+            return finish(xp, xp.zeros((*block_shape[:-1], p.value_dim), dtype=raw.dtype, device=p.device), empty, empty)
+        weights, row_max, row_sum = _softmax_parts(xp, s)
+        return finish(xp, (xp.expand_dims(weights, axis=-2) @ values)[..., 0, :], row_max, row_sum)
+
+    blocks = parallel_map(query_block, range(0, p.length, block_q), like=q_all)
+    out = xp.concat([b[0] for b in blocks], axis=-2) if len(blocks) != 1 else blocks[0][0]
+    lse = xp.concat([b[1] for b in blocks], axis=-1) if len(blocks) != 1 else blocks[0][1]
     return out, lse
 
 
