@@ -14,8 +14,11 @@ from reflex.registry import Case, Mechanism, register
 
 __all__ = ["sliding_window_attention"]
 
-# Kernel choices of the band mechanisms: the engine's, the gather kernel, and the Numba band kernel.
-BAND_IMPLEMENTATIONS = ("auto", "dense", "tiled", "gather", "numba")
+# Kernel choices of the band mechanisms: the engine's, the gather kernel, and the two band kernels
+# for plain NumPy float64 inputs ("numpy": vectorised NumPy, "numba": the Numba twin).
+BAND_IMPLEMENTATIONS = ("auto", "dense", "tiled", "gather", "numpy", "numba")
+_BAND_MODULES = {"auto": "reflex.backends.band", "numpy": "reflex.backends.band",
+                 "numba": "reflex.backends.numba_kernels.window"}
 
 
 def check_band_implementation(implementation: Any) -> str:
@@ -26,19 +29,23 @@ def check_band_implementation(implementation: Any) -> str:
 
 
 def numba_band_module(p: _kernels.Prepared, implementation: str, *arrays: Any) -> Any:
-    """The Numba window module when the band should run there, else None.
+    """The band kernel module (``band_attention``, ``range_attention``) when the band should run
+    there, else None.
 
-    ``"auto"`` takes Numba when every input array is plain NumPy and the compute dtype is float64;
-    ``"numba"`` insists (and raises ``ValueError`` when the inputs do not allow it).
+    ``"auto"`` takes the vectorised NumPy band kernel (:mod:`reflex.backends.band`; it measures
+    faster than the Numba kernel, whose scalar ``exp`` dominates) when every input array is plain
+    NumPy and the compute dtype is float64; ``"numpy"`` and ``"numba"``
+    (:mod:`reflex.backends.numba_kernels.window`) insist, and raise ``ValueError`` when the inputs
+    do not allow it.
     """
-    if implementation not in ("auto", "numba"):
+    if implementation not in _BAND_MODULES:
         return None
     eligible = all(is_plain_numpy(a) for a in arrays if a is not None) and p.q.dtype == p.xp.float64
     if not eligible:
-        if implementation == "numba":
-            raise ValueError("implementation='numba' needs plain NumPy float inputs and compute_dtype float64")
+        if implementation != "auto":
+            raise ValueError(f"implementation={implementation!r} needs plain NumPy float inputs and compute_dtype float64")
         return None
-    return importlib.import_module("reflex.backends.numba_kernels.window")
+    return importlib.import_module(_BAND_MODULES[implementation])
 
 
 def band_indices(p: _kernels.Prepared, left: int, right: int, offset: int, dilation: int = 1) -> Any:
@@ -86,10 +93,11 @@ def sliding_window_attention(q: Any, k: Any, v: Any, /, *, window: tuple[int, in
         scale: multiplies q·k; default 1/√D.
         return_lse: also return the natural-log logsumexp of each row's scores.
         compute_dtype: arithmetic dtype (default float64).
-        implementation: ``"numba"`` (windowed-softmax kernel: plain NumPy inputs, float64, memory
-            O(L·window)), ``"dense"``, ``"tiled"`` (online softmax skipping tiles off the band),
-            ``"gather"`` (each query's band as an index list), or ``"auto"`` (Numba for plain NumPy
-            inputs in float64, otherwise the engine's dense/tiled choice).
+        implementation: ``"numpy"`` (vectorised windowed-softmax kernel: plain NumPy inputs,
+            float64, memory O(L·window)), ``"numba"`` (its Numba twin), ``"dense"``, ``"tiled"``
+            (online softmax skipping tiles off the band), ``"gather"`` (each query's band as an
+            index list), or ``"auto"`` (``"numpy"`` for plain NumPy inputs in float64, otherwise
+            the engine's dense/tiled choice).
 
     A query whose window holds no key (possible for L ≠ S or a negative offset) outputs 0 with lse −∞.
     The output equals ``full_attention(q, k, v, mask=pattern)`` with the band as a boolean mask.
@@ -158,7 +166,7 @@ register(Mechanism(
     params={
         "window": "(left, right): key j allowed iff i + d - left <= j <= i + d + right; -1 = unbounded",
         "alignment": "'top_left' (d = 0) | 'bottom_right' (d = S - L)",
-        "implementation": "'auto' | 'numba' | 'dense' | 'tiled' | 'gather'",
+        "implementation": "'auto' | 'numpy' | 'numba' | 'dense' | 'tiled' | 'gather'",
     },
     cases=_cases,
     reference=_reference,

@@ -1,13 +1,14 @@
-"""Sliding-window attention: reflex Numba float64 vs torch FlexAttention (compiled, CPU, float32) vs masked dense.
+"""Sliding-window attention: reflex float64 band kernels vs torch FlexAttention (compiled, CPU, float32) vs masked dense.
 
 At L = S = ``--length`` (default 65,536), window ±``--window`` (256), D = 64, H = 4: reflex
-``sliding_window`` (Numba band kernel, float64) and torch ``flex_attention`` compiled with
-``torch.compile`` on CPU in float32 with the same band as a block mask. At L = ``--dense-length``
-(8,192): reflex ``sliding_window`` against reflex ``full`` with the band as a boolean mask, both
-tiled (the engine skips key tiles whose mask tile is all False) and dense (every score computed),
-plus FlexAttention. Reports best-of-N wall time,
-ratios, useful GFLOP/s (2·(D + E) flops per attended (query, key) pair, per head) and peak traced
-memory (NumPy allocations through tracemalloc; torch's allocator is not traced).
+``sliding_window`` with ``implementation="auto"`` (the vectorised NumPy band kernel,
+``reflex.backends.band``, float64) and ``"numba"`` (its Numba twin), and torch ``flex_attention``
+compiled with ``torch.compile`` on CPU in float32 with the same band as a block mask. At L =
+``--dense-length`` (8,192): the same, plus reflex ``full`` with the band as a boolean mask, both tiled
+(the engine skips key tiles whose mask tile is all False) and dense (every score computed). Reports
+best-of-N wall time, ratios (within one run: the machine may be shared), useful GFLOP/s
+(2·(D + E) flops per attended (query, key) pair, per head) and peak traced memory (NumPy
+allocations through tracemalloc; torch's allocator is not traced).
 """
 
 from __future__ import annotations
@@ -84,26 +85,31 @@ def run(args: argparse.Namespace) -> int:
 
     for length in (args.length, args.dense_length):
         q, k, v = _inputs(length, heads, dim)
-        ours = measure("reflex sliding_window (numba)", length, "float64",
-                       lambda: reflex.sliding_window_attention(q, k, v, window=(window, window), implementation="numba"))
+        ours = measure("reflex sliding_window (auto: numpy)", length, "float64",
+                       lambda: reflex.sliding_window_attention(q, k, v, window=(window, window)))
+        jit = measure("reflex sliding_window (numba)", length, "float64",
+                      lambda: reflex.sliding_window_attention(q, k, v, window=(window, window), implementation="numba"))
+        notes.append(f"L={length}: reflex numba / reflex numpy (auto) = {jit / ours:.2f}")
         if not args.no_torch:
             flex = _flex(length, window, q, k, v)
             if isinstance(flex, str):
                 notes.append(f"FlexAttention at L={length}: {flex}")
             else:
                 theirs = measure("torch flex_attention (compiled)", length, "float32", flex, trace=False)
-                notes.append(f"L={length}: reflex float64 / FlexAttention float32 = {ours / theirs:.2f}")
+                notes.append(f"L={length}: reflex float64 / FlexAttention float32 = {ours / theirs:.2f} (auto: numpy), "
+                             f"{jit / theirs:.2f} (numba)")
         if length == args.dense_length and not args.no_dense:
             i = numpy.arange(length)
             mask = numpy.abs(i[:, None] - i[None, :]) <= window
             tiled = measure("reflex full + band mask (tiled)", length, "float64",
                             lambda: reflex.full_attention(q, k, v, mask=mask, implementation="tiled"))
             notes.append(f"L={length}: full+mask tiled (skips all-False mask tiles) / reflex sliding_window = "
-                         f"{tiled / ours:.1f}x")
+                         f"{tiled / ours:.1f}x (auto: numpy), {tiled / jit:.1f}x (numba)")
             if not args.no_materialized:
                 dense = measure("reflex full + band mask (dense)", length, "float64",
                                 lambda: reflex.full_attention(q, k, v, mask=mask, implementation="dense"))
-                notes.append(f"L={length}: full+mask dense (L x S scores) / reflex sliding_window = {dense / ours:.1f}x")
+                notes.append(f"L={length}: full+mask dense (L x S scores) / reflex sliding_window = {dense / ours:.1f}x (auto: numpy), "
+                             f"{dense / jit:.1f}x (numba)")
 
     print(f"sliding window ±{window}, H={heads}, D=E={dim}, batch 1; best of {args.repeats}; "
           f"{os.cpu_count()} CPUs; GFLOP/s counts attended pairs only")

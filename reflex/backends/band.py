@@ -1,0 +1,277 @@
+"""Windowed softmax attention for band patterns, vectorised with NumPy: the fast CPU path for bands.
+
+Query i attends the contiguous key range ``[lo_i, hi_i]`` (inclusive; empty when lo_i > hi_i) of
+a *band key set* ``k, v``, skipping keys where ``key_ok`` is False, plus every key of an *extra*
+set (global tokens) exactly once:
+
+.. math::
+
+    s_{ij} = \\mathrm{scale}\\; q_i \\cdot k_j, \\qquad
+    o_i = \\sum_{j \\in W_i} \\frac{e^{s_{ij} - m_i}}{\\ell_i} v_j, \\qquad
+    \\mathrm{lse}_i = m_i + \\log \\ell_i,
+
+with the conventions of ``reflex.mechanisms._kernels``: max-shifted softmax, a row with no allowed
+key outputs 0 and lse −∞, GQA head ``h`` reads kv head ``h // (H/G)``, float64 arithmetic.
+
+Queries are cut into tiles of T rows; tile t reads one key window of W ≥ T + window keys starting
+at ``j0_t`` (the union of its rows' ranges). A *chunk* of consecutive tiles of one (batch, head) is
+one batch of matrix products: the key windows are overlapping strided views of ``k`` (no copy)
+when the starts step by T, as they do inside a band; the scores ``(n, T, W)`` are masked, shifted,
+exponentiated (NumPy's SIMD ``exp``), summed and multiplied by the value windows in place. Chunks
+are independent and run on a thread per core (:func:`reflex.backends.parallel_map`, BLAS limited to
+one thread). Memory is O(chunk · T · W) per thread — never an ``L × S`` array.
+
+:mod:`reflex.backends.numba_kernels.window` is the Numba twin (same API, scalar ``exp``); both are
+tested against the array-API tiled engine to ≤ 1e-13. Dilated bands (keys ``i + δ + d·t``) are
+split by residue class ``(i + δ) mod d`` into d ordinary bands over the strided keys ``k[..., r::d, :]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy
+from numpy.lib.stride_tricks import as_strided
+
+from reflex.backends import parallel_map
+
+__all__ = ["band_attention", "range_attention", "choose_block", "CHUNK_ELEMENTS"]
+
+# Scores per chunk (n · T · W): ~2 MiB of float64, about one core's L2, so that the passes over
+# the scores (mask, max, exp, sum, product) stay in cache.
+CHUNK_ELEMENTS = 1 << 18
+
+
+def choose_block(width: int) -> int:
+    """Query tile size T for a band of ``width`` keys: T ≈ width/8 in [16, 64]. Each row computes
+    T − 1 scores outside its band (a tile's window is T + width − 1 keys wide), so T is small; the
+    products of one chunk are batched, so small tiles cost no Python overhead."""
+    return int(min(64, max(16, width // 8)))
+
+
+def _flat(x: numpy.ndarray) -> numpy.ndarray:
+    """``(..., X, Y, Z)`` → contiguous float64 ``(B, X, Y, Z)``."""
+    return numpy.ascontiguousarray(x.reshape((math.prod(x.shape[:-3]), *x.shape[-3:])), dtype=numpy.float64)
+
+
+def _windows(x: numpy.ndarray, starts: numpy.ndarray, width: int) -> numpy.ndarray:
+    """``x[starts[t] : starts[t] + width]`` for each t, as ``(n, width, F)``: a strided view when
+    the starts are evenly spaced, else a gathered copy."""
+    n = starts.shape[0]
+    step = int(starts[1] - starts[0]) if n > 1 else 0
+    if n == 1 or (step >= 0 and numpy.all(numpy.diff(starts) == step)):
+        base = x[int(starts[0]):]
+        return as_strided(base, shape=(n, width, x.shape[1]),
+                          strides=(step * x.strides[0], x.strides[0], x.strides[1]), writeable=False)
+    return x[starts[:, None] + numpy.arange(width)]
+
+
+class _Band:
+    """The per-chunk kernel over flattened ``(B, H, L, D)`` arrays; writes ``out`` and ``lse``."""
+
+    def __init__(self, q, k, v, kx, vx, lo, hi, key_ok, scale, block, out, lse):
+        self.q, self.k, self.v, self.kx, self.vx = q, k, v, kx, vx
+        self.lo, self.hi, self.scale, self.block = lo, hi, scale, block
+        self.key_ok = None if key_ok is None or bool(numpy.all(key_ok)) else key_ok
+        self.out, self.lse = out, lse
+        self.group = q.shape[1] // k.shape[1]
+        self.key_length = k.shape[2]
+        self.masks: dict[Any, numpy.ndarray] = {}
+
+    def _outside(self, a: numpy.ndarray, z: numpy.ndarray, starts: numpy.ndarray, width: int) -> numpy.ndarray:
+        """``(n or 1, T, W)``: True where window column c of tile row r is outside ``a[r] ≤ c ≤ z[r]``
+        or not ``key_ok``. Inside a band every tile has the same ``a``, ``z``: one ``(1, T, W)``
+        mask, kept for the next chunks."""
+        rel = numpy.arange(width)
+        if self.key_ok is None and bool(numpy.all(a == a[:1])) and bool(numpy.all(z == z[:1])):
+            key = (width, a[0].tobytes(), z[0].tobytes())
+            outside = self.masks.get(key)
+            if outside is None:
+                outside = ((rel < a[:1, :, None]) | (rel > z[:1, :, None]))
+                self.masks[key] = outside
+            return outside
+        outside = (rel < a[..., None]) | (rel > z[..., None])
+        if self.key_ok is not None:
+            outside |= ~self.key_ok[starts[:, None] + rel][:, None, :]
+        return outside
+
+    def tasks(self) -> list[tuple[int, int, int, int]]:
+        """``(b, h, t0, t1)``: chunks of tiles t0 ≤ t < t1 of T query rows, each of at most
+        :data:`CHUNK_ELEMENTS` scores (or one tile)."""
+        batch, heads, length, _ = self.q.shape
+        T = self.block
+        tiles = (length + T - 1) // T
+        pad = tiles * T - length
+        lo = numpy.concatenate([self.lo, numpy.full(pad, self.key_length, dtype=numpy.int64)]).reshape(tiles, T)
+        hi = numpy.concatenate([self.hi, numpy.full(pad, -1, dtype=numpy.int64)]).reshape(tiles, T)
+        live = lo <= hi
+        first = numpy.where(live, lo, self.key_length).min(axis=1)
+        last = numpy.where(live, hi, -1).max(axis=1)
+        widths = numpy.maximum(last - first + 1, 0)
+        self.first, self.widths = first, widths
+        chunks: list[tuple[int, int]] = []
+        t = 0
+        while t < tiles:
+            u, widest = t, 0
+            while u < tiles and (u == t or (u + 1 - t) * T * max(widest, int(widths[u])) <= CHUNK_ELEMENTS):
+                widest = max(widest, int(widths[u]))
+                u += 1
+            chunks.append((t, u))
+            t = u
+        return [(b, h, t, u) for b in range(batch) for h in range(heads) for t, u in chunks]
+
+    def __call__(self, task: tuple[int, int, int, int]) -> None:
+        b, h, t0, t1 = task
+        T, length = self.block, self.q.shape[2]
+        full = min(t1, length // T) - t0  # whole tiles; a shorter last tile runs as its own batch of one
+        if full > 0:
+            self._tiles(b, h, t0, full, T)
+        if t1 * T > length:
+            self._tiles(b, h, t1 - 1, 1, length - (t1 - 1) * T)
+
+    def _tiles(self, b: int, h: int, t0: int, n: int, T: int) -> None:
+        """Tiles t0 ≤ t < t0 + n (of T rows each) of batch b, head h."""
+        g = h // self.group
+        r0 = t0 * self.block
+        r1 = r0 + n * T
+        S = self.key_length
+        width = min(int(self.widths[t0:t0 + n].max()), S)
+        extra = self.kx.shape[2]
+        if width == 0 and extra == 0:
+            return  # no key for any row: out stays 0, lse −∞
+        qt = self.q[b, h, r0:r1].reshape(n, T, -1) * self.scale
+        out = self.out[b, h, r0:r1].reshape(n, T, -1)
+        if width > 0:
+            starts = numpy.clip(self.first[t0:t0 + n], 0, S - width)  # every window inside [0, S)
+            s = numpy.matmul(qt, _windows(self.k[b, g], starts, width).transpose(0, 2, 1))  # (n, T, W)
+            lo = self.lo[r0:r1].reshape(n, T) - starts[:, None]
+            hi = self.hi[r0:r1].reshape(n, T) - starts[:, None]
+            numpy.copyto(s, -math.inf, where=self._outside(lo, hi, starts, width))
+            m = s.max(axis=2)
+        else:
+            m = numpy.full((n, T), -math.inf)
+        if extra:
+            sx = qt @ self.kx[b, g].T  # (n, T, X)
+            m = numpy.maximum(m, sx.max(axis=2))
+        shift = numpy.where(m == -math.inf, 0.0, m)[..., None]
+        if width > 0:
+            s -= shift
+            numpy.exp(s, out=s)
+            total = s.sum(axis=2)
+            numpy.matmul(s, _windows(self.v[b, g], starts, width), out=out)
+        if extra:
+            sx -= shift
+            numpy.exp(sx, out=sx)
+            if width > 0:
+                total += sx.sum(axis=2)
+                out += sx @ self.vx[b, g]
+            else:
+                total = sx.sum(axis=2)
+                numpy.matmul(sx, self.vx[b, g], out=out)
+        empty = total == 0.0
+        with numpy.errstate(divide="ignore"):
+            self.lse[b, h, r0:r1] = numpy.where(empty, -math.inf, m + numpy.log(total)).reshape(-1)
+        out /= numpy.where(empty, 1.0, total)[..., None]
+
+
+def range_attention(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, lo: numpy.ndarray, hi: numpy.ndarray, *,
+                    scale: float, key_ok: numpy.ndarray | None = None, extra: numpy.ndarray | None = None,
+                    block: int | None = None) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """Query i attends keys ``lo[i] ≤ j ≤ hi[i]`` with ``key_ok[j]``, plus every key in ``extra``.
+
+    ``q (..., H, L, D)``, ``k (..., G, S, D)``, ``v (..., G, S, E)``; ``lo``, ``hi`` integer ``(L,)``
+    (clipped to ``[0, S)``); ``key_ok`` boolean ``(S,)`` (default all True); ``extra`` distinct key
+    positions attended by every query (they should be excluded from the band through ``key_ok``
+    so that none counts twice). Returns ``(out (..., H, L, E), lse (..., H, L))`` in float64.
+    """
+    return _range_attention(q, k, v, lo, hi, scale=scale, key_ok=key_ok, extra=extra, block=block, run=_run)
+
+
+def band_attention(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, *, left: int, right: int, scale: float,
+                   offset: int = 0, dilation: int = 1, key_ok: numpy.ndarray | None = None,
+                   extra: numpy.ndarray | None = None, block: int | None = None) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """Query i attends keys j = i + δ + d·t, −left ≤ t ≤ right (−1 = unbounded), plus ``extra``.
+
+    ``offset`` δ aligns queries with keys; ``dilation`` d ≥ 1. See :func:`range_attention` for
+    shapes, ``key_ok`` and ``extra``.
+    """
+    return _band_attention(q, k, v, left=left, right=right, scale=scale, offset=offset, dilation=dilation,
+                           key_ok=key_ok, extra=extra, block=block, run=_run)
+
+
+# --- shared by this module and its Numba twin ------------------------------------------------------
+# ``run(q, k, v, kx, vx, lo, hi, key_ok, scale, block, out, lse)`` fills ``out (B, H, L, E)`` and
+# ``lse (B, H, L)`` (preset to 0 and −∞) from flat float64 inputs, clipped ranges and a ``key_ok``
+# of shape (S,).
+
+Run = Callable[..., None]
+
+
+def _run(q, k, v, kx, vx, lo, hi, key_ok, scale, block, out, lse) -> None:
+    band = _Band(q, k, v, kx, vx, lo, hi, key_ok, scale, choose_block(_widest(lo, hi)) if block is None else block,
+                 out, lse)
+    parallel_map(band, band.tasks(), like=q)
+
+
+def _widest(lo: numpy.ndarray, hi: numpy.ndarray) -> int:
+    return int(numpy.max(hi - lo)) + 1 if lo.size else 1
+
+
+def _range_attention(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, lo: Any, hi: Any, *, scale: float,
+                     key_ok: Any, extra: Any, block: int | None, run: Run) -> tuple[numpy.ndarray, numpy.ndarray]:
+    extra = numpy.zeros(0, dtype=numpy.int64) if extra is None else numpy.asarray(extra, dtype=numpy.int64)
+    return _range(q, k, v, k[..., extra, :], v[..., extra, :], lo, hi, key_ok, scale, block, run)
+
+
+def _range(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, kx: numpy.ndarray, vx: numpy.ndarray,
+           lo: Any, hi: Any, key_ok: Any, scale: float, block: int | None,
+           run: Run) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """:func:`range_attention` with the extra keys and values already gathered: ``kx (..., G, n, D)``."""
+    batch = q.shape[:-3]
+    heads, length = q.shape[-3], q.shape[-2]
+    key_length, value_dim = k.shape[-2], v.shape[-1]
+    out = numpy.zeros((*batch, heads, length, value_dim))
+    lse = numpy.full((*batch, heads, length), -math.inf)
+    if length == 0 or key_length + kx.shape[-2] == 0:
+        return out, lse
+    q3, k3, v3, kx3, vx3 = _flat(q), _flat(k), _flat(v), _flat(kx), _flat(vx)
+    lo = numpy.ascontiguousarray(numpy.clip(numpy.asarray(lo, dtype=numpy.int64), 0, key_length))
+    hi = numpy.ascontiguousarray(numpy.clip(numpy.asarray(hi, dtype=numpy.int64), -1, key_length - 1))
+    key_ok = numpy.ones(key_length, dtype=numpy.bool_) if key_ok is None else numpy.ascontiguousarray(key_ok, dtype=numpy.bool_)
+    if key_ok.shape != (key_length,):
+        raise ValueError(f"key_ok must have shape ({key_length},); got {key_ok.shape}")
+    if block is not None and block < 1:
+        raise ValueError(f"block must be a positive int; got {block}")
+    out3 = out.reshape((math.prod(batch), heads, length, value_dim))
+    lse3 = lse.reshape((math.prod(batch), heads, length))
+    run(q3, k3, v3, kx3, vx3, lo, hi, key_ok, float(scale), block, out3, lse3)
+    return out, lse
+
+
+def _band_attention(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, *, left: int, right: int, scale: float,
+                    offset: int, dilation: int, key_ok: Any, extra: Any, block: int | None,
+                    run: Run) -> tuple[numpy.ndarray, numpy.ndarray]:
+    length, key_length = q.shape[-2], k.shape[-2]
+    big = key_length + length + 1  # "unbounded" in index units
+    left = big if left < 0 else left
+    right = big if right < 0 else right
+    if dilation == 1:
+        anchor = numpy.arange(length, dtype=numpy.int64) + offset
+        return _range_attention(q, k, v, anchor - left, anchor + right, scale=scale, key_ok=key_ok, extra=extra,
+                                block=block, run=run)
+    out = numpy.zeros((*q.shape[:-2], length, v.shape[-1]))
+    lse = numpy.full(q.shape[:-1], -math.inf)
+    key_ok = numpy.ones(key_length, dtype=numpy.bool_) if key_ok is None else numpy.asarray(key_ok, dtype=numpy.bool_)
+    extra = numpy.zeros(0, dtype=numpy.int64) if extra is None else numpy.asarray(extra, dtype=numpy.int64)
+    kx, vx = k[..., extra, :], v[..., extra, :]
+    for residue in range(dilation):
+        rows = numpy.arange((residue - offset) % dilation, length, dilation, dtype=numpy.int64)
+        if rows.size == 0:
+            continue
+        anchor = (rows + offset - residue) // dilation  # query's position among keys residue, residue + d, ...
+        sub_out, sub_lse = _range(q[..., rows, :], k[..., residue::dilation, :], v[..., residue::dilation, :], kx, vx,
+                                  anchor - left, anchor + right, key_ok[residue::dilation], scale, block, run)
+        out[..., rows, :] = sub_out
+        lse[..., rows] = sub_lse
+    return out, lse
