@@ -112,3 +112,15 @@ def test_hypothesis(name, length, key_length, left, right, offset, dilation, blo
                                          block=block)
     ref = engine(q, k, v, dilated_band_pattern(left, right, dilation, offset).allowed, 0.6)
     assert max_abs(out, ref[0]) <= 1e-13 and max_abs(lse, ref[1]) <= 1e-13
+
+
+def test_irregular_ranges_many_tiles(window):
+    # Ranges that jump around: tiles of the NumPy kernel gather their key windows (no common stride).
+    q, k, v = qkv_host(7, length=60, key_length=200, heads=2, kv_heads=1)
+    rng = numpy.random.default_rng(7)
+    lo = numpy.sort(rng.integers(-5, 200, size=60))
+    hi = lo + rng.integers(-3, 6, size=60)
+    out, lse = window.range_attention(q, k, v, lo, hi, scale=0.5, block=2)
+    j = numpy.arange(200)[None, :]
+    ref = engine(q, k, v, (j >= lo[:, None]) & (j <= hi[:, None]), 0.5)
+    assert max_abs(out, ref[0]) <= 1e-13 and max_abs(lse, ref[1]) <= 1e-13

@@ -113,13 +113,25 @@ class _Band:
         last = numpy.where(live, hi, -1).max(axis=1)
         widths = numpy.maximum(last - first + 1, 0)
         self.first, self.widths = first, widths
+        S = self.key_length
+        starts = numpy.clip(first, 0, numpy.maximum(S - widths, 0))
+        step = numpy.diff(starts)
+        # Tiles t, t+1 share a strided window view when their widths agree and the starts advance.
+        pair = (widths[1:] == widths[:-1]) & (step >= 0)
         chunks: list[tuple[int, int]] = []
         t = 0
         while t < tiles:
-            u, widest = t, 0
-            while u < tiles and (u == t or (u + 1 - t) * T * max(widest, int(widths[u])) <= CHUNK_ELEMENTS):
-                widest = max(widest, int(widths[u]))
-                u += 1
+            u = t + 1
+            if u < tiles and pair[t]:  # a run of evenly spaced windows: strided views
+                while (u < tiles and pair[u - 1] and step[u - 1] == step[t]
+                       and (u + 1 - t) * T * int(widths[t]) <= CHUNK_ELEMENTS):
+                    u += 1
+            else:  # tiles whose windows are gathered (copies), e.g. at the ends of a band
+                widest = int(widths[t])
+                while (u < tiles and not pair[u - 1] and not (u + 1 < tiles and pair[u])
+                       and (u + 1 - t) * T * max(widest, int(widths[u])) <= CHUNK_ELEMENTS):
+                    widest = max(widest, int(widths[u]))
+                    u += 1
             chunks.append((t, u))
             t = u
         return [(b, h, t, u) for b in range(batch) for h in range(heads) for t, u in chunks]
