@@ -7,7 +7,7 @@ from typing import Any
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import (Pattern, causal_offset, check_alignment, check_positive_int, explicit_mask)
-from reflex.mechanisms.sliding_window import check_band_implementation, numba_band_module
+from reflex.mechanisms.sliding_window import check_band_implementation, band_module
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["block_local_attention"]
@@ -61,7 +61,7 @@ def block_local_attention(q: Any, k: Any, v: Any, /, *, block_size: int, look_ba
         alignment: ``"top_left"`` (δ = 0) or ``"bottom_right"`` (δ = S − L).
         scale, return_lse, compute_dtype: as :func:`full_attention`.
         implementation: ``"numba"`` (band kernel with per-row key ranges), ``"dense"``, ``"tiled"``,
-            or ``"auto"`` (Numba for plain NumPy float64).
+            or ``"auto"`` (the vectorised NumPy band kernel for plain NumPy float64; ``"numpy"``/``"numba"`` force one band kernel).
 
     A row with no key (a_i outside ``[0, S)``) outputs 0 and lse −∞. The output equals
     ``full_attention`` with the block pattern as a boolean mask.
@@ -76,15 +76,15 @@ def block_local_attention(q: Any, k: Any, v: Any, /, *, block_size: int, look_ba
     if implementation == "gather":
         raise ValueError("block_local has no gather kernel; use 'numba', 'dense', 'tiled' or 'auto'")
     scale = _kernels.resolve_scale(scale, p.dim)
-    numba_window = numba_band_module(p, implementation, q, k, v)
-    if numba_window is not None:
+    band_kernel = band_module(p, implementation, q, k, v)
+    if band_kernel is not None:
         xp = p.xp
         position = xp.arange(p.length, dtype=xp.int64, device=p.device) + offset
         lo = (position // block_size - look_back) * block_size
         hi = (position // block_size + 1) * block_size - 1
         if causal:
             hi = xp.minimum(hi, position)
-        out, lse = numba_window.range_attention(p.q, p.k, p.v, lo, hi, scale=scale)
+        out, lse = band_kernel.range_attention(p.q, p.k, p.v, lo, hi, scale=scale)
         return (out, lse) if return_lse else out
     pattern = block_local_pattern(block_size, look_back, causal, offset)
     return _kernels.softmax_attention(p, scale=scale, mask=pattern.allowed, tile_active=pattern.tile_active,

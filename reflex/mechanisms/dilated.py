@@ -8,7 +8,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import (causal_offset, check_alignment, check_positive_int, check_window,
                                          dilated_band_pattern, explicit_mask)
-from reflex.mechanisms.sliding_window import band_indices, check_band_implementation, numba_band_module
+from reflex.mechanisms.sliding_window import band_indices, check_band_implementation, band_module
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["dilated_attention"]
@@ -34,7 +34,7 @@ def dilated_attention(q: Any, k: Any, v: Any, /, *, window: tuple[int, int], dil
         alignment: ``"top_left"`` (δ = 0) or ``"bottom_right"`` (δ = S − L).
         scale, return_lse, compute_dtype: as :func:`full_attention`.
         implementation: ``"numba"`` (the band kernel on each residue class of ``(i + δ) mod d``),
-            ``"dense"``, ``"tiled"``, ``"gather"``, or ``"auto"`` (Numba for plain NumPy float64).
+            ``"dense"``, ``"tiled"``, ``"gather"``, or ``"auto"`` (the vectorised NumPy band kernel for plain NumPy float64; ``"numpy"``/``"numba"`` force one band kernel).
 
     A query with no key in range outputs 0 and lse −∞. The output equals ``full_attention`` with
     the dilated band as a boolean mask.
@@ -47,9 +47,9 @@ def dilated_attention(q: Any, k: Any, v: Any, /, *, window: tuple[int, int], dil
     offset = causal_offset(check_alignment(alignment), p.length, p.key_length)
     implementation = check_band_implementation(implementation)
     scale = _kernels.resolve_scale(scale, p.dim)
-    numba_window = numba_band_module(p, implementation, q, k, v)
-    if numba_window is not None:
-        out, lse = numba_window.band_attention(p.q, p.k, p.v, left=left, right=right, offset=offset, dilation=dilation,
+    band_kernel = band_module(p, implementation, q, k, v)
+    if band_kernel is not None:
+        out, lse = band_kernel.band_attention(p.q, p.k, p.v, left=left, right=right, offset=offset, dilation=dilation,
                                                scale=scale)
     elif implementation == "gather":
         out, lse = _kernels.gather(p, band_indices(p, left, right, offset, dilation), scale=scale)

@@ -9,7 +9,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import (Pattern, causal_offset, check_alignment, check_positions, explicit_mask,
                                          lookup_flags, position_flags)
-from reflex.mechanisms.sliding_window import check_band_implementation, numba_band_module
+from reflex.mechanisms.sliding_window import check_band_implementation, band_module
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["global_attention"]
@@ -57,7 +57,7 @@ def global_attention(q: Any, k: Any, v: Any, /, *, global_indices: Any, alignmen
         alignment: ``"top_left"`` (δ = 0) or ``"bottom_right"`` (δ = S − L).
         scale, return_lse, compute_dtype: as :func:`full_attention`.
         implementation: ``"numba"`` (band kernel: each row's self range plus the global keys as
-            extra keys), ``"dense"``, ``"tiled"``, or ``"auto"`` (Numba for plain NumPy float64).
+            extra keys), ``"dense"``, ``"tiled"``, or ``"auto"`` (the vectorised NumPy band kernel for plain NumPy float64; ``"numpy"``/``"numba"`` force one band kernel).
 
     The output equals ``full_attention`` with the pattern as a boolean mask.
 
@@ -71,16 +71,16 @@ def global_attention(q: Any, k: Any, v: Any, /, *, global_indices: Any, alignmen
     if implementation == "gather":
         raise ValueError("global has no gather kernel; use 'numba', 'dense', 'tiled' or 'auto'")
     scale = _kernels.resolve_scale(scale, p.dim)
-    numba_window = numba_band_module(p, implementation, q, k, v)
+    band_kernel = band_module(p, implementation, q, k, v)
     xp = p.xp
-    if numba_window is not None:
+    if band_kernel is not None:
         flags = position_flags(xp, p.device, positions, p.key_length)
         position = xp.arange(p.length, dtype=xp.int64, device=p.device) + offset
         inside = (position >= 0) & (position < p.key_length)
         query_global = lookup_flags(xp, flags, xp.where(inside, position, -1)) & inside
         lo = xp.where(query_global, 0, position)
         hi = xp.where(query_global, p.key_length - 1, position)
-        out, lse = numba_window.range_attention(p.q, p.k, p.v, lo, hi, scale=scale, key_ok=~flags,
+        out, lse = band_kernel.range_attention(p.q, p.k, p.v, lo, hi, scale=scale, key_ok=~flags,
                                                 extra=xp.asarray(positions, dtype=xp.int64, device=p.device))
         return (out, lse) if return_lse else out
     pattern = global_pattern(xp, p.device, positions, p.key_length, offset)

@@ -9,7 +9,7 @@ from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import (Pattern, any_pattern, causal_offset, check_alignment, check_positive_int,
                                          check_positions, check_window, dilated_band_pattern, explicit_mask,
                                          lookup_flags, position_flags)
-from reflex.mechanisms.sliding_window import check_band_implementation, numba_band_module
+from reflex.mechanisms.sliding_window import check_band_implementation, band_module
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["longformer_attention"]
@@ -68,7 +68,7 @@ def longformer_attention(q: Any, k: Any, v: Any, /, *, window: tuple[int, int], 
         scale: default 1/√D for both branches (HF divides q by √D). return_lse, compute_dtype as
             :func:`full_attention`.
         implementation: ``"numba"`` for the local branch (band kernel with the global keys as extra
-            keys), ``"dense"``, ``"tiled"``, or ``"auto"`` (Numba for plain NumPy float64).
+            keys), ``"dense"``, ``"tiled"``, or ``"auto"`` (the vectorised NumPy band kernel for plain NumPy float64; ``"numpy"``/``"numba"`` force one band kernel).
 
     Without separate projections the output equals ``full_attention`` with the registry pattern
     (band ∪ global columns ∪ global rows); with them, local rows equal it and global rows equal
@@ -87,10 +87,10 @@ def longformer_attention(q: Any, k: Any, v: Any, /, *, window: tuple[int, int], 
         raise ValueError("longformer has no gather kernel; use 'numba', 'dense', 'tiled' or 'auto'")
     scale = _kernels.resolve_scale(scale, p.dim)
     xp = p.xp
-    numba_window = numba_band_module(p, implementation, q, k, v)
-    if numba_window is not None:
+    band_kernel = band_module(p, implementation, q, k, v)
+    if band_kernel is not None:
         flags = position_flags(xp, p.device, positions, p.key_length)
-        out, lse = numba_window.band_attention(p.q, p.k, p.v, left=left, right=right, offset=offset, dilation=dilation,
+        out, lse = band_kernel.band_attention(p.q, p.k, p.v, left=left, right=right, offset=offset, dilation=dilation,
                                                scale=scale, key_ok=~flags,
                                                extra=xp.asarray(positions, dtype=xp.int64, device=p.device))
     else:

@@ -28,7 +28,7 @@ def check_band_implementation(implementation: Any) -> str:
     return implementation
 
 
-def numba_band_module(p: _kernels.Prepared, implementation: str, *arrays: Any) -> Any:
+def band_module(p: _kernels.Prepared, implementation: str, *arrays: Any) -> Any:
     """The band kernel module (``band_attention``, ``range_attention``) when the band should run
     there, else None.
 
@@ -110,9 +110,9 @@ def sliding_window_attention(q: Any, k: Any, v: Any, /, *, window: tuple[int, in
     offset = causal_offset(check_alignment(alignment), p.length, p.key_length)
     implementation = check_band_implementation(implementation)
     scale = _kernels.resolve_scale(scale, p.dim)
-    numba_window = numba_band_module(p, implementation, q, k, v)
-    if numba_window is not None:
-        out, lse = numba_window.band_attention(p.q, p.k, p.v, left=left, right=right, offset=offset, scale=scale)
+    band_kernel = band_module(p, implementation, q, k, v)
+    if band_kernel is not None:
+        out, lse = band_kernel.band_attention(p.q, p.k, p.v, left=left, right=right, offset=offset, scale=scale)
     elif implementation == "gather":
         out, lse = _kernels.gather(p, band_indices(p, left, right, offset), scale=scale)
     else:
