@@ -177,6 +177,24 @@ def test_edge_lengths(length, key_length, implementation):
     assert max_abs(out, ref_out) < 1e-14 and max_abs(lse, ref_lse) < 1e-13
 
 
+@pytest.mark.parametrize("implementation", ["dense", "tiled"])
+def test_key_vector_and_scalar_terms(backend, implementation):
+    """Terms with fewer than 2 axes ((S,) key padding mask, (S,) bias, 0-d bias) broadcast in both kernels."""
+    q, k, v = qkv_host(18, length=5, key_length=6)
+    key_mask = numpy.array([True, False, True, True, False, True])
+    key_bias = random.normal((6,), seed=7)
+    out, lse = reflex.full_attention(*(backend.asarray(a) for a in (q, k, v)), mask=backend.asarray(key_mask),
+                                     bias=backend.asarray(key_bias), return_lse=True, implementation=implementation)
+    ref_out, ref_lse = naive(q, k, v, mask=key_mask, bias=key_bias)
+    assert max_abs(backend.to_numpy(out), ref_out) < 1e-14 and max_abs(backend.to_numpy(lse), ref_lse) < 1e-13
+    out = reflex.full_attention(q, k, v, bias=numpy.asarray(0.5), implementation=implementation)
+    assert max_abs(out, naive(q, k, v)[0]) < 1e-14
+    p = _kernels.prepare(q, k, v)
+    tiled = _kernels.tiled(p, scale=0.4, mask=key_mask, bias=key_bias, block_q=2, block_k=4)
+    dense = _kernels.dense(p, scale=0.4, mask=key_mask, bias=key_bias)
+    assert max_abs(tiled[0], dense[0]) < 1e-14 and max_abs(tiled[1], dense[1]) < 1e-13
+
+
 def test_no_batch_axes_and_many_batch_axes():
     q, k, v = qkv_host(6, batch=())
     assert reflex.full_attention(q, k, v).shape == (4, 7, 3)

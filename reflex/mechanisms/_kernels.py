@@ -198,7 +198,7 @@ def _group_term(p: Prepared, t: Any) -> Any:
 
 
 def _slice_tile(t: Any, i0: int, i1: int, j0: int, j1: int) -> Any:
-    """Rows i0:i1 and columns j0:j1 of an array term, leaving broadcast (size-1) axes alone."""
+    """Rows i0:i1 and columns j0:j1 of a grouped array term, leaving broadcast (size-1) axes alone."""
     rows = slice(i0, i1) if t.shape[-2] != 1 else slice(None)
     cols = slice(j0, j1) if t.shape[-1] != 1 else slice(None)
     return t[..., rows, cols]
@@ -211,10 +211,10 @@ def _evaluate(p: Prepared, terms: Sequence[Any], rows: Any, cols: Any, tile: tup
         if t is None:
             continue
         if callable(t) and not hasattr(t, "shape"):
-            value = t(rows, cols)
-        else:
-            value = t if tile is None else _slice_tile(t, *tile)
-        values.append(_group_term(p, value))
+            values.append(_group_term(p, t(rows, cols)))
+        else:  # group first: an array of fewer than 2 axes ((S,), 0-d) has no row/column axis to slice
+            value = _group_term(p, t)
+            values.append(value if tile is None else _slice_tile(value, *tile))
     return values
 
 
