@@ -274,6 +274,8 @@ def test_errors_name_the_argument():
         reflex.full_attention(q, k, v, implementation="flash")
     with pytest.raises(ValueError, match="softcap must be"):
         reflex.full_attention(q, k, v, softcap=-1.0)
+    with pytest.raises(TypeError, match="compute_dtype must be a real floating dtype; got int64"):
+        reflex.full_attention(q, k, v, compute_dtype=numpy.int64)
     with pytest.raises(ValueError, match="at least 3 axes"):
         reflex.full_attention(q[0, 0], k[0, 0], v[0, 0])
 

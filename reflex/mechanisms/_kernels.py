@@ -137,6 +137,8 @@ def prepare(q: Any, k: Any, v: Any, *, compute_dtype: Any = None) -> Prepared:
     if kv_heads == 0 or heads % kv_heads != 0:
         raise ValueError(f"k has {kv_heads} heads; q has {heads}, which is not a multiple")
     dtype = resolve_dtype(xp, compute_dtype)
+    if not xp.isdtype(dtype, "real floating"):
+        raise TypeError(f"compute_dtype must be a real floating dtype; got {getattr(dtype, '__name__', None) or _dtype_name(dtype)}")
     return Prepared(
         xp=xp, device=dev,
         q=xp.astype(q, dtype, copy=False), k=xp.astype(k, dtype, copy=False), v=xp.astype(v, dtype, copy=False),
