@@ -195,6 +195,12 @@ def test_key_vector_and_scalar_terms(backend, implementation):
     assert max_abs(tiled[0], dense[0]) < 1e-14 and max_abs(tiled[1], dense[1]) < 1e-13
 
 
+def test_gather_with_no_keys():
+    q, k, v = qkv_host(19, key_length=0)
+    out, lse = _kernels.gather(_kernels.prepare(q, k, v), numpy.full((7, 2), -1), scale=1.0)
+    assert numpy.all(out == 0.0) and numpy.all(lse == -numpy.inf) and out.shape == (2, 4, 7, 3)
+
+
 def test_no_batch_axes_and_many_batch_axes():
     q, k, v = qkv_host(6, batch=())
     assert reflex.full_attention(q, k, v).shape == (4, 7, 3)

@@ -412,7 +412,7 @@ def gather(p: Prepared, indices: Any, *, scale: float, mask: Any = None, bias: A
     under ``GATHER_BLOCK_ELEMENTS``), on a thread per core for NumPy.
     """
     xp = p.xp
-    if p.length == 0:
+    if p.length == 0 or p.key_length == 0:  # S = 0: every index is padding, every row attends nothing
         return empty_result(p)
     masks, biases = _as_tuple(mask), _as_tuple(bias)
     for t in (*masks, *biases):
