@@ -89,6 +89,16 @@ def test_fewer_allowed_keys_and_fully_masked_rows():
     assert max_abs(out, ref) <= 1e-14
 
 
+def test_key_only_mask_broadcasts():
+    """A 1-D mask ``(S,)`` (one flag per key) broadcasts like any other term, as in full_attention."""
+    q, k, v = qkv_host(9, length=4, key_length=6)
+    keys = numpy.array([True, False, True, True, False, True])
+    out, lse = reflex.topk_attention(q, k, v, top_k=2, mask=keys, return_lse=True)
+    pattern = host_selection(q, k, 2, allowed=keys)
+    ref, ref_lse = reflex.full_attention(q, k, v, mask=pattern, return_lse=True)
+    assert max_abs(out, ref) <= 1e-14 and max_abs(lse, ref_lse) <= 1e-13
+
+
 @pytest.mark.parametrize("length,key_length", [(1, 1), (1, 5), (6, 1), (3, 0), (0, 4)])
 def test_edge_lengths(length, key_length):
     q, k, v = qkv_host(6, length=length, key_length=key_length)

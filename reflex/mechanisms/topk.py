@@ -30,7 +30,7 @@ def _selection_scores(p: _kernels.Prepared, scale: float, mask: Any, alignment: 
     rows = dataclasses.replace(p, q=p.q[..., i0:i1, :], length=i1 - i0)
     s = _kernels.scores(rows, scale=scale)
     if mask is not None:
-        m = mask[..., i0:i1, :] if mask.shape[-2] != 1 else mask
+        m = mask[..., i0:i1, :] if mask.ndim >= 2 and mask.shape[-2] != 1 else mask  # a 1-D mask is per key
         s = xp.where(m, s, -math.inf)
     if alignment is not None:
         offset = 0 if alignment == "top_left" else p.key_length - p.length
