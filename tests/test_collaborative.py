@@ -42,3 +42,13 @@ def test_unbatched_single_key_and_errors():
         reflex.collaborative_attention(q, k, v, mixing=numpy.ones((2, 3)))
     with pytest.raises(ValueError, match="k has 2 heads; q has 3"):
         reflex.collaborative_attention(q, k, v, mixing=numpy.ones((3, 4)))
+
+
+def test_float32_inputs_are_computed_in_float64():
+    """The product Q~ ⊙ m_h runs in the compute dtype: float32 inputs give the float64 result of their values."""
+    q, k = random.normal((2, 5, 6), seed=7), random.normal((2, 7, 6), seed=8)
+    v, mixing = random.normal((2, 2, 7, 3), seed=9), random.normal((4, 6), seed=10)
+    low = [a.astype(numpy.float32) for a in (q, k, v, mixing)]
+    got = reflex.collaborative_attention(*low[:3], mixing=low[3])
+    ref = reflex.collaborative_attention(*(a.astype(numpy.float64) for a in low[:3]), mixing=low[3].astype(numpy.float64))
+    assert got.dtype == numpy.float64 and max_abs(got, ref) == 0.0

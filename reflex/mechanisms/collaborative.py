@@ -43,7 +43,12 @@ def collaborative_attention(q: Any, k: Any, v: Any, /, *, mixing: Any, mask: Any
         raise ValueError(f"mixing must have shape (H, {int(q.shape[-1])}) (one vector per head over D~); got {tuple(mixing.shape)}")
     if device_of(mixing) != device_of(q):
         raise ValueError(f"mixing is on device {device_of(mixing)}; q is on {device_of(q)}")
-    heads_q = xp.expand_dims(q, axis=-3) * mixing[:, None, :]  # (..., H, L, D~): Q~ diag(m_h)
+    dtype = _kernels.resolve_dtype(xp, compute_dtype)
+    for name, a in (("q", q), ("k", k), ("mixing", mixing)):
+        if not xp.isdtype(a.dtype, "real floating"):
+            raise TypeError(f"{name} must have a real floating dtype; got {a.dtype}")
+    # the product Q~ ⊙ m_h runs in the compute dtype, like every other score arithmetic
+    heads_q = xp.expand_dims(xp.astype(q, dtype), axis=-3) * xp.astype(mixing, dtype)[:, None, :]  # (..., H, L, D~)
     kv_heads = int(v.shape[-3])
     shared_k = xp.broadcast_to(xp.expand_dims(k, axis=-3), (*k.shape[:-2], kv_heads, *k.shape[-2:]))
     p = _kernels.prepare(heads_q, shared_k, v, compute_dtype=compute_dtype)
