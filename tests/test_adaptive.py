@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy
 import pytest
@@ -13,7 +14,7 @@ from tests.helpers import max_abs, qkv_host
 
 
 def host_pattern(importance, keep, L, S, window=None, causal=False):
-    count = max(1, math.ceil(keep * S))
+    count = max(1, math.ceil(Fraction(str(keep)) * S))  # exact: keep as the decimal it is written as
     order = numpy.argsort(-importance, axis=-1, kind="stable")[..., :count]
     kept = numpy.zeros(importance.shape, bool)
     numpy.put_along_axis(kept, order, True, axis=-1)
@@ -51,6 +52,14 @@ def test_keep_everything_equals_full_and_ties():
     tiled = reflex.adaptive_attention(q, k, v, importance, keep=0.25, window=(1, 0), causal=True, implementation="tiled")
     dense = reflex.adaptive_attention(q, k, v, importance, keep=0.25, window=(1, 0), causal=True, implementation="dense")
     assert max_abs(tiled, dense) <= 1e-14
+
+
+def test_kept_count_is_exact_ceiling_of_the_decimal_fraction():
+    """⌈keep·S⌉ in exact arithmetic: float 0.07 * 100 = 7.000000000000001 and 0.28 * 25 = 7.000000000000001."""
+    for keep, S, want in ((0.07, 100, 7), (0.28, 25, 7), (0.14, 50, 7), (0.3, 10, 3), (0.31, 10, 4), (0.001, 10, 1)):
+        q, k, _ = qkv_host(6, length=2, key_length=S)
+        kept = reflex.adaptive_keys(q, k, random.uniform((S,), seed=7), keep=keep)
+        assert int(numpy.sum(kept)) == want, (keep, S)
 
 
 def test_edges_and_errors():

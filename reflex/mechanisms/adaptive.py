@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Any
 
 from reflex import random
@@ -34,7 +35,9 @@ def _kept(p: _kernels.Prepared, importance: Any, keep: Any) -> Any:
         raise ValueError(f"importance of shape {shape} does not broadcast to (..., H, S) = {target} with S kept")
     score = xp.astype(importance, p.q.dtype)
     score = xp.reshape(score, (1,) * (len(target) - len(shape)) + shape)
-    count = max(1, math.ceil(keep * p.key_length))
+    # ⌈keep·S⌉ in exact arithmetic on keep's shortest decimal form: the float product rounds across an
+    # integer for some inputs (0.07 * 100 = 7.000000000000001 would keep 8 keys, not 7).
+    count = max(1, math.ceil(Fraction(repr(float(keep))) * p.key_length))
     chosen = top_indices(xp, score, count)
     keys = xp.arange(p.key_length, dtype=xp.int64, device=p.device)
     kept = xp.zeros(score.shape, dtype=xp.bool, device=p.device)
@@ -84,7 +87,8 @@ def adaptive_attention(q: Any, k: Any, v: Any, importance: Any, /, *, keep: floa
     broadcastable to ``(..., H, S)`` (per key, shared by queries) → ``(..., H, L, E)``.
 
     Args:
-        keep: fraction in (0, 1] of keys kept; ``keep=1`` is full attention.
+        keep: fraction in (0, 1] of keys kept: ``⌈keep·S⌉`` keys (at least 1), computed exactly on
+            the decimal ``keep`` (``keep=0.07`` keeps 7 of 100 keys); ``keep=1`` is full attention.
         window: ``None`` or ``(left, right)`` band around ``i + δ`` (δ the causal offset, 0 if not causal).
         causal: ``False``, ``True``/``"top_left"``, ``"bottom_right"``. scale: default 1/√D.
         return_lse, compute_dtype, implementation: as in :func:`reflex.full_attention`.
