@@ -83,6 +83,19 @@ def test_em_matches_host(backend):
     assert max_abs(r, ref_r) <= 1e-13 and max_abs(r.sum(-1), numpy.ones(r.shape[:-1])) <= 1e-15
 
 
+def test_em_large_cost_stays_finite():
+    """A cost far above β_a makes sigmoid(λ(β_a − cost)) underflow to 0; log a_m must stay finite (no NaN)."""
+    o, w = random.normal((1, 4, 3, 5), seed=7), random.normal((4, 2, 5, 3), seed=8)
+    a = random.uniform((1, 4, 3), seed=9, low=0.1)
+    got, r = reflex.capsule_routing_attention(o, w, variant="em", iterations=3, activations=a, beta_a=-2000.0,
+                                              return_coefficients=True)
+    assert numpy.all(numpy.isfinite(got)) and numpy.all(numpy.isfinite(r))
+    # log a_m = λ(β_a − cost) − log(1 + e^{λ(β_a − cost)}) = λ(β_a − cost) there: a common shift per m
+    # relative to β_a = −1000, which routes identically (the shift −1000·λ is the same for every m)
+    ref = reflex.capsule_routing_attention(o, w, variant="em", iterations=3, activations=a, beta_a=-1000.0)
+    assert max_abs(got, ref) <= 1e-13
+
+
 def test_zero_votes_and_errors():
     o = numpy.zeros((2, 1, 3))
     out = reflex.capsule_routing_attention(o, numpy.ones((2, 2, 3, 2)), iterations=3)

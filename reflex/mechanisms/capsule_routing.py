@@ -109,11 +109,14 @@ def capsule_routing_attention(heads_out: Any, transforms: Any, /, *, iterations:
             spread = votes - capsules[..., None, :, :]
             variance = xp.sum(weighted[..., None] * spread * spread, axis=-3) / mass + eps
             cost = xp.sum((beta_v + 0.5 * xp.log(variance)) * mass, axis=-1)  # (..., L, M)
-            a_out = 1.0 / (1.0 + xp.exp(-inverse_temperature * (beta_a - cost)))
             if r < iterations - 1:
+                # log a_m = log sigmoid(x) = −softplus(−x), stable: 1/(1 + e^{−x}) underflows to 0 (log → −∞,
+                # then a row of −∞ routing logits gives NaN) once the cost exceeds β_a by ~745/λ
+                x = inverse_temperature * (beta_a - cost)
+                log_a_out = -(xp.maximum(-x, 0.0) + xp.log1p(xp.exp(-xp.abs(x))))
                 log_p = -xp.sum(spread * spread / (2.0 * variance[..., None, :, :])
                                 + 0.5 * xp.log(2.0 * math.pi * variance[..., None, :, :]), axis=-1)
-                coefficients = _routing_softmax(xp, xp.log(a_out)[..., None, :] + log_p)
+                coefficients = _routing_softmax(xp, log_a_out[..., None, :] + log_p)
     out = xp.reshape(capsules, (*capsules.shape[:-2], outputs * out_dim))
     return (out, coefficients) if return_coefficients else out
 
