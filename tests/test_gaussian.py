@@ -106,6 +106,19 @@ def test_hard_gaussian_ignores_query_and_key_values():
     assert max_abs(narrow, numpy.repeat(v, 2, axis=-3)[..., [1, 2, 2], :]) < 1e-13
 
 
+def test_zero_or_negative_widths_rejected():
+    """σ = 0 would give −(0·∞) = NaN scores at the centre; widths must be > 0."""
+    q, k, v = qkv_host(7, length=4, key_length=5)
+    centers = numpy.zeros(4)
+    for bad in (0.0, -1.0, numpy.nan):
+        with pytest.raises(ValueError, match="sigmas must be > 0"):
+            reflex.hard_gaussian_attention(q, k, v, sigmas=bad)
+        with pytest.raises(ValueError, match="sigmas must be > 0"):
+            reflex.gaussian_prior_attention(q, k, v, centers=centers, sigmas=numpy.array([1.0, bad, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="sigma_per_window \\* windows must be > 0"):
+        reflex.gaussian_prior_attention(q, k, v, centers=centers, windows=numpy.ones(4), sigma_per_window=0.0)
+
+
 def test_priors_inside_multi_head():
     x = random.normal((1, 5, 8), seed=0)
     ws = [random.normal(s, seed=i) for i, s in enumerate([(8, 8), (8, 8), (8, 8), (8, 8)])]

@@ -50,6 +50,12 @@ def _per_head(p: _kernels.Prepared, name: str, value: Any) -> Any:
     return xp.reshape(xp.astype(value, p.q.dtype), (-1, 1, 1))
 
 
+def _check_widths(p: _kernels.Prepared, name: str, width: Any) -> None:
+    """Gaussian widths must be > 0: σ = 0 gives 0·∞ = NaN at the centre (one host sync)."""
+    if not bool(p.xp.all(width > 0)):
+        raise ValueError(f"{name} must be > 0 (Gaussian widths); got a value <= 0 or NaN")
+
+
 def _run(p: _kernels.Prepared, bias_fn: Any, *, mask: Any, causal: Any, scale: float, return_lse: bool,
          implementation: str) -> Any:
     masks, tile_active = mask_and_causal(p, mask, causal)
@@ -83,6 +89,7 @@ def gaussian_prior_attention(q: Any, k: Any, v: Any, /, *, centers: Any, sigmas:
         raise ValueError("pass exactly one of sigmas and windows (sigma = sigma_per_window * window)")
     centre = _per_row(p, "centers", centers)
     width = _per_row(p, "sigmas", sigmas) if sigmas is not None else float(sigma_per_window) * _per_row(p, "windows", windows)
+    _check_widths(p, "sigmas" if sigmas is not None else "sigma_per_window * windows", width)
     inv_two_var = 1.0 / (2.0 * width * width)
 
     def prior(rows: Any, cols: Any) -> Any:
@@ -146,6 +153,7 @@ def hard_gaussian_attention(q: Any, k: Any, v: Any, /, *, offsets: int | Sequenc
     p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
     p = replace(p, q=p.xp.zeros_like(p.q), k=p.xp.zeros_like(p.k))
     o_h, s_h = _per_head(p, "offsets", offsets), _per_head(p, "sigmas", sigmas)
+    _check_widths(p, "sigmas", s_h)
     inv_two_var = 1.0 / (2.0 * s_h * s_h)
 
     def prior(rows: Any, cols: Any) -> Any:
