@@ -50,9 +50,11 @@ def head_diversity(maps: Any, /, *, kind: str, patterns: Any = None, reduce: str
     - ``"pattern"``: ``maps`` = A ``(..., H, L, S)`` and ``patterns`` P broadcastable to it (the
       guided heads' target patterns; weight the result by λ yourself).
     Returns one value per batch item, shape ``(...)``. The disagreement terms are to be *maximised*
-    (added with a positive weight to the objective); they are −1 (their minimum) when all heads are
-    identical and −1/H for mutually orthogonal heads (H disjoint one-hot maps for ``"position"``
-    give −1/H as well). The cosine convention is fixed by ``reduce``: ``"flatten"`` (default) takes
+    (added with a positive weight to the objective). The cosine terms (``"subspace"``, ``"output"``)
+    are −1 (their minimum) when all heads are identical and −1/H for mutually orthogonal heads.
+    ``"position"`` is not normalised and scales with the L rows: for row-stochastic maps it is −L
+    (its minimum) for identical one-hot heads and −L/H for H heads attending disjoint one-hot keys.
+    The cosine convention is fixed by ``reduce``: ``"flatten"`` (default) takes
     one cosine between the heads' whole matrices (Frobenius inner product); ``"positions"`` takes
     it per row and averages over rows. A zero vector has cosine 0. Arithmetic in ``compute_dtype``.
 
