@@ -38,6 +38,7 @@ or anything ``numpy.asarray`` accepts; nothing here imports an array library oth
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -280,7 +281,9 @@ def assert_matches_oracle(actual: Any, key: str, inputs: Any, *, params: Mapping
     index = tuple(int(i) for i in numpy.unravel_index(int(numpy.argmax(error_map)), got.shape)) if got.size else ()
     ratio = error / naive_error if naive_error > 0 else (0.0 if error == 0 else float("inf"))
     result = OracleComparison(label, name, error, naive_error, floor, bound, ratio, index)
-    if not error <= bound:
+    # A NaN or a mismatched infinity in actual always fails: when the naive baseline itself overflows
+    # (error and bound both +∞), ``error <= bound`` would otherwise accept any output.
+    if not (math.isfinite(error) and error <= bound):
         raise AssertionError(
             f"{label}: {name} implementation fails the FlashAttention rule: max |actual − oracle| = {error:.3e} "
             f"at element {_describe(index)} (actual {float(got[index]):.9g}, oracle {float(oracle[index]):.9g}) exceeds "

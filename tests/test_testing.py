@@ -103,6 +103,18 @@ def test_flash_rule_fails_a_wrong_implementation_with_a_clear_message():
     assert "at element (" in message and "naive float16 error" in message and "ratio actual/naive" in message
 
 
+def test_flash_rule_fails_nan_even_when_the_naive_baseline_overflows():
+    """Logits ~1e5 overflow float16 (naive error +inf); a NaN output must still fail, a finite exact one pass."""
+    q, k, v = qkv_host(4, heads=2, kv_heads=2, length=4, key_length=4, dim=8, value_dim=8)
+    q, k = q * 300, k * 300
+    inputs = {"q": q, "k": k, "v": v}
+    with numpy.errstate(all="ignore"):
+        with pytest.raises(AssertionError, match="fails the FlashAttention rule"):
+            assert_matches_oracle(numpy.full((2, 2, 4, 8), numpy.nan), "full", inputs, dtype="float16")
+        result = assert_matches_oracle(reflex.full_attention(q, k, v), "full", inputs, dtype="float16")
+    assert result.naive_error == math.inf and result.error == 0.0
+
+
 def test_flash_rule_params_reach_the_oracle_and_the_baseline():
     q, k, v = qkv_host(2, length=8, key_length=8, dim=8, value_dim=8)
     q, k, v = (a.astype(numpy.float32) for a in (q, k, v))
