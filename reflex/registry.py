@@ -50,7 +50,7 @@ class Mechanism:
 
     - ``key``: registry name (``reflex.get(key)``), also the catalogue row.
     - ``function``: the public function, arrays positional and options keyword-only.
-    - ``family``: catalogue section, e.g. ``"core"``, ``"position-sparse"``.
+    - ``family``: catalogue section, e.g. ``"A. core"``, ``"B. position-sparse"``.
     - ``paper``: the reference(s), cited to the section where it matters.
     - ``params``: parameter name → one-line description.
     - ``cases``: ``cases(size, seed) -> list[Case]``, the case builder.

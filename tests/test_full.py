@@ -350,3 +350,21 @@ def test_torch_tensor_in_torch_tensor_out():
     q, k, v = (torch.from_numpy(a).to(torch.float32) for a in qkv_host(17))
     out, lse = reflex.full_attention(q, k, v, return_lse=True)
     assert isinstance(out, torch.Tensor) and out.dtype == torch.float64 and lse.shape == (2, 4, 7)
+
+
+@pytest.mark.parametrize("implementation", ["dense", "tiled"])
+def test_callable_bias_is_cast_to_the_compute_dtype(backend, implementation):
+    """A callable term returning float64 under compute_dtype float32 is cast, not an error."""
+    q, k, v = (backend.asarray(a) for a in qkv_host(18, length=4, key_length=5))
+    xp = backend.xp
+    p = _kernels.prepare(q, k, v, compute_dtype="float32")
+
+    def distance_bias(rows, cols):
+        return -xp.astype(xp.abs(cols - rows), xp.float64)
+
+    run = _kernels.dense if implementation == "dense" else _kernels.tiled
+    out, _ = run(p, scale=0.5, bias=distance_bias)
+    assert out.dtype == xp.float32
+    host = [a.astype(numpy.float32).astype(numpy.float64) for a in qkv_host(18, length=4, key_length=5)]
+    bias = -numpy.abs(numpy.arange(5)[None, :] - numpy.arange(4)[:, None]).astype(numpy.float64)
+    assert max_abs(backend.to_numpy(out), naive(*host, bias=bias, scale=0.5)[0]) < 1e-6

@@ -206,6 +206,14 @@ def _slice_tile(t: Any, i0: int, i1: int, j0: int, j1: int) -> Any:
     return t[..., rows, cols]
 
 
+def _in_compute_dtype(p: Prepared, value: Any) -> Any:
+    """A callable term's value: float values cast to the compute dtype (boolean masks unchanged)."""
+    xp = p.xp
+    if xp.isdtype(value.dtype, "real floating") and value.dtype != p.q.dtype:
+        return xp.astype(value, p.q.dtype)
+    return value
+
+
 def _evaluate(p: Prepared, terms: Sequence[Any], rows: Any, cols: Any, tile: tuple[int, int, int, int] | None) -> list[Any]:
     """Grouped values of ``terms`` on the index grids ``rows``, ``cols`` (or an array tile)."""
     values = []
@@ -213,7 +221,7 @@ def _evaluate(p: Prepared, terms: Sequence[Any], rows: Any, cols: Any, tile: tup
         if t is None:
             continue
         if callable(t) and not hasattr(t, "shape"):
-            values.append(_group_term(p, t(rows, cols)))
+            values.append(_group_term(p, _in_compute_dtype(p, t(rows, cols))))
         else:  # group first: an array of fewer than 2 axes ((S,), 0-d) has no row/column axis to slice
             value = _group_term(p, t)
             values.append(value if tile is None else _slice_tile(value, *tile))
@@ -446,7 +454,7 @@ def gather(p: Prepared, indices: Any, *, scale: float, mask: Any = None, bias: A
         rows = xp.reshape(xp.arange(i0, i1, dtype=xp.int64, device=p.device), (i1 - i0, 1))
         raw = xp.vecdot(xp.expand_dims(q_all[..., i0:i1, :], axis=-2), keys, axis=-1)
         tile_masks = [valid] + [t(rows, cols) for t in masks]
-        s = _scores(p, raw, softcap, [t(rows, cols) for t in biases], tile_masks)
+        s = _scores(p, raw, softcap, [_in_compute_dtype(p, t(rows, cols)) for t in biases], tile_masks)
         if count == 0:
             empty = xp.zeros((*block_shape[:-1], 1), dtype=raw.dtype, device=p.device)
             return finish(xp, xp.zeros((*block_shape[:-1], p.value_dim), dtype=raw.dtype, device=p.device), empty, empty)
