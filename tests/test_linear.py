@@ -135,3 +135,12 @@ def test_errors_name_the_argument():
         reflex.linear_attention(q, k, v, implementation="tiled")
     with pytest.raises(ValueError, match="causal"):
         reflex.linear_attention(q, k, v, causal="left")
+
+
+def test_zero_eps_and_zero_normaliser_give_zero_not_nan():
+    """relu features of an all-negative query sum to 0 against every key: with eps = 0 the row
+    attends nothing and outputs 0 (the engine's convention), never 0/0 = NaN."""
+    q, k, v = qkv_host(21, length=3, key_length=4)
+    q = -numpy.abs(q)
+    out = reflex.linear_attention(q, numpy.abs(k), v, feature_map="relu", eps=0.0)
+    assert numpy.all(out == 0.0)

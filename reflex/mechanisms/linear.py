@@ -240,8 +240,8 @@ def linear_attention(q: Any, k: Any, v: Any, /, *, feature_map: Any = "elu", cau
         feature_map: ``"elu"`` (elu + 1, the paper's), ``"relu"``, or a callable mapping an array
             ``(..., n, D)`` to non-negative features ``(..., n, F)`` in the same namespace.
         causal: ``False``; ``True``/``"top_left"`` (j ≤ i) or ``"bottom_right"`` (j ≤ i + S − L).
-        eps: added to the normaliser (the fast-transformers convention, default 1e-6); a query that
-            attends no key (causal, i + δ < 0) outputs 0.
+        eps: added to the normaliser (the fast-transformers convention, default 1e-6); a query whose
+            normaliser is 0 (no key: causal, i + δ < 0; or eps = 0 with all-zero features) outputs 0.
         compute_dtype: arithmetic dtype (default float64).
         implementation: ``"parallel"`` (= ``"auto"``: prefix sums over key blocks, memory linear in L),
             ``"recurrent"`` (one key at a time, the RNN form) or ``"quadratic"`` (the ``(L, S)``
@@ -259,7 +259,7 @@ def linear_attention(q: Any, k: Any, v: Any, /, *, feature_map: Any = "elu", cau
     eps = float(eps)
     return _kernelized(
         p, lambda i0, i1: phi(qg[..., i0:i1, :]), lambda j0, j1: phi(kg[..., j0:j1, :]),
-        lambda num, den: num / (den + eps), offset=causal_shift(p, causal), form=form,
+        lambda num, den: safe_divide(xp)(num, den + eps), offset=causal_shift(p, causal), form=form,
     )
 
 
