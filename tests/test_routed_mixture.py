@@ -67,3 +67,12 @@ def test_errors():
         reflex.routed_mixture_attention(q, k, v, pathways=["full"], gates=numpy.ones(1))
     with pytest.raises(KeyError, match="unknown mechanism"):
         reflex.routed_mixture_attention(q, k, v, pathways=[{"mechanism": "nope"}], gates=numpy.ones(1))
+
+
+def test_a_pathway_returning_extras_contributes_its_output():
+    """residual returns (out, raw scores): the mixture takes the output."""
+    q, k, v = qkv_host(31, length=4, key_length=4)
+    gates = numpy.broadcast_to(numpy.array([0.0, 1.0]), (2, 4, 4, 2))
+    got = reflex.routed_mixture_attention(q, k, v, pathways=[{"mechanism": "full"}, {"mechanism": "residual"}],
+                                          gates=gates)
+    assert max_abs(got, reflex.residual_attention(q, k, v)[0]) == 0.0

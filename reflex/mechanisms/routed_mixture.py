@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 from reflex import random
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._cases import dims, example_qkv, qkv
+from reflex.mechanisms._cases import example_qkv, standard
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["routed_mixture_attention", "routing_gates"]
@@ -87,15 +87,14 @@ def routed_mixture_attention(q: Any, k: Any, v: Any, /, *, pathways: Sequence[Ma
     out = None
     for index, (function, params) in enumerate(functions):
         result = function(p.q, p.k, p.v, **params, compute_dtype=p.q.dtype)
+        result = result[0] if isinstance(result, tuple) else result  # (out, extras...) → out
         term = gates[..., index:index + 1] * result
         out = term if out is None else out + term
     return out
 
 
 def _cases(size: str, seed: int) -> list[Case]:
-    d = dims(size)
-    shapes = dict(heads=d["H"], kv_heads=d["G"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
-    gqa = qkv(seed, **shapes)
+    d, gqa = standard(size, seed)
     pathways = [{"mechanism": "full"}, {"mechanism": "full", "causal": "bottom_right"}, {"mechanism": "alibi"}]
     router = {"x": random.normal((2, d["L"], 5), seed=(seed, 5)), "w_r": random.normal((5, 3), seed=(seed, 6))}
     one_hot = (random.integers((2, 1, d["L"]), seed=(seed, 7), low=0, high=3)[..., None] == (0, 1, 2)) * 1.0
