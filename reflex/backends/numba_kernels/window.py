@@ -27,16 +27,13 @@ makes it ~1.2× slower at L = 65,536, window ±256. This one stays as ``implemen
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numba
 import numpy
+import threadpoolctl
 
-try:  # BLAS threads inside prange threads oversubscribe the cores: one BLAS thread per task
-    from threadpoolctl import threadpool_limits as _threadpool_limits
-except ImportError:  # pragma: no cover - optional
-    _threadpool_limits = None
+from reflex.backends import band
 
 __all__ = ["band_attention", "range_attention", "DEFAULT_BLOCK"]
 
@@ -47,10 +44,6 @@ def choose_block(width: int) -> int:
     """Query tile size T for a band of ``width`` keys: T ≈ width/4 in [16, 128], so a tile's key
     slice (T + width) is mostly useful and its BLAS products are large enough to be efficient."""
     return int(min(128, max(16, width // 4)))
-
-
-def _single_blas_thread() -> contextlib.AbstractContextManager:
-    return _threadpool_limits(1, user_api="blas") if _threadpool_limits is not None else contextlib.nullcontext()
 
 
 @numba.njit(parallel=True, cache=True)
@@ -126,9 +119,13 @@ def _range_kernel(q, kb, vb, lo, hi, key_ok, kx, vx, scale, block, out, lse):  #
                 out[b, h, i, e] = acc[r, e] / denom
 
 
-def _flat(x: numpy.ndarray) -> numpy.ndarray:
-    """``(..., X, Y, Z)`` → contiguous float64 ``(B, X, Y, Z)``."""
-    return numpy.ascontiguousarray(x.reshape((math.prod(x.shape[:-3]), *x.shape[-3:])), dtype=numpy.float64)
+def _run(q, k, v, kx, vx, lo, hi, key_ok, scale, block, out, lse) -> None:
+    """The driver's ``run`` (see :mod:`reflex.backends.band`): the compiled kernel, one BLAS thread
+    per prange task (BLAS threads inside prange threads would oversubscribe the cores)."""
+    width = int(numpy.max(hi - lo)) + 1 if lo.size else 1
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        _range_kernel(q, k, v, lo, hi, key_ok, kx, vx, float(scale), choose_block(width) if block is None else int(block),
+                      out, lse)
 
 
 def range_attention(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, lo: numpy.ndarray, hi: numpy.ndarray, *,
@@ -136,40 +133,10 @@ def range_attention(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, lo: nu
                     block: int | None = DEFAULT_BLOCK) -> tuple[numpy.ndarray, numpy.ndarray]:
     """Query i attends keys ``lo[i] ≤ j ≤ hi[i]`` with ``key_ok[j]``, plus every key in ``extra``.
 
-    ``q (..., H, L, D)``, ``k (..., G, S, D)``, ``v (..., G, S, E)``; ``lo``, ``hi`` integer ``(L,)``
-    (clipped to ``[0, S)``); ``key_ok`` boolean ``(S,)`` (default all True); ``extra`` distinct key
-    positions attended by every query (they should be excluded from the band through ``key_ok``
-    so that none counts twice). Returns ``(out (..., H, L, E), lse (..., H, L))`` in float64.
+    Same contract as :func:`reflex.backends.band.range_attention` (shapes, clipping, ``key_ok``,
+    ``extra``), computed by the Numba kernel.
     """
-    extra = numpy.zeros(0, dtype=numpy.int64) if extra is None else numpy.asarray(extra, dtype=numpy.int64)
-    return _range(q, k, v, k[..., extra, :], v[..., extra, :], lo, hi, key_ok, scale, block)
-
-
-def _range(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, kx: numpy.ndarray, vx: numpy.ndarray,
-           lo: numpy.ndarray, hi: numpy.ndarray, key_ok: numpy.ndarray | None, scale: float,
-           block: int | None) -> tuple[numpy.ndarray, numpy.ndarray]:
-    """:func:`range_attention` with the extra keys and values already gathered: ``kx (..., G, n, D)``."""
-    batch = q.shape[:-3]
-    heads, length = q.shape[-3], q.shape[-2]
-    key_length, value_dim = k.shape[-2], v.shape[-1]
-    out = numpy.zeros((*batch, heads, length, value_dim))
-    lse = numpy.full((*batch, heads, length), -math.inf)
-    if length == 0 or key_length + kx.shape[-2] == 0:
-        return out, lse
-    q3, k3, v3, kx3, vx3 = _flat(q), _flat(k), _flat(v), _flat(kx), _flat(vx)
-    lo = numpy.clip(numpy.asarray(lo, dtype=numpy.int64), 0, key_length)
-    hi = numpy.clip(numpy.asarray(hi, dtype=numpy.int64), -1, key_length - 1)
-    key_ok = numpy.ones(key_length, dtype=numpy.bool_) if key_ok is None else numpy.ascontiguousarray(key_ok, dtype=numpy.bool_)
-    if key_ok.shape != (key_length,):
-        raise ValueError(f"key_ok must have shape ({key_length},); got {key_ok.shape}")
-    if block is None:
-        block = choose_block(int(numpy.max(hi - lo)) + 1 if lo.size else 1)
-    out3 = out.reshape((math.prod(batch), heads, length, value_dim))
-    lse3 = lse.reshape((math.prod(batch), heads, length))
-    with _single_blas_thread():
-        _range_kernel(q3, k3, v3, numpy.ascontiguousarray(lo), numpy.ascontiguousarray(hi), key_ok, kx3, vx3,
-                      float(scale), int(block), out3, lse3)
-    return out, lse
+    return band._range_attention(q, k, v, lo, hi, scale=scale, key_ok=key_ok, extra=extra, block=block, run=_run)
 
 
 def band_attention(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, *, left: int, right: int, scale: float,
@@ -177,29 +144,7 @@ def band_attention(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, *, left
                    extra: numpy.ndarray | None = None, block: int | None = DEFAULT_BLOCK) -> tuple[numpy.ndarray, numpy.ndarray]:
     """Query i attends keys j = i + δ + d·t, −left ≤ t ≤ right (−1 = unbounded), plus ``extra``.
 
-    ``offset`` δ aligns queries with keys; ``dilation`` d ≥ 1. See :func:`range_attention` for
-    shapes, ``key_ok`` and ``extra``.
+    Same contract as :func:`reflex.backends.band.band_attention`, computed by the Numba kernel.
     """
-    length, key_length = q.shape[-2], k.shape[-2]
-    big = key_length + length + 1  # "unbounded" in index units
-    left = big if left < 0 else left
-    right = big if right < 0 else right
-    if dilation == 1:
-        anchor = numpy.arange(length, dtype=numpy.int64) + offset
-        return range_attention(q, k, v, anchor - left, anchor + right, scale=scale, key_ok=key_ok, extra=extra,
-                               block=block)
-    out = numpy.zeros((*q.shape[:-2], length, v.shape[-1]))
-    lse = numpy.full(q.shape[:-1], -math.inf)
-    key_ok = numpy.ones(key_length, dtype=numpy.bool_) if key_ok is None else numpy.asarray(key_ok, dtype=numpy.bool_)
-    extra = numpy.zeros(0, dtype=numpy.int64) if extra is None else numpy.asarray(extra, dtype=numpy.int64)
-    kx, vx = k[..., extra, :], v[..., extra, :]
-    for residue in range(dilation):
-        rows = numpy.arange((residue - offset) % dilation, length, dilation, dtype=numpy.int64)
-        if rows.size == 0:
-            continue
-        anchor = (rows + offset - residue) // dilation  # query's position among keys residue, residue + d, ...
-        sub_out, sub_lse = _range(q[..., rows, :], k[..., residue::dilation, :], v[..., residue::dilation, :], kx, vx,
-                                  anchor - left, anchor + right, key_ok[residue::dilation], scale, block)
-        out[..., rows, :] = sub_out
-        lse[..., rows] = sub_lse
-    return out, lse
+    return band._band_attention(q, k, v, left=left, right=right, scale=scale, offset=offset, dilation=dilation,
+                                key_ok=key_ok, extra=extra, block=block, run=_run)
