@@ -9,18 +9,12 @@ from typing import Any
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, example_qkv, qkv
-from reflex.mechanisms._patterns import causal_offset, index_counts, parse_causal, top_indices
+from reflex.mechanisms._patterns import causal_offset, check_positive_int, index_counts, parse_causal, top_indices
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["block_topk_attention", "block_topk_indices"]
 
 IMPLEMENTATIONS = ("auto", "gather", "dense")
-
-
-def _positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1; got {value!r}")
-    return value
 
 
 def _pooled_keys(p: _kernels.Prepared, block_size: int) -> Any:
@@ -71,7 +65,7 @@ def block_topk_indices(q: Any, k: Any, /, *, block_size: int, top_k: int, causal
     is applied by the attention, not here.
     """
     p = _kernels.prepare(q, k, k, compute_dtype=compute_dtype)
-    return _indices(p, _positive("block_size", block_size), _positive("top_k", top_k),
+    return _indices(p, check_positive_int("block_size", block_size), check_positive_int("top_k", top_k),
                     _kernels.resolve_scale(scale, p.dim), parse_causal(causal))
 
 
@@ -117,7 +111,7 @@ def block_topk_attention(q: Any, k: Any, v: Any, /, *, block_size: int, top_k: i
     if p.length == 0 or p.key_length == 0:
         out, lse = _kernels.empty_result(p)
         return (out, lse) if return_lse else out
-    indices = _indices(p, _positive("block_size", block_size), _positive("top_k", top_k), scale, alignment)
+    indices = _indices(p, check_positive_int("block_size", block_size), check_positive_int("top_k", top_k), scale, alignment)
     causal_mask = [] if alignment is None else [_causal(alignment, p.length, p.key_length)]
     if implementation == "dense":
         out, lse = _kernels.dense(p, scale=scale, mask=[index_counts(p.xp, indices, p.key_length) > 0, *causal_mask])

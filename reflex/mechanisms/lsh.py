@@ -11,7 +11,7 @@ from reflex import random
 from reflex.backends import device as device_of
 from reflex.backends import is_plain_numpy, namespace
 from reflex.mechanisms import _kernels
-from reflex.mechanisms._patterns import index_counts, parse_causal
+from reflex.mechanisms._patterns import check_positive_int, index_counts, parse_causal
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["lsh_attention", "lsh_buckets", "lsh_sort", "lsh_keys", "lsh_pattern"]
@@ -30,12 +30,6 @@ def _factors(n_buckets: Any) -> tuple[int, ...]:
     if parts == (1,) or ok:
         return tuple(int(f) for f in parts)
     raise ValueError(f"n_buckets must be 1, an even int >= 2, or a tuple of even ints (factorised); got {n_buckets!r}")
-
-
-def _int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
-    return value
 
 
 def _rotations(xp: Any, device: Any, dtype: Any, heads: int, dim: int, factors: tuple[int, ...], n_hashes: int,
@@ -125,7 +119,8 @@ def lsh_buckets(qk: Any, /, *, n_buckets: int | tuple[int, ...], n_hashes: int =
     """
     factors = _factors(n_buckets)
     p = _kernels.prepare(qk, qk, qk, compute_dtype=compute_dtype)
-    rot = _rotations(p.xp, p.device, p.q.dtype, p.heads, p.dim, factors, _int("n_hashes", n_hashes, 1), rotations, seed)
+    n_hashes = check_positive_int("n_hashes", n_hashes)
+    rot = _rotations(p.xp, p.device, p.q.dtype, p.heads, p.dim, factors, n_hashes, rotations, seed)
     if _numba(implementation, qk, rotations, dtype_ok=p.q.dtype == p.xp.float64):
         flat = p.xp.reshape(p.q, (-1, p.heads, p.length, p.dim))
         out = _bucketing().hash_vectors(flat, rot, factors)
@@ -195,8 +190,10 @@ class _Plan:
 
 def _plan(p: _kernels.Prepared, n_buckets: Any, n_hashes: Any, chunk_length: Any, num_chunks_before: Any,
           num_chunks_after: Any, causal: Any, scale: Any) -> _Plan:
-    plan = _Plan(_factors(n_buckets), _int("n_hashes", n_hashes, 1), _int("chunk_length", chunk_length, 1),
-                 _int("num_chunks_before", num_chunks_before, 0), _int("num_chunks_after", num_chunks_after, 0),
+    plan = _Plan(_factors(n_buckets), check_positive_int("n_hashes", n_hashes),
+                 check_positive_int("chunk_length", chunk_length),
+                 check_positive_int("num_chunks_before", num_chunks_before, minimum=0),
+                 check_positive_int("num_chunks_after", num_chunks_after, minimum=0),
                  parse_causal(causal) is not None, _kernels.resolve_scale(scale, p.dim))
     if p.heads != p.kv_heads:
         raise ValueError(f"v has {p.kv_heads} heads; qk has {p.heads}: shared-QK attention needs equal heads")

@@ -10,18 +10,12 @@ from reflex.backends import namespace
 
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import example_qkv, standard
-from reflex.mechanisms._patterns import index_counts, parse_causal, top_indices
+from reflex.mechanisms._patterns import check_positive_int, index_counts, parse_causal, top_indices
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["topk_attention", "topk_indices"]
 
 IMPLEMENTATIONS = ("auto", "gather", "dense")
-
-
-def _check_count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1; got {value!r}")
-    return value
 
 
 def _selection_scores(p: _kernels.Prepared, scale: float, mask: Any, alignment: str | None, i0: int, i1: int) -> Any:
@@ -60,7 +54,7 @@ def topk_indices(q: Any, k: Any, /, *, top_k: int, causal: bool | str = False, m
     """
     p = _kernels.prepare(q, k, k, compute_dtype=compute_dtype)
     mask = _kernels.check_term(p, "mask", mask, boolean=True)
-    return _indices(p, _check_count("top_k", top_k), _kernels.resolve_scale(scale, p.dim), mask, parse_causal(causal))
+    return _indices(p, check_positive_int("top_k", top_k), _kernels.resolve_scale(scale, p.dim), mask, parse_causal(causal))
 
 
 def topk_attention(q: Any, k: Any, v: Any, /, *, top_k: int, causal: bool | str = False, mask: Any = None,
@@ -103,7 +97,7 @@ def topk_attention(q: Any, k: Any, v: Any, /, *, top_k: int, causal: bool | str 
     p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
     mask = _kernels.check_term(p, "mask", mask, boolean=True)
     scale = _kernels.resolve_scale(scale, p.dim)
-    indices = _indices(p, _check_count("top_k", top_k), scale, mask, parse_causal(causal))
+    indices = _indices(p, check_positive_int("top_k", top_k), scale, mask, parse_causal(causal))
     if implementation == "dense":
         selected = index_counts(p.xp, indices, p.key_length) > 0
         out, lse = _kernels.dense(p, scale=scale, mask=selected)
