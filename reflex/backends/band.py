@@ -40,17 +40,19 @@ from reflex.backends import parallel_map
 __all__ = ["CHUNK_ELEMENTS", "band_attention", "choose_block", "range_attention"]
 
 # Scores per chunk (n · T · W): 8 MiB of float64. Larger chunks mean fewer Python-level NumPy calls
-# competing for the GIL across the threads; measured on 2 cores at L = 65,536, window ±256, chunks of
-# 2^18 scores took 1.13× and 2^16 2.1× the time of 2^20, and 2^22 1.25× (out of cache).
+# competing for the GIL across the threads; measured on 2 cores at L = 65,536, window ±256, T = 48,
+# chunks of 2^18 scores took 1.13× and 2^16 2.1× the time of 2^20, and 2^22 1.25× (out of cache);
+# retuned at T = 24: 2^16 1.7×, 2^17 1.3×, 2^18 1.1×, 2^19 1.03×, 2^21 1.0× (serially all equal).
 CHUNK_ELEMENTS = 1 << 20
 
 
 def choose_block(width: int) -> int:
-    """Query tile size T for a band of ``width`` keys: T ≈ width/10 in [16, 48]. Each row computes
-    T − 1 scores outside its band (a tile's window is T + width − 1 keys wide), so T is small; the
-    products of one chunk are batched, so small tiles cost no Python overhead (T = 32 to 48 measured
-    best at width 513, 64 ~3% slower)."""
-    return int(min(48, max(16, width // 10)))
+    """Query tile size T for a band of ``width`` keys: T ≈ width/20, a multiple of 8 in [16, 48].
+    Each row computes T − 1 scores outside its band (a tile's window is T + width − 1 keys wide),
+    so T is small; the products of one chunk are batched, so small tiles cost no Python overhead.
+    Measured at width 513 (2 cores, OpenBLAS SkylakeX kernels): T = 24 best, 20 and 28 ~1–4% and
+    48 ~8% slower."""
+    return int(min(48, max(16, 8 * round(width / 160))))
 
 
 def _flat(x: numpy.ndarray) -> numpy.ndarray:
@@ -80,24 +82,34 @@ class _Band:
         self.out, self.lse = out, lse
         self.group = q.shape[1] // k.shape[1]
         self.key_length = k.shape[2]
-        self.masks: dict[Any, numpy.ndarray] = {}
+        self.masks: dict[Any, tuple[int, numpy.ndarray, int, numpy.ndarray]] = {}
 
-    def _outside(self, a: numpy.ndarray, z: numpy.ndarray, starts: numpy.ndarray, width: int) -> numpy.ndarray:
-        """``(n or 1, T, W)``: True where window column c of tile row r is outside ``a[r] ≤ c ≤ z[r]``
-        or not ``key_ok``. Inside a band every tile has the same ``a``, ``z``: one ``(1, T, W)``
-        mask, kept for the next chunks."""
+    def _mask(self, s: numpy.ndarray, a: numpy.ndarray, z: numpy.ndarray, starts: numpy.ndarray) -> None:
+        """Sets ``s[t, r, c]`` to −∞ where window column c of tile row r is outside ``a[r] ≤ c ≤ z[r]``
+        or not ``key_ok``. Inside a band every tile has the same ``a``, ``z``: one ``(1, T, W)`` mask,
+        kept for the next chunks, whose False columns (two triangles at the ends of the window) are the
+        only ones written."""
+        width = s.shape[2]
         rel = numpy.arange(width)
         if self.key_ok is None and bool(numpy.all(a == a[:1])) and bool(numpy.all(z == z[:1])):
             key = (width, a[0].tobytes(), z[0].tobytes())
-            outside = self.masks.get(key)
-            if outside is None:
-                outside = ((rel < a[:1, :, None]) | (rel > z[:1, :, None]))
-                self.masks[key] = outside
-            return outside
+            cached = self.masks.get(key)
+            if cached is None:
+                outside = (rel < a[:1, :, None]) | (rel > z[:1, :, None])
+                inside = numpy.flatnonzero(~outside.any(axis=(0, 1)))
+                left, right = (int(inside[0]), int(inside[-1]) + 1) if inside.size else (width, width)
+                cached = self.masks[key] = (left, numpy.ascontiguousarray(outside[..., :left]),
+                                            right, numpy.ascontiguousarray(outside[..., right:]))
+            left, outside_left, right, outside_right = cached
+            if left:
+                numpy.copyto(s[..., :left], -math.inf, where=outside_left)
+            if right < width:
+                numpy.copyto(s[..., right:], -math.inf, where=outside_right)
+            return
         outside = (rel < a[..., None]) | (rel > z[..., None])
         if self.key_ok is not None:
             outside |= ~self.key_ok[starts[:, None] + rel][:, None, :]
-        return outside
+        numpy.copyto(s, -math.inf, where=outside)
 
     def tasks(self) -> list[tuple[int, int, int, int]]:
         """``(b, h, t0, t1)``: chunks of tiles t0 ≤ t < t1 of T query rows, each of at most
@@ -162,7 +174,7 @@ class _Band:
             s = numpy.matmul(qt, _windows(self.k[b, g], starts, width).transpose(0, 2, 1))  # (n, T, W)
             lo = self.lo[r0:r1].reshape(n, T) - starts[:, None]
             hi = self.hi[r0:r1].reshape(n, T) - starts[:, None]
-            numpy.copyto(s, -math.inf, where=self._outside(lo, hi, starts, width))
+            self._mask(s, lo, hi, starts)
             m = s.max(axis=2)
         else:
             m = numpy.full((n, T), -math.inf)
