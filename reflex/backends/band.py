@@ -16,8 +16,9 @@ key outputs 0 and lse −∞, GQA head ``h`` reads kv head ``h // (H/G)``, float
 Queries are cut into tiles of T rows; tile t reads one key window of W ≥ T + window keys starting
 at ``j0_t`` (the union of its rows' ranges). A *chunk* of consecutive tiles of one (batch, head) is
 one batch of matrix products: the key windows are overlapping strided views of ``k`` (no copy)
-when the starts step by T, as they do inside a band; the scores ``(n, T, W)`` are masked, shifted,
-exponentiated (NumPy's SIMD ``exp``), summed and multiplied by the value windows in place. Chunks
+when the starts step by T, as they do inside a band; the scores ``(n, T, W)`` are masked (only the
+two triangles at the window's ends), shifted and exponentiated (NumPy's SIMD ``exp``) in place, then
+multiplied by the value windows extended with a column of ones, which also gives the row sums. Chunks
 are independent and run on a thread per core (:func:`reflex.backends.parallel_map`, BLAS limited to
 one thread). Memory is O(chunk · T · W) per thread — never an ``L × S`` array.
 
@@ -42,7 +43,8 @@ __all__ = ["CHUNK_ELEMENTS", "band_attention", "choose_block", "range_attention"
 # Scores per chunk (n · T · W): 8 MiB of float64. Larger chunks mean fewer Python-level NumPy calls
 # competing for the GIL across the threads; measured on 2 cores at L = 65,536, window ±256, T = 48,
 # chunks of 2^18 scores took 1.13× and 2^16 2.1× the time of 2^20, and 2^22 1.25× (out of cache);
-# retuned at T = 24: 2^16 1.7×, 2^17 1.3×, 2^18 1.1×, 2^19 1.03×, 2^21 1.0× (serially all equal).
+# retuned at T = 24: 2^16 1.7×, 2^17 1.3×, 2^18 1.1×, 2^19 1.03×, 2^21 1.0× (run serially, 2^16 and 2^20
+# took the same time at T = 48).
 CHUNK_ELEMENTS = 1 << 20
 
 
@@ -182,24 +184,29 @@ class _Band:
             sx = qt @ self.kx[b, g].T  # (n, T, X)
             m = numpy.maximum(m, sx.max(axis=2))
         shift = numpy.where(m == -math.inf, 0.0, m)[..., None]
+        value_dim = self.v.shape[3]
         if width > 0:
             s -= shift
             numpy.exp(s, out=s)
-            total = s.sum(axis=2)
-            numpy.matmul(s, _windows(self.v[b, g], starts, width), out=out)
+            # The chunk's value rows with a column of ones: one product gives Σ_j p_ij v_j and ℓ_i.
+            first = int(starts.min())
+            span = self.v[b, g, first:int(starts.max()) + width]
+            ones = numpy.empty((span.shape[0], value_dim + 1))
+            ones[:, :value_dim] = span
+            ones[:, value_dim] = 1.0
+            acc = numpy.matmul(s, _windows(ones, starts - first, width))
+        else:
+            acc = numpy.zeros((n, T, value_dim + 1))
         if extra:
             sx -= shift
             numpy.exp(sx, out=sx)
-            if width > 0:
-                total += sx.sum(axis=2)
-                out += sx @ self.vx[b, g]
-            else:
-                total = sx.sum(axis=2)
-                numpy.matmul(sx, self.vx[b, g], out=out)
+            acc[..., value_dim] += sx.sum(axis=2)
+            acc[..., :value_dim] += sx @ self.vx[b, g]
+        total = acc[..., value_dim]
         empty = total == 0.0
         with numpy.errstate(divide="ignore"):
             self.lse[b, h, r0:r1] = numpy.where(empty, -math.inf, m + numpy.log(total)).reshape(-1)
-        out /= numpy.where(empty, 1.0, total)[..., None]
+        numpy.divide(acc[..., :value_dim], numpy.where(empty, 1.0, total)[..., None], out=out)
 
 
 def range_attention(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, lo: numpy.ndarray, hi: numpy.ndarray, *,
