@@ -368,3 +368,15 @@ def test_callable_bias_is_cast_to_the_compute_dtype(backend, implementation):
     host = [a.astype(numpy.float32).astype(numpy.float64) for a in qkv_host(18, length=4, key_length=5)]
     bias = -numpy.abs(numpy.arange(5)[None, :] - numpy.arange(4)[:, None]).astype(numpy.float64)
     assert max_abs(backend.to_numpy(out), naive(*host, bias=bias, scale=0.5)[0]) < 1e-6
+
+
+def test_option_arrays_are_checked_for_library_device_and_dtype():
+    strict = pytest.importorskip("array_api_strict")
+    q, k, v = (strict.asarray(a) for a in qkv_host(19, length=3, key_length=3))
+    table = strict.asarray(numpy.zeros((32, 4)), device=strict.Device("device1"))
+    with pytest.raises(ValueError, match="table is on device"):
+        reflex.t5_bias_attention(q, k, v, table=table)
+    with pytest.raises(TypeError, match="table comes from a different array library than q"):
+        reflex.t5_bias_attention(q, k, v, table=numpy.zeros((32, 4)))
+    with pytest.raises(TypeError, match="rel_k must be a real floating array"):
+        reflex.relative_shaw_attention(q, k, v, rel_k=strict.zeros((3, 5), dtype=strict.int64))

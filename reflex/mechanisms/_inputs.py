@@ -14,7 +14,8 @@ from typing import Any
 from reflex.backends import device as device_of
 from reflex.backends import namespace
 
-__all__ = ["Prepared", "prepare", "check_term", "check_indices", "resolve_dtype", "resolve_scale", "resolve_softcap"]
+__all__ = ["Prepared", "prepare", "check_term", "check_indices", "check_array", "resolve_dtype", "resolve_scale",
+           "resolve_softcap"]
 
 
 @dataclass(frozen=True)
@@ -171,3 +172,15 @@ def resolve_softcap(softcap: Any) -> float | None:
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0 or not math.isfinite(softcap):
         raise ValueError(f"softcap must be a positive finite number or None; got {softcap!r}")
     return float(softcap)
+
+
+def check_array(xp: Any, device: Any, dtype: Any, name: str, x: Any, *, against: str = "q") -> Any:
+    """An option array (weights, tables, projections, ...) next to ``against``: same array library
+    and device, real floating; returned in the compute ``dtype``. Shapes are the caller's to check."""
+    if namespace(x) is not xp:
+        raise TypeError(f"{name} comes from a different array library than {against}")
+    if device_of(x) != device:
+        raise ValueError(f"{name} is on device {device_of(x)}; {against} is on {device}")
+    if not xp.isdtype(x.dtype, "real floating"):
+        raise TypeError(f"{name} must be a real floating array; got dtype {_dtype_name(x.dtype)}")
+    return xp.astype(x, dtype, copy=False)

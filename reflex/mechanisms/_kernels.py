@@ -47,11 +47,11 @@ import math
 from typing import Any, Callable, Sequence
 
 from reflex.backends import parallel_map
-from reflex.mechanisms._inputs import (Prepared, check_indices, check_term, prepare, resolve_dtype, resolve_scale,
-                                       resolve_softcap)
+from reflex.mechanisms._inputs import (Prepared, check_array, check_indices, check_term, prepare, resolve_dtype,
+                                       resolve_scale, resolve_softcap)
 
 __all__ = [
-    "Prepared", "prepare", "check_term", "check_indices", "dense", "tiled", "gather", "finish", "empty_result",
+    "Prepared", "prepare", "check_term", "check_indices", "check_array", "dense", "tiled", "gather", "finish", "empty_result",
     "softmax_attention", "resolve_dtype", "resolve_scale", "resolve_softcap", "IMPLEMENTATIONS", "scores", "weights",
 ]
 

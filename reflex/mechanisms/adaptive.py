@@ -7,8 +7,6 @@ from fractions import Fraction
 from typing import Any
 
 from reflex import random
-from reflex.backends import device as device_of
-from reflex.backends import namespace
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import standard
 from reflex.mechanisms._patterns import band_pattern, causal_offset, causal_pattern, check_window, mask_and_causal, parse_causal, top_indices
@@ -22,18 +20,12 @@ def _kept(p: _kernels.Prepared, importance: Any, keep: Any) -> Any:
     xp = p.xp
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
         raise ValueError(f"keep must be a fraction in (0, 1]; got {keep!r}")
-    if namespace(importance) is not xp:
-        raise TypeError("importance comes from a different array library than q")
-    if device_of(importance) != p.device:
-        raise ValueError(f"importance is on device {device_of(importance)}; q is on {p.device}")
-    if not xp.isdtype(importance.dtype, "real floating"):
-        raise TypeError(f"importance must be a real floating array; got {importance.dtype}")
+    score = _kernels.check_array(xp, p.device, p.q.dtype, "importance", importance)
     target = (*p.batch, p.heads, p.key_length)
     shape = tuple(int(n) for n in importance.shape)
     if not shape or shape[-1] != p.key_length or len(shape) > len(target) or not all(
             a in (1, b) for a, b in zip(shape[::-1], target[::-1])):
         raise ValueError(f"importance of shape {shape} does not broadcast to (..., H, S) = {target} with S kept")
-    score = xp.astype(importance, p.q.dtype)
     score = xp.reshape(score, (1,) * (len(target) - len(shape)) + shape)
     # ⌈keep·S⌉ in exact arithmetic on keep's shortest decimal form: the float product rounds across an
     # integer for some inputs (0.07 * 100 = 7.000000000000001 would keep 8 keys, not 7).

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from reflex import random
-from reflex.backends import namespace
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import causal_pattern, check_positive_int
@@ -28,14 +27,12 @@ def _compress(xp: Any, x: Any, rate: int, weights: Any) -> Any:
     return slots
 
 
-def _check_conv(xp: Any, name: str, weights: Any, rate: int, feature: int, dtype: Any) -> Any:
+def _check_conv(xp: Any, device: Any, name: str, weights: Any, rate: int, feature: int, dtype: Any) -> Any:
     if weights is None:
         raise ValueError(f"compression='conv' needs {name} of shape (rate, F, F) = ({rate}, {feature}, {feature})")
-    if namespace(weights) is not xp:
-        raise TypeError(f"{name} comes from a different array library than q")
     if tuple(int(n) for n in weights.shape) != (rate, feature, feature):
         raise ValueError(f"{name} must have shape (rate, F, F) = ({rate}, {feature}, {feature}); got {tuple(weights.shape)}")
-    return xp.astype(weights, dtype)
+    return _kernels.check_array(xp, device, dtype, name, weights)
 
 
 def compressive_attention(q: Any, k: Any, v: Any, /, *, segment_length: int, memory_length: int,
@@ -87,8 +84,8 @@ def compressive_attention(q: Any, k: Any, v: Any, /, *, segment_length: int, mem
         raise ValueError(f"k has {p.key_length} positions; q has {p.length}: compressive attention is self-attention (S = L)")
     xp, dtype = p.xp, p.q.dtype
     if compression == "conv":
-        conv_k = _check_conv(xp, "conv_k", conv_k, r, p.dim, dtype)
-        conv_v = _check_conv(xp, "conv_v", conv_v, r, p.value_dim, dtype)
+        conv_k = _check_conv(xp, p.device, "conv_k", conv_k, r, p.dim, dtype)
+        conv_v = _check_conv(xp, p.device, "conv_v", conv_v, r, p.value_dim, dtype)
     elif conv_k is not None or conv_v is not None:
         raise ValueError("conv_k and conv_v are only used with compression='conv'")
     scale = _kernels.resolve_scale(scale, p.dim)

@@ -31,13 +31,10 @@ def _projections(xp: Any, dev: Any, dtype: Any, dim: int, num_projections: Any, 
     if projections is None or offsets is None:
         raise ValueError("pass seed=, or projections= (D, P) and offsets= (P,)")
     for name, x, shape in (("projections", projections, (dim, num_projections)), ("offsets", offsets, (num_projections,))):
-        if namespace(x) is not xp:
-            raise TypeError(f"{name} comes from a different array library than q")
         if tuple(int(n) for n in x.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}; got {tuple(x.shape)}")
-        if device_of(x) != dev:
-            raise ValueError(f"{name} is on device {device_of(x)}; q is on {dev}")
-    return xp.astype(projections, dtype), xp.astype(offsets, dtype), width
+    return (_kernels.check_array(xp, dev, dtype, "projections", projections),
+            _kernels.check_array(xp, dev, dtype, "offsets", offsets), width)
 
 
 def _parts(seed: Any) -> tuple[int, ...]:

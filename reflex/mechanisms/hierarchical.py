@@ -6,7 +6,6 @@ from typing import Any
 
 from reflex import random
 from reflex.backends import device as device_of
-from reflex.backends import namespace
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import Pattern, check_positive_int
@@ -81,8 +80,7 @@ def hierarchical_attention(q: Any, k: Any, v: Any, /, *, block_size: int, levels
     if combine == "concat":
         if w_o is None:
             raise ValueError("combine='concat' needs w_o of shape (levels * E, F)")
-        if namespace(w_o) is not xp:
-            raise TypeError("w_o comes from a different array library than q")
+        w_o = _kernels.check_array(xp, p.device, p.q.dtype, "w_o", w_o)
         if w_o.ndim != 2 or int(w_o.shape[0]) != levels * p.value_dim:
             raise ValueError(f"w_o must have shape (levels * E, F) = ({levels * p.value_dim}, F); got {tuple(w_o.shape)}")
     elif w_o is not None:
@@ -99,7 +97,7 @@ def hierarchical_attention(q: Any, k: Any, v: Any, /, *, block_size: int, levels
         for extra in outputs[1:]:
             out = out + extra
         return out
-    return xp.concat(outputs, axis=-1) @ xp.astype(w_o, p.q.dtype)
+    return xp.concat(outputs, axis=-1) @ w_o
 
 
 def _cases(size: str, seed: int) -> list[Case]:

@@ -19,15 +19,9 @@ IMPLEMENTATIONS = ("auto", "gather", "dense")
 
 
 def _checked(xp: Any, dtype: Any, dev: Any, name: str, x: Any, shape: tuple[int, ...], legend: str) -> Any:
-    if namespace(x) is not xp:
-        raise TypeError(f"{name} comes from a different array library than q")
     if tuple(int(n) for n in x.shape) != shape:
         raise ValueError(f"{name} must have shape {legend} = {shape}; got {tuple(x.shape)}")
-    if device_of(x) != dev:
-        raise ValueError(f"{name} is on device {device_of(x)}; q is on {dev}")
-    if not xp.isdtype(x.dtype, "real floating"):
-        raise TypeError(f"{name} must be a real floating array; got {x.dtype}")
-    return xp.astype(x, dtype)
+    return _kernels.check_array(xp, dev, dtype, name, x)
 
 
 def _scores(xp: Any, iq: Any, ik: Any, iw: Any, rows: slice) -> Any:

@@ -40,15 +40,9 @@ def _rotations(xp: Any, device: Any, dtype: Any, heads: int, dim: int, factors: 
         raise ValueError("pass exactly one of rotations= (H, D, n_hashes, n_buckets/2) or seed=")
     if rotations is None:
         return xp.astype(random.normal(shape, seed=seed, xp=xp, device=device), dtype)
-    if namespace(rotations) is not xp:
-        raise TypeError("rotations comes from a different array library than qk")
     if tuple(int(n) for n in rotations.shape) != shape:
         raise ValueError(f"rotations must have shape (H, D, n_hashes, n_buckets/2) = {shape}; got {tuple(rotations.shape)}")
-    if device_of(rotations) != device:
-        raise ValueError(f"rotations is on device {device_of(rotations)}; qk is on {device}")
-    if not xp.isdtype(rotations.dtype, "real floating"):
-        raise TypeError(f"rotations must be a real floating array; got {rotations.dtype}")
-    return xp.astype(rotations, dtype)
+    return _kernels.check_array(xp, device, dtype, "rotations", rotations, against="qk")
 
 
 def _numba(implementation: str, *arrays: Any, dtype_ok: bool) -> bool:

@@ -6,7 +6,6 @@ import math
 from typing import Any
 
 from reflex import random
-from reflex.backends import namespace
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import mask_and_causal, relative_logits_term
@@ -15,14 +14,13 @@ from reflex.registry import Case, Mechanism, register
 __all__ = ["relative_shaw_attention"]
 
 
-def _check_table(xp: Any, name: str, table: Any, heads: int, width: int, feature: int, feature_name: str) -> Any:
-    if namespace(table) is not xp:
-        raise TypeError(f"{name} comes from a different array library than q")
+def _check_table(p: _kernels.Prepared, name: str, table: Any, width: int, feature: int, feature_name: str) -> Any:
+    heads = p.heads
     shape = tuple(int(n) for n in table.shape)
     if len(shape) not in (2, 3) or shape[-2:] != (width, feature) or (len(shape) == 3 and shape[0] not in (1, heads)):
         raise ValueError(f"{name} must have shape (2k+1, {feature_name}) = {(width, feature)} or (H, 2k+1, {feature_name}) "
                          f"with H = {heads}; got {shape}")
-    return table
+    return _kernels.check_array(p.xp, p.device, p.q.dtype, name, table)
 
 
 def relative_shaw_attention(q: Any, k: Any, v: Any, /, *, rel_k: Any, rel_v: Any = None, max_distance: int | None = None,
@@ -57,16 +55,16 @@ def relative_shaw_attention(q: Any, k: Any, v: Any, /, *, rel_k: Any, rel_v: Any
     Representations", NAACL, §3 (eqs. 3–4 and the clipping of §3.2).
     """
     p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
-    xp, dtype = p.xp, p.q.dtype
+    xp = p.xp
     rows_k = int(rel_k.shape[-2]) if rel_k.ndim >= 2 else -1
     if rows_k < 1 or rows_k % 2 == 0:
         raise ValueError(f"rel_k must have an odd number 2k+1 of rows (distances -k..k); got shape {tuple(rel_k.shape)}")
     clip = (rows_k - 1) // 2
     if max_distance is not None and max_distance != clip:
         raise ValueError(f"max_distance is {max_distance}; rel_k has {rows_k} rows, i.e. max_distance {clip}")
-    rel_k = xp.astype(_check_table(xp, "rel_k", rel_k, p.heads, rows_k, p.dim, "D"), dtype)
+    rel_k = _check_table(p, "rel_k", rel_k, rows_k, p.dim, "D")
     if rel_v is not None:
-        rel_v = xp.astype(_check_table(xp, "rel_v", rel_v, p.heads, rows_k, p.value_dim, "E"), dtype)
+        rel_v = _check_table(p, "rel_v", rel_v, rows_k, p.value_dim, "E")
     scale = _kernels.resolve_scale(scale, p.dim)
     masks, tile_active = mask_and_causal(p, None, causal)
 

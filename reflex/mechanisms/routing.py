@@ -6,7 +6,6 @@ from typing import Any
 
 from reflex import random
 from reflex.backends import device as device_of
-from reflex.backends import namespace
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import example_qkv, standard
 from reflex.mechanisms._kmeans import initial_centroids, kmeans
@@ -29,15 +28,11 @@ def _centroids(p: _kernels.Prepared, num_clusters: Any, centroids: Any, iteratio
     if centroids is not None:
         if seed is not None or iterations is not None:
             raise ValueError("pass either centroids= or (iterations=, seed=) for k-means, not both")
-        if namespace(centroids) is not xp:
-            raise TypeError("centroids comes from a different array library than q")
         shape = tuple(int(n) for n in centroids.shape)
         if shape not in ((num_clusters, p.dim), (p.heads, num_clusters, p.dim)):
             raise ValueError(f"centroids must have shape (C, D) = {(num_clusters, p.dim)} or (H, C, D) = "
                              f"{(p.heads, num_clusters, p.dim)}; got {shape}")
-        if device_of(centroids) != p.device:
-            raise ValueError(f"centroids is on device {device_of(centroids)}; q is on {p.device}")
-        return _unit(xp, xp.astype(centroids, p.q.dtype))
+        return _unit(xp, _kernels.check_array(xp, p.device, p.q.dtype, "centroids", centroids))
     if seed is None or iterations is None:
         raise ValueError("pass centroids=, or iterations= and seed= to run k-means")
     keys = xp.take(_unit(xp, p.k), xp.arange(p.heads, dtype=xp.int64, device=p.device) // p.group, axis=-3)

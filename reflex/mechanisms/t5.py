@@ -154,14 +154,12 @@ def t5_bias_attention(q: Any, k: Any, v: Any, /, *, table: Any, bidirectional: b
     """
     p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
     xp = p.xp
-    if namespace(table) is not xp:
-        raise TypeError("table comes from a different array library than q")
     num_buckets = _check_table(table, None)
     if int(table.shape[1]) != p.heads:
         raise ValueError(f"table has {int(table.shape[1])} heads (columns); q has {p.heads}")
     _check_buckets(bidirectional, num_buckets, max_distance)
     masks, tile_active = mask_and_causal(p, None, causal)
-    bias = _table_term(xp.astype(table, p.q.dtype), query_offset, bidirectional, num_buckets, max_distance)
+    bias = _table_term(_kernels.check_array(xp, p.device, p.q.dtype, "table", table), query_offset, bidirectional, num_buckets, max_distance)
     return _kernels.softmax_attention(p, scale=_kernels.resolve_scale(scale, p.dim), mask=masks, bias=bias,
                                       tile_active=tile_active, implementation=implementation, return_lse=return_lse)
 

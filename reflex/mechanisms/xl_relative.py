@@ -37,11 +37,10 @@ def relative_sinusoid(distances: Any, dim: int, /, *, base: float = 10000.0) -> 
     return xp.concat([xp.sin(angles), xp.cos(angles)], axis=-1)
 
 
-def _check(xp: Any, name: str, x: Any, shape: tuple[int, ...], what: str) -> None:
-    if namespace(x) is not xp:
-        raise TypeError(f"{name} comes from a different array library than q")
+def _check(p: _kernels.Prepared, name: str, x: Any, shape: tuple[int, ...], what: str) -> Any:
     if tuple(int(n) for n in x.shape) != shape:
         raise ValueError(f"{name} must have shape {what} = {shape}; got {tuple(x.shape)}")
+    return _kernels.check_array(p.xp, p.device, p.q.dtype, name, x)
 
 
 def xl_relative_attention(q: Any, k: Any, v: Any, /, *, w_r: Any, content_bias: Any, position_bias: Any,
@@ -83,12 +82,9 @@ def xl_relative_attention(q: Any, k: Any, v: Any, /, *, w_r: Any, content_bias: 
     if w_r.ndim != 3 or int(w_r.shape[-1]) % 2:
         raise ValueError(f"w_r must have shape (H, D, N) with N even; got {tuple(w_r.shape)}")
     width = int(w_r.shape[-1])
-    _check(xp, "w_r", w_r, (p.heads, p.dim, width), "(H, D, N)")
-    _check(xp, "content_bias", content_bias, (p.heads, p.dim), "(H, D)")
-    _check(xp, "position_bias", position_bias, (p.heads, p.dim), "(H, D)")
-    w_r = xp.astype(w_r, dtype)
-    u = xp.astype(content_bias, dtype)
-    v_pos = xp.astype(position_bias, dtype)
+    w_r = _check(p, "w_r", w_r, (p.heads, p.dim, width), "(H, D, N)")
+    u = _check(p, "content_bias", content_bias, (p.heads, p.dim), "(H, D)")
+    v_pos = _check(p, "position_bias", position_bias, (p.heads, p.dim), "(H, D)")
     scale = _kernels.resolve_scale(scale, p.dim)
     offset = causal_offset("bottom_right", p.length, p.key_length)  # query i at position M + i
     # (c) u·k_j per query head h (kv head h // (H/G)): (..., G, H/G, S) → (..., H, 1, S)
