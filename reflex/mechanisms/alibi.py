@@ -61,14 +61,13 @@ def _alibi_term(slopes: Any, offset: int, symmetric: bool) -> Any:
     return bias
 
 
-def _check_slopes(xp: Any, slopes: Any, heads: int, batch: tuple[int, ...], dtype: Any) -> Any:
+def _check_slopes(p: _kernels.Prepared, slopes: Any) -> Any:
+    heads, batch = p.heads, p.batch
     shape = tuple(int(n) for n in slopes.shape)
     if not shape or shape[-1] != heads or len(shape) > len(batch) + 1 or any(
             a not in (1, b) for a, b in zip(shape[-2::-1], batch[::-1])):
         raise ValueError(f"slopes must have shape (H,) or (..., H) with H = {heads} and ... broadcastable to {batch}; got {shape}")
-    if not xp.isdtype(slopes.dtype, "real floating"):
-        raise TypeError(f"slopes must be a real floating array; got dtype {slopes.dtype}")
-    return xp.astype(slopes, dtype)
+    return _kernels.check_array(p.xp, p.device, p.q.dtype, "slopes", slopes)
 
 
 def alibi_bias(slopes: Any, /, length: int, key_length: int, *, alignment: str = "bottom_right",
@@ -129,7 +128,7 @@ def alibi_attention(q: Any, k: Any, v: Any, /, *, slopes: Any = None, causal: bo
     if slopes is None:
         slopes = alibi_slopes(p.heads, xp=xp, device=p.device, dtype=dtype)
     else:
-        slopes = _check_slopes(xp, slopes, p.heads, p.batch, dtype)
+        slopes = _check_slopes(p, slopes)
     offset = causal_offset(alignment, p.length, p.key_length)
     masks, tile_active = [], None
     if causal:

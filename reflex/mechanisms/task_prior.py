@@ -58,16 +58,16 @@ def task_prior_attention(q: Any, k: Any, v: Any, /, *, blocks: Any, gamma: Any =
     """
     p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
     xp = p.xp
-    if namespace(blocks) is not xp or device_of(blocks) != p.device:
-        raise TypeError("blocks must be an array of q's library on q's device")
+    blocks = _kernels.check_array(xp, p.device, p.q.dtype, "blocks", blocks)
     if blocks.ndim < 3:
         raise ValueError(f"blocks must have shape (..., N, L/N, S/N); got {tuple(blocks.shape)}")
     n, bl, bs = (int(s) for s in blocks.shape[-3:])
     if n * bl != p.length or n * bs != p.key_length:
         raise ValueError(f"blocks of shape {tuple(blocks.shape)} tile {n}·{bl} × {n}·{bs} = {n * bl} × {n * bs}; "
                          f"expected (L, S) = ({p.length}, {p.key_length})")
-    cast = [None if a is None else xp.astype(a, p.q.dtype) for a in (blocks, gamma, beta)]
-    prior = block_diagonal_prior(cast[0], gamma=cast[1], beta=cast[2])
+    gamma, beta = (None if a is None else _kernels.check_array(xp, p.device, p.q.dtype, name, a)
+                   for name, a in (("gamma", gamma), ("beta", beta)))
+    prior = block_diagonal_prior(blocks, gamma=gamma, beta=beta)
     prior = _kernels.check_term(p, "blocks (as a block-diagonal prior)", prior, boolean=False)
     masks, tile_active = mask_and_causal(p, mask, causal)
     return _kernels.softmax_attention(p, scale=_kernels.resolve_scale(scale, p.dim), mask=masks, bias=prior,
