@@ -41,3 +41,34 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     lines = ["  ".join(f"{str(c):>{w}}" for c, w in zip(header, widths))]
     lines += ["  ".join(f"{str(c):>{w}}" for c, w in zip(r, widths)) for r in rows]
     return "\n".join(lines)
+
+
+def timed_rss(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1) -> dict:
+    """``{"seconds": best_time, "peak_bytes": rise of the process's max RSS during the calls}``.
+
+    Meant to run in a fresh process (:func:`in_subprocess`), so the peak belongs to ``fn`` alone.
+    """
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    seconds = best_time(fn, repeats=repeats, warmup=warmup)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"seconds": seconds, "peak_bytes": (after - before) * 1024}
+
+
+def in_subprocess(suite: str, label: str, *args: Any) -> dict | None:
+    """``benchmarks.<suite>.measure(*args)`` in a fresh interpreter; its JSON result, or None (failure
+    reported on stderr under ``label``)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent.parent
+    code = (f"import json, sys; sys.path.insert(0, {str(here)!r}); from benchmarks.{suite} import measure; "
+            f"print(json.dumps(measure(*{args!r})))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"{label}: failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])

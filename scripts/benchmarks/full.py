@@ -7,12 +7,8 @@ of ``--repeats`` calls after one warm-up.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 
-from benchmarks._timing import table
+from benchmarks._timing import in_subprocess, table, timed_rss
 
 IMPLEMENTATIONS = ("reflex-dense", "reflex-tiled", "torch-sdpa")
 
@@ -27,9 +23,7 @@ def add_arguments(parser) -> None:
 
 def measure(implementation: str, length: int, heads: int, dim: int, repeats: int, causal: bool) -> dict:
     """Runs inside the subprocess: time and peak-RSS rise of one implementation."""
-    import resource
 
-    from benchmarks._timing import best_time
     from reflex import random
 
     q, k, v = (random.normal((1, heads, length, dim), seed=(0, i)) for i in range(3))
@@ -50,28 +44,20 @@ def measure(implementation: str, length: int, heads: int, dim: int, repeats: int
         def call():
             return reflex.full_attention(q, k, v, causal=causal, implementation=kind)
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    seconds = best_time(call, repeats=repeats)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"seconds": seconds, "peak_bytes": (after - before) * 1024}
+    return timed_rss(call, repeats=repeats)
 
 
 def run(args) -> int:
     lengths = [int(n) for n in args.lengths.split(",")]
-    here = Path(__file__).resolve().parent.parent
     rows = []
     for length in lengths:
         scores_bytes = args.heads * length * length * 8
         results = {}
         for implementation in IMPLEMENTATIONS:
-            code = (f"import json, sys; sys.path.insert(0, {str(here)!r}); from benchmarks.full import measure; "
-                    f"print(json.dumps(measure({implementation!r}, {length}, {args.heads}, {args.dim}, "
-                    f"{args.repeats}, {args.causal})))")
-            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(f"{implementation} L={length}: failed: {proc.stderr.strip().splitlines()[-1]}", file=sys.stderr)
-                continue
-            results[implementation] = json.loads(proc.stdout.strip().splitlines()[-1])
+            r = in_subprocess("full", f"{implementation} L={length}", implementation, length, args.heads, args.dim,
+                              args.repeats, args.causal)
+            if r is not None:
+                results[implementation] = r
         base = results.get("torch-sdpa", {}).get("seconds")
         for implementation, r in results.items():
             ratio = f"{r['seconds'] / base:.2f}" if base else "n/a"

@@ -9,12 +9,9 @@ L₀, and the row says so.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
-from pathlib import Path
 
-from benchmarks._timing import table
+from benchmarks._timing import in_subprocess, table, timed_rss
 
 MECHANISMS = ("linear", "performer", "nystrom", "full-tiled")
 
@@ -34,10 +31,8 @@ def add_arguments(parser) -> None:
 def measure(mechanism: str, length: int, heads: int, dim: int, features: int, landmarks: int, repeats: int,
             causal: bool) -> dict:
     """Runs inside the subprocess: time and peak-RSS rise of one mechanism at one length."""
-    import resource
 
     import reflex
-    from benchmarks._timing import best_time
     from reflex import random
 
     q, k, v = (random.normal((1, heads, length, dim), seed=(0, i)) for i in range(3))
@@ -47,22 +42,7 @@ def measure(mechanism: str, length: int, heads: int, dim: int, features: int, la
         "nystrom": lambda: reflex.nystrom_attention(q, k, v, num_landmarks=landmarks),
         "full-tiled": lambda: reflex.full_attention(q, k, v, causal=causal, implementation="tiled"),
     }
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    seconds = best_time(calls[mechanism], repeats=repeats, warmup=1 if length <= 16384 else 0)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"seconds": seconds, "peak_bytes": (after - before) * 1024}
-
-
-def _subprocess(mechanism: str, length: int, args) -> dict | None:
-    here = Path(__file__).resolve().parent.parent
-    code = (f"import json, sys; sys.path.insert(0, {str(here)!r}); from benchmarks.linear import measure; "
-            f"print(json.dumps(measure({mechanism!r}, {length}, {args.heads}, {args.dim}, {args.features}, "
-            f"{args.landmarks}, {args.repeats}, {args.causal})))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(f"{mechanism} L={length}: failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return timed_rss(calls[mechanism], repeats=repeats, warmup=1 if length <= 16384 else 0)
 
 
 def run(args) -> int:
@@ -77,7 +57,8 @@ def run(args) -> int:
                 continue
             if mechanism != "full-tiled" and length not in lengths:
                 continue
-            r = _subprocess(mechanism, length, args)
+            r = in_subprocess("linear", f"{mechanism} L={length}", mechanism, length, args.heads, args.dim,
+                              args.features, args.landmarks, args.repeats, args.causal)
             if r is not None:
                 results[mechanism, length] = r
             print(f"  measured {mechanism} L={length}: {r['seconds']:.3f} s" if r else "", file=sys.stderr)

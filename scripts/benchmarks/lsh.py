@@ -10,12 +10,8 @@ projections (N = H·D); reflex is given the projected qk and v.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 
-from benchmarks._timing import table
+from benchmarks._timing import in_subprocess, table, timed_rss
 
 IMPLEMENTATIONS = ("reflex-numba", "reflex-array-api", "hf-float32")
 
@@ -34,9 +30,7 @@ def add_arguments(parser) -> None:
 def measure(implementation: str, length: int, heads: int, dim: int, hashes: int, buckets: int, chunk: int,
             repeats: int) -> dict:
     """Runs inside the subprocess: time and peak-RSS rise of one implementation."""
-    import resource
 
-    from benchmarks._timing import best_time
     from reflex import random
 
     qk = random.normal((1, heads, length, dim), seed=(0, 0))
@@ -67,31 +61,22 @@ def measure(implementation: str, length: int, heads: int, dim: int, hashes: int,
             return reflex.lsh_attention(qk, v, n_buckets=buckets, n_hashes=hashes, chunk_length=chunk,
                                         rotations=rotations, implementation=kind)
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    seconds = best_time(call, repeats=repeats)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"seconds": seconds, "peak_bytes": (after - before) * 1024}
+    return timed_rss(call, repeats=repeats)
 
 
 def run(args) -> int:
     lengths = [int(n) for n in args.lengths.split(",")]
     skip = {s for s in args.skip.split(",") if s}
-    here = Path(__file__).resolve().parent.parent
     rows = []
     for length in lengths:
         results = {}
         for implementation in IMPLEMENTATIONS:
             if implementation in skip:
                 continue
-            code = (f"import json, sys; sys.path.insert(0, {str(here)!r}); from benchmarks.lsh import measure; "
-                    f"print(json.dumps(measure({implementation!r}, {length}, {args.heads}, {args.dim}, {args.hashes}, "
-                    f"{args.buckets}, {args.chunk}, {args.repeats})))")
-            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(f"{implementation} L={length}: failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}",
-                      file=sys.stderr)
-                continue
-            results[implementation] = json.loads(proc.stdout.strip().splitlines()[-1])
+            r = in_subprocess("lsh", f"{implementation} L={length}", implementation, length, args.heads, args.dim,
+                              args.hashes, args.buckets, args.chunk, args.repeats)
+            if r is not None:
+                results[implementation] = r
         base = results.get("hf-float32", {}).get("seconds")
         for implementation, r in results.items():
             ratio = f"{r['seconds'] / base:.2f}" if base else "n/a"
