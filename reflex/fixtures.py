@@ -87,7 +87,6 @@ def _canonical(array: Any, what: str) -> numpy.ndarray:
 _npz_bytes = npz.npz_bytes  # kept under its old name: tests build consistent but wrong case files with it
 
 
-
 def _case_inputs(case: registry.Case, cid: str) -> list[tuple[str, numpy.ndarray]]:
     """The input members of one case file, sorted by name."""
     members = []

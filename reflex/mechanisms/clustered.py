@@ -164,6 +164,7 @@ def _improved_example(seq: int, heads: int, dim: int, seed: int) -> Case:
     case = _example(seq, heads, dim, seed)
     return Case("example", case.inputs, {**case.params, "topk": min(32, seq)}, seed=seed)
 
+
 register(Mechanism(
     key="clustered",
     function=clustered_attention,

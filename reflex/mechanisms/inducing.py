@@ -132,6 +132,7 @@ def _luna_example(seq: int, heads: int, dim: int, seed: int) -> Case:
     packing = random.normal((1, heads, min(32, seq), dim), seed=(seed, 5))
     return Case("example", {**example_qkv(seq, heads, dim, seed), "p": packing}, {}, seed=seed)
 
+
 register(Mechanism(
     key="isab",
     function=isab_attention,

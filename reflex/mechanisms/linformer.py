@@ -86,6 +86,7 @@ def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
     e = random.normal((rank, seq), seed=(seed, 5), std=rank ** -0.5)
     return Case("example", {**example_qkv(seq, heads, dim, seed), "e_proj": e}, {}, seed=seed)
 
+
 register(Mechanism(
     key="linformer",
     function=linformer_attention,

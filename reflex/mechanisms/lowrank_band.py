@@ -84,6 +84,7 @@ def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
     w = min(64, max(1, seq // 16))
     return Case("example", {**example_qkv(seq, heads, dim, seed), "q_proj": projection}, {"window": [w, w]}, seed=seed)
 
+
 register(Mechanism(
     key="lowrank_band",
     function=lowrank_band_attention,

@@ -106,6 +106,7 @@ def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
                for i, name in enumerate(("k_weight", "v_weight"))}
     return Case("example", {**example_qkv(seq, heads, dim, seed), **weights}, {"kernel_size": kappa}, seed=seed)
 
+
 register(Mechanism(
     key="memory_compressed",
     function=memory_compressed_attention,

@@ -166,6 +166,7 @@ def _reference(q: Any, k: Any, v: Any, /, *, num_landmarks: int, pinv: str = "it
 def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
     return Case("example", example_qkv(seq, heads, dim, seed), {"num_landmarks": min(64, seq)}, seed=seed)
 
+
 register(Mechanism(
     key="nystrom",
     function=nystrom_attention,

@@ -167,6 +167,7 @@ def _reference(q: Any, k: Any, v: Any, /, **params: Any) -> Any:
 def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
     return Case("example", example_qkv(seq, heads, dim, seed), {"num_features": 256, "seed": seed}, seed=seed)
 
+
 register(Mechanism(
     key="performer",
     function=performer_attention,

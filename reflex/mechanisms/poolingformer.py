@@ -90,6 +90,7 @@ def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
     return Case("example", example_qkv(seq, heads, dim, seed), {"window": [w, w], "pool": "mean", "kernel_size": min(4, seq)},
                 seed=seed)
 
+
 register(Mechanism(
     key="poolingformer",
     function=poolingformer_attention,

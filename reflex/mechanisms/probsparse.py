@@ -168,6 +168,7 @@ def _cases(size: str, seed: int) -> list[Case]:
 def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
     return Case("example", example_qkv(seq, heads, dim, seed), {"seed": seed}, seed=seed)
 
+
 register(Mechanism(
     key="probsparse",
     function=probsparse_attention,

@@ -115,6 +115,7 @@ def _value_term(p: Any, queries: Any, rel_k: Any, rel_v: Any, clip: int, offset:
             shares.append(xp.where(valid & ~empty, xp.exp(content + position - shift), 0.0))
     return xp.stack(shares, axis=-1) @ rel_v  # (..., H, L, 2k+1) @ (H|1, 2k+1, E)
 
+
 def _cases(size: str, seed: int) -> list[Case]:
     d = dims(size)
     shapes = dict(heads=d["H"], kv_heads=d["G"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
