@@ -63,6 +63,12 @@ class Mechanism:
       explicit boolean ``(..., H, L, S)`` mask (True = attended) that the mechanism's output equals
       ``full_attention`` under — the keys each query attended, for kernel authors and tests.
       Where a key can be attended more than once, it returns integer multiplicities instead.
+    - ``vjp``: the reverse-mode derivative, ``vjp(inputs, d_out, *, d_lse=None, d_state=None,
+      **params) -> dict[str, array]`` (``inputs`` maps every array argument's name to the caller's
+      array); ``None`` when the mechanism has none. Called through :func:`reflex.vjp`, which
+      validates its arguments and result.
+    - ``returns_state``: whether ``return_state=True`` is supported (state-recurrent mechanisms;
+      their VJP takes ``d_state``).
     """
 
     key: str
@@ -76,6 +82,13 @@ class Mechanism:
     row_separable: bool = True
     example: Callable[[int, int, int, int], Case] | None = None
     pattern: Callable[..., Any] | None = None
+    vjp: Callable[..., dict[str, Any]] | None = None
+    returns_state: bool = False
+
+    @property
+    def has_vjp(self) -> bool:
+        """Whether :func:`reflex.vjp` supports this mechanism."""
+        return self.vjp is not None
 
     def example_case(self, seq: int, heads: int, dim: int, seed: int) -> Case:
         """Inputs for ``reflex run``: the mechanism's own example, or standard q, k, v."""
