@@ -1,0 +1,123 @@
+"""The engine's shared pieces: grouped GQA views, term evaluation, the score block and the softmax statistics.
+
+Conventions are in :mod:`reflex.mechanisms._engine` (the package docstring).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+from reflex.mechanisms._inputs import Prepared
+
+Term = Any  # an array broadcastable to (..., H, L, S), or a callable (rows, cols) -> such an array
+TileActive = Callable[[int, int, int, int], bool]
+
+
+def _group_queries(p: Prepared, x: Any) -> Any:
+    """``(..., H, l, ·)`` → ``(..., G, H/G, l, ·)``."""
+    return p.xp.reshape(x, (*x.shape[:-3], p.kv_heads, p.group, *x.shape[-2:]))
+
+
+def _ungroup(p: Prepared, x: Any) -> Any:
+    """``(..., G, H/G, l, ·)`` → ``(..., H, l, ·)``."""
+    return p.xp.reshape(x, (*x.shape[:-4], p.heads, *x.shape[-2:]))
+
+
+def _group_term(p: Prepared, t: Any) -> Any:
+    """A term value broadcastable to ``(..., H, l, s)`` → broadcastable to ``(..., G, H/G, l, s)``."""
+    xp = p.xp
+    full_ndim = len(p.batch) + 3
+    if t.ndim > full_ndim:
+        raise ValueError(f"a mask/bias term has {t.ndim} axes; at most {full_ndim} (..., H, L, S) are allowed")
+    t = xp.reshape(t, (1,) * (full_ndim - t.ndim) + tuple(t.shape))
+    if t.shape[-3] == 1:
+        return xp.expand_dims(t, axis=-3)
+    if t.shape[-3] != p.heads:
+        raise ValueError(f"a mask/bias term has {t.shape[-3]} heads; expected 1 or {p.heads}")
+    return xp.reshape(t, (*t.shape[:-3], p.kv_heads, p.group, *t.shape[-2:]))
+
+
+def _slice_tile(t: Any, i0: int, i1: int, j0: int, j1: int) -> Any:
+    """Rows i0:i1 and columns j0:j1 of a grouped array term, leaving broadcast (size-1) axes alone."""
+    rows = slice(i0, i1) if t.shape[-2] != 1 else slice(None)
+    cols = slice(j0, j1) if t.shape[-1] != 1 else slice(None)
+    return t[..., rows, cols]
+
+
+def _in_compute_dtype(p: Prepared, value: Any) -> Any:
+    """A callable term's value: float values cast to the compute dtype (boolean masks unchanged)."""
+    xp = p.xp
+    if xp.isdtype(value.dtype, "real floating") and value.dtype != p.q.dtype:
+        return xp.astype(value, p.q.dtype)
+    return value
+
+
+def _evaluate(p: Prepared, terms: Sequence[Any], rows: Any, cols: Any, tile: tuple[int, int, int, int] | None) -> list[Any]:
+    """Grouped values of ``terms`` on the index grids ``rows``, ``cols`` (or an array tile)."""
+    values = []
+    for t in terms:
+        if t is None:
+            continue
+        if callable(t) and not hasattr(t, "shape"):
+            values.append(_group_term(p, _in_compute_dtype(p, t(rows, cols))))
+        else:  # group first: an array of fewer than 2 axes ((S,), 0-d) has no row/column axis to slice
+            value = _group_term(p, t)
+            values.append(value if tile is None else _slice_tile(value, *tile))
+    return values
+
+
+def _grids(p: Prepared, i0: int, i1: int, j0: int, j1: int) -> tuple[Any, Any]:
+    xp = p.xp
+    rows = xp.reshape(xp.arange(i0, i1, dtype=xp.int64, device=p.device), (i1 - i0, 1))
+    cols = xp.reshape(xp.arange(j0, j1, dtype=xp.int64, device=p.device), (1, j1 - j0))
+    return rows, cols
+
+
+def _as_tuple(terms: Any) -> tuple[Any, ...]:
+    if terms is None:
+        return ()
+    return tuple(terms) if isinstance(terms, (tuple, list)) else (terms,)
+
+
+def _scores(p: Prepared, raw: Any, softcap: float | None, biases: list[Any], masks: list[Any]) -> Any:
+    """Final scores from raw ``scale·q·k``: softcap, then biases, then masks (→ −∞)."""
+    xp = p.xp
+    s = raw  # a fresh temporary: updated in place below (saves a pass of page faults per tile)
+    if softcap is not None:
+        s = softcap * xp.tanh(s / softcap)
+    for b in biases:
+        s += b
+    for m in masks:
+        s = xp.where(m, s, -math.inf)
+    return s
+
+
+def _safe_max(xp: Any, m: Any) -> Any:
+    """The softmax shift: the row max, or 0 where the row max is −∞ (nothing to attend)."""
+    return xp.where(m == -math.inf, 0.0, m)
+
+
+def empty_result(p: Prepared) -> tuple[Any, Any]:
+    """The result when L = 0 or S = 0: zero outputs and −∞ lse (every row attends nothing)."""
+    xp = p.xp
+    out = xp.zeros((*p.batch, p.heads, p.length, p.value_dim), dtype=p.q.dtype, device=p.device)
+    lse = xp.full((*p.batch, p.heads, p.length), -math.inf, dtype=p.q.dtype, device=p.device)
+    return out, lse
+
+
+def finish(xp: Any, acc: Any, row_max: Any, row_sum: Any) -> tuple[Any, Any]:
+    """``(out, lse)`` from an unnormalised accumulator: out = acc / ℓ (0 when ℓ = 0), lse = m + log ℓ (−∞ when ℓ = 0)."""
+    empty = row_sum == 0
+    denom = xp.where(empty, 1.0, row_sum)
+    out = acc / denom
+    lse = xp.where(empty, -math.inf, row_max + xp.log(denom))
+    return out, lse[..., 0]
+
+
+def _softmax_parts(xp: Any, s: Any) -> tuple[Any, Any, Any]:
+    """Unnormalised weights ``exp(s − m)``, the row max ``m`` and the row sum ``ℓ`` of scores ``s``."""
+    row_max = xp.max(s, axis=-1, keepdims=True)
+    s -= _safe_max(xp, row_max)
+    weights = xp.exp(s)
+    return weights, row_max, xp.sum(weights, axis=-1, keepdims=True)
