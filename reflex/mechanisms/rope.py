@@ -71,6 +71,9 @@ def apply_rope(x: Any, /, *, positions: Any = None, base: float = 10000.0, conve
         raise ValueError(f"x must have shape (..., L, D); got shape {tuple(x.shape)}")
     length, dim = int(x.shape[-2]), int(x.shape[-1])
     rotary = dim if rotary_dim is None else rotary_dim
+    if rotary_dim is None and dim % 2:
+        raise ValueError(f"the head dim D of x must be even to rotate every feature in pairs; got D = {dim} "
+                         "(pass an even rotary_dim < D for partial rotary)")
     if isinstance(rotary, bool) or not isinstance(rotary, int) or rotary < 0 or rotary % 2 or rotary > dim:
         raise ValueError(f"rotary_dim must be an even int in [0, D = {dim}]; got {rotary_dim!r}")
     if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 0:

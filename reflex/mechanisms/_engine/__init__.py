@@ -58,13 +58,19 @@ from reflex.mechanisms._inputs import (Prepared, check_array, check_indices, che
 
 __all__ = [
     "Prepared", "prepare", "check_term", "check_indices", "check_array", "dense", "tiled", "gather", "finish", "empty_result",
-    "softmax_attention", "resolve_dtype", "resolve_scale", "resolve_softcap", "IMPLEMENTATIONS", "scores", "weights",
+    "softmax_attention", "choose_implementation", "resolve_dtype", "resolve_scale", "resolve_softcap", "IMPLEMENTATIONS", "scores", "weights",
     "AUTO_TILED_ELEMENTS", "GATHER_BLOCK_ELEMENTS", "Term", "TileActive",
 ]
 
 IMPLEMENTATIONS = ("auto", "dense", "tiled")
 # "auto" streams when one head's score matrix would exceed this many elements (128 MiB in float64).
 AUTO_TILED_ELEMENTS = 1 << 24
+
+
+def choose_implementation(length: int, key_length: int) -> str:
+    """The kernel ``implementation="auto"`` runs for L queries and S keys: ``"tiled"`` when one
+    head's score matrix (L·S elements) exceeds :data:`AUTO_TILED_ELEMENTS`, else ``"dense"``."""
+    return "tiled" if length * key_length > AUTO_TILED_ELEMENTS else "dense"
 
 
 def softmax_attention(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, softcap: float | None = None,
@@ -74,7 +80,7 @@ def softmax_attention(p: Prepared, *, scale: float, mask: Any = None, bias: Any 
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)}; got {implementation!r}")
     if implementation == "auto":
-        implementation = "tiled" if p.length * p.key_length > AUTO_TILED_ELEMENTS else "dense"
+        implementation = choose_implementation(p.length, p.key_length)
     if implementation == "dense":
         out, lse = dense(p, scale=scale, mask=mask, bias=bias, softcap=softcap)
     else:
