@@ -7,9 +7,11 @@ that they do. Positions cover every integer in [−100000, 100000].
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
+import mpmath
 import numpy
 import pytest
 
@@ -34,14 +36,111 @@ CONFIGS = [
 ]
 
 
+def _log_inputs(bidirectional, num_buckets):
+    """The float32 ratios n / e whose log the bucket formula takes, for every n ≥ e in POSITIONS."""
+    per_direction = num_buckets // 2 if bidirectional else num_buckets
+    exact = per_direction // 2
+    n = numpy.unique(numpy.abs(POSITIONS))
+    n = n[n >= exact]
+    return numpy.unique(n.astype(numpy.float32) / numpy.float32(exact))
+
+
+def _exact_log32(x):
+    """The correctly rounded float32 log of float32 ``x``, proved with mpmath where it is in doubt.
+
+    ``float32(log_float64(x))`` is the correctly rounded float32 log unless the exact log lies
+    within the float64 log's error of a float32 rounding midpoint; those few values (a window of
+    10⁶ float64 ulps, far wider than any libm's error) are decided in mpmath at 40 digits.
+    """
+    log64 = numpy.log(x.astype(numpy.float64))
+    result = log64.astype(numpy.float32)
+    up = numpy.nextafter(result, numpy.float32(numpy.inf))
+    down = numpy.nextafter(result, numpy.float32(-numpy.inf))
+    mid_up = (result.astype(numpy.float64) + up.astype(numpy.float64)) / 2  # exact in float64
+    mid_down = (result.astype(numpy.float64) + down.astype(numpy.float64)) / 2
+    window = 1e6 * numpy.spacing(numpy.abs(log64))
+    doubtful = numpy.nonzero((numpy.abs(log64 - mid_up) < window) | (numpy.abs(log64 - mid_down) < window))[0]
+    with mpmath.workdps(40):
+        for i in doubtful:
+            exact = mpmath.log(mpmath.mpf(float(x[i])))
+            candidates = (result[i], up[i], down[i])
+            result[i] = min(candidates, key=lambda c: abs(mpmath.mpf(float(c)) - exact))
+    return result
+
+
+@functools.lru_cache(maxsize=None)
+def _exact_table(bidirectional, num_buckets):
+    ratios = _log_inputs(bidirectional, num_buckets)
+    return ratios, _exact_log32(ratios)
+
+
+def _exact_log(bidirectional, num_buckets, nudge=0):
+    """``log32(n, e)``: the correctly rounded float32 log of float32(n)/float32(e), moved ``nudge`` ulps."""
+    ratios, logs = _exact_table(bidirectional, num_buckets)
+    for _ in range(abs(nudge)):
+        logs = numpy.nextafter(logs, numpy.float32(numpy.inf if nudge > 0 else -numpy.inf))
+
+    def log32(n, e):
+        r = n.astype(numpy.float32) / numpy.float32(e)
+        return logs[numpy.clip(numpy.searchsorted(ratios, r), 0, ratios.size - 1)]  # n = e gives the first ratio, 1
+
+    return log32
+
+
+@pytest.mark.parametrize("bidirectional,num_buckets,max_distance", CONFIGS)
+def test_buckets_use_the_correctly_rounded_float32_log(bidirectional, num_buckets, max_distance):
+    """reflex's semantics against an exact source: the bucket formula with the correctly rounded log."""
+    expected = _formula32(bidirectional, num_buckets, max_distance, _exact_log(bidirectional, num_buckets))
+    got = reflex.t5_relative_position_bucket(POSITIONS, bidirectional=bidirectional, num_buckets=num_buckets,
+                                             max_distance=max_distance)
+    mismatch = numpy.nonzero(got != expected)[0]
+    assert mismatch.size == 0, f"positions {POSITIONS[mismatch][:10]}: ours {got[mismatch][:10]}, exact {expected[mismatch][:10]}"
+
+
 @pytest.mark.parametrize("bidirectional,num_buckets,max_distance", CONFIGS)
 def test_buckets_bit_identical(bidirectional, num_buckets, max_distance):
+    """Equal to Hugging Face wherever this machine's torch float32 log is correctly rounded.
+
+    torch's CPU float32 ``log`` is not correctly rounded, and which inputs it misrounds depends on
+    the instruction set it dispatches to (on one AMD EPYC, log(1.5) is 1 ulp high). Positions whose
+    log input torch misrounds here are counted and reported (a warning), not failed.
+    """
+    ratios, exact_logs = _exact_table(bidirectional, num_buckets)
+    misrounded = ratios[torch.log(torch.from_numpy(ratios)).numpy() != exact_logs]
+    per_direction = num_buckets // 2 if bidirectional else num_buckets
+    exact = per_direction // 2
+    n = numpy.abs(POSITIONS) if bidirectional else -numpy.minimum(POSITIONS, 0)
+    ratio_of_position = numpy.maximum(n, exact).astype(numpy.float32) / numpy.float32(exact)
+    trusted = ~((n >= exact) & numpy.isin(ratio_of_position, misrounded))
     ref = hf_bucket(torch.from_numpy(POSITIONS), bidirectional=bidirectional, num_buckets=num_buckets,
                     max_distance=max_distance).numpy()
     got = reflex.t5_relative_position_bucket(POSITIONS, bidirectional=bidirectional, num_buckets=num_buckets,
                                              max_distance=max_distance)
-    mismatch = numpy.nonzero(got != ref)[0]
+    mismatch = numpy.nonzero((got != ref) & trusted)[0]
     assert mismatch.size == 0, f"positions {POSITIONS[mismatch][:10]}: ours {got[mismatch][:10]}, HF {ref[mismatch][:10]}"
+    differ = int(numpy.count_nonzero((got != ref) & ~trusted))
+    if differ:
+        warnings.warn(f"T5 buckets ({bidirectional}, {num_buckets}, {max_distance}): {differ} of {POSITIONS.size} positions "
+                      f"not compared with Hugging Face and differing from it: this machine's torch float32 log "
+                      f"misrounds {misrounded.size} of the configuration's {ratios.size} log inputs", stacklevel=1)
+
+
+def _formula32(bidirectional, num_buckets, max_distance, log32):
+    """Hugging Face's float32 bucket formula with the float32 log ``log32(n, e)``, on the host."""
+    rel = POSITIONS
+    offset = numpy.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        offset = (rel > 0) * num_buckets
+        n = numpy.abs(rel)
+    else:
+        n = -numpy.minimum(rel, 0)
+    exact = num_buckets // 2
+    f32 = numpy.float32
+    log_ratio = log32(numpy.maximum(n, exact), exact)
+    scaled = (log_ratio / f32(math.log(max_distance / exact))).astype(f32) * f32(num_buckets - exact)
+    large = numpy.minimum(exact + scaled.astype(f32).astype(numpy.int64), num_buckets - 1)
+    return offset + numpy.where(n < exact, n, large)
 
 
 def _formula(bidirectional, num_buckets, max_distance, log):
@@ -61,15 +160,15 @@ def _formula(bidirectional, num_buckets, max_distance, log):
 
 
 def test_configs_exercise_float32_rounding():
+    """A float64 log, or a float32 log one ulp off, picks other buckets than the exact float32
+    formula in several configurations (so the tests above can tell the conventions apart)."""
     float64 = lambda n, e: numpy.log(n / e)  # noqa: E731
-    numpy32 = lambda n, e: numpy.log(n.astype(numpy.float32) / numpy.float32(e))  # noqa: E731
-    differ64 = differ32 = 0
+    differ64 = differ_ulp = 0
     for config in CONFIGS:
-        ref = hf_bucket(torch.from_numpy(POSITIONS), bidirectional=config[0], num_buckets=config[1],
-                        max_distance=config[2]).numpy()
-        differ64 += bool((_formula(*config, float64) != ref).any())
-        differ32 += bool((_formula(*config, numpy32) != ref).any())
-    assert differ64 >= 6 and differ32 >= 5
+        exact = _formula32(*config, _exact_log(*config[:2]))
+        differ64 += bool((_formula(*config, float64) != exact).any())
+        differ_ulp += any(bool((_formula32(*config, _exact_log(*config[:2], nudge)) != exact).any()) for nudge in (-1, 1))
+    assert differ64 >= 6 and differ_ulp >= 5
 
 
 @pytest.mark.parametrize("past", [0, 5])
