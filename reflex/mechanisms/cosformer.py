@@ -64,6 +64,49 @@ def cosformer_attention(q: Any, k: Any, v: Any, /, *, causal: bool | str = False
     )
 
 
+def _cosformer_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, causal: bool | str = False, eps: float = 1e-6,
+                   compute_dtype: Any = None, implementation: str = "auto") -> dict:
+    """VJP of :func:`cosformer_attention`: ``{"q": dq, "k": dk, "v": dv}``.
+
+    The kernelised core's backward (see :func:`reflex.mechanisms._grad.kernelized_vjp`) with the
+    clamped normaliser ``num / max(den, ε)``: ``d num = do / max(den, ε)``, ``d den = −⟨do, num⟩/den²``
+    where ``den > ε`` and 0 on the clamp's branch. Features ``φ(x) = [relu(x) sin θ, relu(x) cos θ]``,
+    ``dφ = [b_s, b_c]``: ``dx = b_s sin θ + b_c cos θ`` where ``x > 0``, else 0 (subgradient 0 at the
+    kink ``x = 0``).
+    """
+    from reflex.mechanisms import _grad
+
+    form = check_form(implementation)
+    p = _kernels.prepare(inputs["q"], inputs["k"], inputs["v"], compute_dtype=compute_dtype)
+    xp = p.xp
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a number > 0; got {eps!r}")
+    offset = causal_shift(p, causal)
+    qg, kg, _ = grouped(p)
+    q_angle = _angles(p, p.length, 0 if offset is None else offset)
+    k_angle = _angles(p, p.key_length, 0)
+    relu_q, relu_k = xp.where(qg > 0, qg, 0.0), xp.where(kg > 0, kg, 0.0)
+    fq = xp.concat([relu_q * xp.sin(q_angle), relu_q * xp.cos(q_angle)], axis=-1)
+    fk = xp.concat([relu_k * xp.sin(k_angle), relu_k * xp.cos(k_angle)], axis=-1)
+    d_fq, d_fk, d_v, _ = _grad.kernelized_vjp(p, fq, fk, _grad.divide_vjp(xp, floor=float(eps)), d_out,
+                                              offset=offset, form=form)
+    D = p.dim
+
+    def back(x: Any, angle: Any, d_f: Any) -> Any:
+        return xp.where(x > 0, d_f[..., :D] * xp.sin(angle) + d_f[..., D:] * xp.cos(angle), 0.0)
+
+    return {"q": _grad.ungroup(p, back(qg, q_angle, d_fq)), "k": back(kg, k_angle, d_fk)[..., 0, :, :], "v": d_v}
+
+
+def _angles(p: _kernels.Prepared, count: int, start: int) -> Any:
+    """``θ = π/2 · position / M`` of positions ``start … start + count − 1`` as ``(count, 1)``."""
+    xp = p.xp
+    horizon = max(p.length, p.key_length)
+    angle = (math.pi / 2 / horizon) * xp.astype(xp.arange(start, start + count, dtype=xp.int64, device=p.device),
+                                                  p.q.dtype)
+    return xp.reshape(angle, (count, 1))
+
+
 def _cases(size: str, seed: int) -> list[Case]:
     d, gqa = standard(size, seed)
     return [
@@ -91,4 +134,5 @@ register(Mechanism(
     },
     cases=_cases,
     reference=_reference,
+    vjp=_cosformer_vjp,
 ))

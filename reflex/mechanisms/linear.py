@@ -263,6 +263,56 @@ def linear_attention(q: Any, k: Any, v: Any, /, *, feature_map: Any = "elu", cau
     )
 
 
+def _feature_map_vjp(xp: Any, feature_map: Any, feature_map_grad: Any) -> Callable[[Any, Any], Any]:
+    """``(x, dφ) -> dx`` for the feature map; a callable map needs ``feature_map_grad`` (see :func:`_linear_vjp`)."""
+    if callable(feature_map):
+        if not callable(feature_map_grad):
+            raise ValueError("feature_map is a callable: its VJP needs feature_map_grad=, a callable (x, d_features) -> "
+                             f"d_x in the same namespace; got feature_map_grad={feature_map_grad!r}")
+        return feature_map_grad
+    if feature_map_grad is not None:
+        raise ValueError(f"feature_map_grad is only for a callable feature_map; got feature_map={feature_map!r}")
+    if feature_map == "elu":
+        return lambda x, d: d * xp.exp(xp.where(x > 0, 0.0, x))  # 1 for x > 0, e^x otherwise
+    if feature_map == "relu":
+        return lambda x, d: xp.where(x > 0, d, 0.0)  # subgradient 0 at x = 0
+    raise ValueError(f"feature_map must be one of {', '.join(FEATURE_MAPS)} or a callable; got {feature_map!r}")
+
+
+def _linear_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, feature_map: Any = "elu",
+                feature_map_grad: Any = None, causal: bool | str = False, eps: float = 1e-6,
+                compute_dtype: Any = None, implementation: str = "auto") -> dict:
+    """VJP of :func:`linear_attention`: ``{"q": dq, "k": dk, "v": dv}``.
+
+    Backward equations (``φ`` the feature map, ``n_i = φ(q_i)ᵀ S_{t_i}``, ``d_i = φ(q_i)ᵀ z_{t_i} + ε``):
+    ``d n_i = do_i / d_i``, ``d d_i = −⟨do_i, n_i⟩ / d_i²`` (0 for a query whose normaliser is 0);
+    ``dφ(q_i) = S_{t_i} d n_i + z_{t_i} d d_i``; the state adjoints ``Λ_t = Σ_{i: t_i ≥ t} φ(q_i) d n_iᵀ``,
+    ``λ_t = Σ_{i: t_i ≥ t} φ(q_i) d d_i`` (reversed prefix sums over key blocks, never ``(L, S)``);
+    ``dφ(k_j) = Λ_j v_j + λ_j``, ``dv_j = Λ_jᵀ φ(k_j)``; then ``dq = φ'(q) ∘ dφ(q)`` and
+    ``dk = Σ_{query heads of the group} φ'(k) ∘ dφ(k)``. ``φ' = 1`` (x > 0) or ``e^x`` for elu + 1;
+    ReLU's is 1 for x > 0, else 0 (subgradient 0 at the kink x = 0). A callable ``feature_map`` needs
+    ``feature_map_grad``: a callable ``(x (..., n, D), d_features (..., n, F)) -> d_x (..., n, D)``
+    giving the feature map's VJP in x's namespace (without it a ``ValueError`` says so).
+    ``implementation="recurrent"`` back-propagates through the RNN one key at a time; the other
+    forms use key blocks; all agree to round-off. See :func:`reflex.mechanisms._grad.kernelized_vjp`.
+    """
+    from reflex.mechanisms import _grad
+
+    form = check_form(implementation)
+    p = _kernels.prepare(inputs["q"], inputs["k"], inputs["v"], compute_dtype=compute_dtype)
+    xp = p.xp
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a number >= 0; got {eps!r}")
+    phi, phi_vjp = _feature_map(xp, feature_map), _feature_map_vjp(xp, feature_map, feature_map_grad)
+    qg, kg, _ = grouped(p)
+    fq, fk = phi(qg), phi(kg)
+    d_fq, d_fk, d_v, _ = _grad.kernelized_vjp(p, fq, fk, _grad.divide_vjp(xp, eps=float(eps)), d_out,
+                                              offset=causal_shift(p, causal), form=form)
+    d_q = _grad.ungroup(p, phi_vjp(qg, d_fq))
+    d_k = phi_vjp(kg, d_fk)[..., 0, :, :]
+    return {"q": d_q, "k": d_k, "v": d_v}
+
+
 def _cases(size: str, seed: int) -> list[Case]:
     d, gqa = standard(size, seed)
     return [
@@ -293,4 +343,5 @@ register(Mechanism(
     cases=_cases,
     reference=_reference,
     row_separable=True,
+    vjp=_linear_vjp,
 ))

@@ -143,6 +143,63 @@ def _features(xp: Any, kernel: str, qg: Any, kg: Any, omega_t: Any, root: float,
     return lambda i0, i1: trig(root * qg[..., i0:i1, :]), key_trig
 
 
+def _performer_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, num_features: int | None = None, seed: Any = None,
+                   kernel: str = "softmax_pos", causal: bool | str = False, scale: float | None = None,
+                   compute_dtype: Any = None, implementation: str = "auto") -> dict:
+    """VJP of :func:`performer_attention`: ``dq``, ``dk``, ``dv`` and ``d projection`` (when given).
+
+    The kernelised core's backward (:func:`reflex.linear_attention`'s VJP) gives ``dφ(q)``, ``dφ(k)``,
+    ``dv``; then per kernel, with ``x = √s·q`` (or ``√s·k``) and ``u = ωᵀx``:
+
+    - ``softmax_pos``: ``du = dφ ∘ φ``; query ``dx = ω du``; key (exponent ``u − ‖x‖²/2``)
+      ``dx = ω du − (Σ_f du) x``; ``dω = Σ x duᵀ`` over every query and key row.
+    - ``softmax_trig``: with ``φ = [a_s, a_c] = h/√m [sin u, cos u]`` and ``dφ = [b_s, b_c]``:
+      ``du = b_s ∘ a_c − b_c ∘ a_s``; keys (``h = e^{‖x‖²/2}``) add ``(Σ dφ ∘ φ) x`` to ``dx``.
+    - ``relu``: ``u = ωᵀx/√m`` on the raw q, k; ``du = dφ`` where ``u > 0``, else 0 (subgradient 0 at
+      the kink ``u = 0``); ``dx = ω du/√m``, ``dω = Σ x duᵀ/√m``.
+
+    The stabilising shifts (a query's max over features, one constant over all keys of a head) are
+    constants of the derivative: the output does not depend on them, so their derivative term is 0.
+    """
+    from reflex.mechanisms import _grad
+
+    form = check_form(implementation)
+    p = _kernels.prepare(inputs["q"], inputs["k"], inputs["v"], compute_dtype=compute_dtype)
+    xp = p.xp
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}; got {kernel!r}")
+    omega_t = xp.matrix_transpose(check_projection(p, inputs.get("projection"), num_features, seed, orthogonal=True))
+    m = int(omega_t.shape[-1])
+    ratio = 1.0 / math.sqrt(m)
+    qg, kg, _ = grouped(p)
+    root = math.sqrt(_kernels.resolve_scale(scale, p.dim)) if kernel != "relu" else 1.0
+    features_q, features_k = _features(xp, kernel, qg, kg, omega_t, root, ratio, p.key_length)
+    fq, fk = features_q(0, p.length), features_k(0, p.key_length)
+    d_fq, d_fk, d_v, _ = _grad.kernelized_vjp(p, fq, fk, _grad.divide_vjp(xp), d_out, offset=causal_shift(p, causal),
+                                              form=form)
+    xq, xk = root * qg, root * kg
+    if kernel == "softmax_pos":
+        du_q, du_k = d_fq * fq, d_fk * fk
+        dx_q = du_q @ xp.matrix_transpose(omega_t)
+        dx_k = du_k @ xp.matrix_transpose(omega_t) - xp.sum(du_k, axis=-1, keepdims=True) * xk
+    elif kernel == "softmax_trig":
+        def du(d: Any, f: Any) -> Any:
+            return d[..., :m] * f[..., m:] - d[..., m:] * f[..., :m]
+        du_q, du_k = du(d_fq, fq), du(d_fk, fk)
+        dx_q = du_q @ xp.matrix_transpose(omega_t)
+        dx_k = du_k @ xp.matrix_transpose(omega_t) + xp.sum(d_fk * fk, axis=-1, keepdims=True) * xk
+    else:
+        du_q = ratio * xp.where(xq @ omega_t > 0, d_fq, 0.0)
+        du_k = ratio * xp.where(xk @ omega_t > 0, d_fk, 0.0)
+        dx_q, dx_k = du_q @ xp.matrix_transpose(omega_t), du_k @ xp.matrix_transpose(omega_t)
+    grads = {"q": _grad.ungroup(p, root * dx_q), "k": root * dx_k[..., 0, :, :], "v": d_v}
+    if "projection" in inputs:
+        d_omega_t = (_grad.sum_to_matrix(xp, xp.matrix_transpose(xq) @ du_q)
+                     + _grad.sum_to_matrix(xp, xp.matrix_transpose(xk) @ du_k))
+        grads["projection"] = xp.matrix_transpose(d_omega_t)
+    return grads
+
+
 def _cases(size: str, seed: int) -> list[Case]:
     d, gqa = standard(size, seed)
     projection = random.orthogonal((4 * d["D"], d["D"]), seed=(seed, 5))
@@ -185,4 +242,5 @@ register(Mechanism(
     cases=_cases,
     reference=_reference,
     example=_example,
+    vjp=_performer_vjp,
 ))

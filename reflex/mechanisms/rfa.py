@@ -75,6 +75,67 @@ def rfa_attention(q: Any, k: Any, v: Any, /, *, projection: Any = None, num_feat
                        safe_divide(xp), offset=offset, form=form, gate=gate)
 
 
+def _rfa_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, num_features: int | None = None, seed: Any = None,
+             causal: bool | str = False, normalize: bool = True, scale: float | None = None, compute_dtype: Any = None,
+             implementation: str = "auto") -> dict:
+    """VJP of :func:`rfa_attention`: ``dq``, ``dk``, ``dv``, and ``d projection``, ``d gate`` when given.
+
+    The kernelised core's backward gives ``dφ``, ``dv`` and, gated, ``dg_t = ⟨Λ_t, S_{t−1} − φ(y_t)v_tᵀ⟩ +
+    ⟨λ_t, z_{t−1} − φ(y_t)⟩`` (Λ, λ the state adjoints, a reversed scan with factors ``g_{t+1}``; see
+    :func:`reflex.mechanisms._grad.kernelized_vjp`). Features ``φ = [a_s, a_c] = [sin u, cos u]/√m``,
+    ``u = ωᵀ(√s x̂)``, ``dφ = [b_s, b_c]``: ``du = b_s ∘ a_c − b_c ∘ a_s``, ``dx̂ = √s ω du``,
+    ``dω = Σ √s x̂ duᵀ``; normalisation ``x̂ = x/‖x‖``: ``dx = (dx̂ − x̂ ⟨x̂, dx̂⟩)/‖x‖`` (a zero vector,
+    which the forward passes through unchanged, gets ``dx = dx̂``).
+    """
+    from reflex.mechanisms import _grad
+
+    form = check_form(implementation)
+    p = _kernels.prepare(inputs["q"], inputs["k"], inputs["v"], compute_dtype=compute_dtype)
+    xp = p.xp
+    offset = causal_shift(p, causal)
+    gate = inputs.get("gate")
+    if gate is not None:
+        if offset is None:
+            raise ValueError("gate needs causal=True/'top_left'/'bottom_right': the recency gate orders the keys")
+        gate = check_gate(p, gate)
+    omega_t = xp.matrix_transpose(check_projection(p, inputs.get("projection"), num_features, seed, orthogonal=False))
+    m = int(omega_t.shape[-1])
+    ratio = 1.0 / math.sqrt(m)
+    root = math.sqrt(_kernels.resolve_scale(scale, p.dim))
+    qg, kg, _ = grouped(p)
+
+    def unit(x: Any) -> tuple[Any, Any]:
+        if not normalize:
+            return x, None
+        norm = xp.sqrt(xp.sum(x * x, axis=-1, keepdims=True))
+        norm = xp.where(norm == 0, 1.0, norm)
+        return x / norm, norm
+
+    (xq, nq), (xk, nk) = unit(qg), unit(kg)
+
+    def features(x: Any) -> Any:
+        u = (root * x) @ omega_t
+        return ratio * xp.concat([xp.sin(u), xp.cos(u)], axis=-1)
+
+    fq, fk = features(xq), features(xk)
+    d_fq, d_fk, d_v, d_gate = _grad.kernelized_vjp(p, fq, fk, _grad.divide_vjp(xp), d_out, offset=offset, form=form,
+                                                   gate=gate)
+
+    def back(x: Any, norm: Any, f: Any, d_f: Any) -> tuple[Any, Any]:
+        du = d_f[..., :m] * f[..., m:] - d_f[..., m:] * f[..., :m]
+        d_unit = root * (du @ xp.matrix_transpose(omega_t))
+        d_x = d_unit if norm is None else (d_unit - x * xp.sum(x * d_unit, axis=-1, keepdims=True)) / norm
+        return d_x, _grad.sum_to_matrix(xp, xp.matrix_transpose(root * x) @ du)
+
+    (d_q, dw_q), (d_k, dw_k) = back(xq, nq, fq, d_fq), back(xk, nk, fk, d_fk)
+    grads = {"q": _grad.ungroup(p, d_q), "k": d_k[..., 0, :, :], "v": d_v}
+    if "projection" in inputs:
+        grads["projection"] = xp.matrix_transpose(dw_q + dw_k)
+    if gate is not None:
+        grads["gate"] = d_gate
+    return grads
+
+
 def _cases(size: str, seed: int) -> list[Case]:
     d, gqa = standard(size, seed)
     inputs = {**gqa, "projection": random.normal((4 * d["D"], d["D"]), seed=(seed, 5))}
@@ -114,4 +175,5 @@ register(Mechanism(
     cases=_cases,
     reference=_reference,
     example=_example,
+    vjp=_rfa_vjp,
 ))
