@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,7 +31,97 @@ def test_run(capsys):
     assert main(["run", "full", "--seq", "16", "--heads", "2", "--dim", "8", "--implementation", "tiled"]) == 0
     out = capsys.readouterr().out
     assert "mechanism       full" in out and "output          (1, 2, 16, 8) float64" in out
-    assert "implementation  tiled" in out and "checksum        sha256:" in out
+    assert "implementation  tiled" in out and "checksum        sum " in out and "bits            sha256:" in out
+    assert "options         implementation='tiled'" in out and "best of 1 after the warm-up" in out
+
+
+def _line(out: str, label: str) -> str:
+    (line,) = [line for line in out.splitlines() if line.startswith(label + " ")]
+    return line
+
+
+def test_run_options(capsys):
+    """--param (JSON), --causal, --kv-heads, --kv-seq (L ≠ S), --compute-dtype, --repeat, auto's choice."""
+    assert main(["run", "full", "--seq", "8", "--heads", "4", "--dim", "4", "--kv-heads", "2", "--kv-seq", "11",
+                 "--causal", "bottom_right", "--param", "scale=0.25", "--param", "softcap=30",
+                 "--compute-dtype", "float32", "--repeat", "3"]) == 0
+    out = capsys.readouterr().out
+    assert _line(out, "inputs") == "inputs          q (1, 4, 8, 4), k (1, 2, 11, 4), v (1, 2, 11, 4)  (float64)"
+    assert _line(out, "options") == ("options         scale=0.25, softcap=30, implementation='auto', "
+                                     "causal='bottom_right', compute_dtype='float32'")
+    assert "output          (1, 4, 8, 4) float32" in out
+    assert _line(out, "implementation").startswith("implementation  auto → dense (L·S = 88;")
+    assert "best of 3 after the warm-up; median" in out
+    assert main(["run", "full", "--seq", "4097", "--kv-seq", "4097", "--heads", "1", "--dim", "1",
+                 "--implementation", "auto"]) == 0
+    assert "auto → tiled (L·S = 16,785,409;" in capsys.readouterr().out
+    assert main(["run", "full", "--seq", "8", "--heads", "1", "--dim", "4", "--causal"]) == 0
+    assert "causal=True" in capsys.readouterr().out
+
+
+def test_run_param_values_are_json_or_words(capsys):
+    assert main(["run", "rope", "--seq", "8", "--heads", "1", "--dim", "8", "--param", "convention=interleaved",
+                 "--param", "rotary_dim=4"]) == 0
+    assert "convention='interleaved'" in capsys.readouterr().out
+
+
+def test_run_input_dtype(capsys):
+    assert main(["run", "full", "--seq", "8", "--heads", "1", "--dim", "4", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "(float32)" in _line(out, "inputs") and "output          (1, 1, 8, 4) float64" in out
+    assert main(["run", "full", "--seq", "8", "--dtype", "bfloat16"]) == 2
+    assert "--dtype bfloat16 is not available on this backend" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "full", "--implementation", "tilde"], "reflex run full: implementation must be one of auto, dense, tiled; got 'tilde'"),
+    (["run", "full", "--seq", "-5"], "reflex run: argument --seq: expected a positive integer; got -5"),
+    (["run", "full", "--heads", "0"], "reflex run: argument --heads: expected a positive integer; got 0"),
+    (["run", "full", "--seq", "x"], "reflex run: argument --seq: expected a positive integer; got 'x'"),
+    (["run", "rope", "--dim", "63", "--seq", "8"], "reflex run rope: the head dim D of x must be even"),
+    (["run", "full", "--seq", "8", "--heads", "4", "--kv-heads", "3"], "reflex run full: k has 3 heads; q has 4"),
+    (["run", "full", "--seq", "8", "--param", "window=3"], "reflex run full: full has no option 'window'; its options: mask,"),
+    (["run", "full", "--seq", "8", "--param", "scale"], "reflex run full: --param expects NAME=VALUE; got 'scale'"),
+    (["run", "full", "--seq", "8", "--causal", "bottom_left"], "reflex run: argument --causal: invalid choice: 'bottom_left'"),
+    (["run", "axial", "--seq", "8", "--causal"], "reflex run axial: axial has no causal option"),
+    (["run", "full", "--seq", "8", "--param", "softcap=-1"], "reflex run full: softcap must be a positive finite number"),
+])
+def test_run_usage_errors_are_one_line(argv, message, capsys):
+    """A user's mistake: one line on stderr naming it, exit code 2, no traceback."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_info:  # argparse's own errors
+        code = exit_info.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(message) and err.count("\n") == 1, err
+    assert "Traceback" not in err
+
+
+def _cli(*args: str, stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "reflex", *args], cwd=ROOT, stdout=stdout, stderr=subprocess.PIPE,
+                          text=True, timeout=120)
+
+
+def test_python_dash_m_reflex_and_version():
+    done = _cli("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"reflex {reflex.__version__}"
+    done = _cli("run", "full", "--seq", "-5")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_broken_pipe_is_one_line():
+    """`reflex info full | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    reader = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdout.write(sys.stdin.readline())"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    writer = subprocess.run([sys.executable, "-m", "reflex", "info", "full"], cwd=ROOT, stdout=reader.stdin,
+                            stderr=subprocess.PIPE, text=True, timeout=120,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    reader.stdin.close()
+    first = reader.stdout.read()
+    reader.wait(timeout=60)
+    assert first.startswith("full: Scaled dot-product")
+    assert writer.returncode == 2, writer.stderr
+    assert writer.stderr == "reflex: output closed before it was all written (broken pipe)\n"
 
 
 @pytest.mark.parametrize("key", [m.key for m in reflex.list_mechanisms()])
@@ -37,16 +130,20 @@ def test_run_every_mechanism(key, capsys):
     assert main(["run", key, "--seq", "16", "--heads", "2", "--dim", "8"]) == 0
     out = capsys.readouterr().out
     assert f"mechanism       {key}\n" in out
-    (checksum,) = [line for line in out.splitlines() if line.startswith("checksum        sha256:")]
-    assert numpy.isfinite(float(checksum.split(" sum ")[1]))
+    checksum = _line(out, "checksum").split()
+    assert numpy.isfinite(float(checksum[2])) and numpy.isfinite(float(checksum[4]))
 
 
-def test_run_same_checksum_on_every_backend(capsys):
+@pytest.mark.parametrize("key", ["full", "sliding_window"])
+def test_run_same_checksum_on_every_backend(key, capsys):
+    """The checksum is taken from the host float64 values (sums to 12 digits), so NumPy, array-api-strict
+    and torch runs print the same line although their float64 bits differ (BLAS summation order)."""
+    backends = ["numpy", "array_api_strict"] + (["torch"] if importlib.util.find_spec("torch") else [])
     sums = []
-    for backend in ("numpy", "array_api_strict"):
-        assert main(["run", "full", "--seq", "8", "--heads", "1", "--dim", "4", "--backend", backend]) == 0
-        sums.append([line for line in capsys.readouterr().out.splitlines() if line.startswith("checksum")])
-    assert sums[0] == sums[1]
+    for backend in backends:
+        assert main(["run", key, "--seq", "64", "--heads", "2", "--dim", "8", "--backend", backend]) == 0
+        sums.append(_line(capsys.readouterr().out, "checksum"))
+    assert sums == [sums[0]] * len(backends)
 
 
 def test_info(capsys):
