@@ -261,7 +261,14 @@ def _range_attention(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, lo: A
 def _range(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, kx: numpy.ndarray, vx: numpy.ndarray,
            lo: Any, hi: Any, key_ok: Any, scale: float, block: int | None,
            run: Run) -> tuple[numpy.ndarray, numpy.ndarray]:
-    """:func:`range_attention` with the extra keys and values already gathered: ``kx (..., G, n, D)``."""
+    """:func:`range_attention` with the extra keys and values already gathered: ``kx (..., G, n, D)``.
+
+    NaN/±inf in k, v (or kx, vx) reach only the rows that attend them: the engine's careful path
+    (``reflex.mechanisms._engine.terms.guarded``) — non-finite entries zeroed, value rows extended
+    with indicator columns, and the attending rows given the NaN/±inf they attended.
+    """
+    if not all(bool(numpy.all(numpy.isfinite(x))) for x in (k, v, kx, vx)):
+        return _guarded_range(q, k, v, kx, vx, lo, hi, key_ok, scale, block, run)
     batch = q.shape[:-3]
     heads, length = q.shape[-3], q.shape[-2]
     key_length, value_dim = k.shape[-2], v.shape[-1]
@@ -281,6 +288,27 @@ def _range(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, kx: numpy.ndarr
     lse3 = lse.reshape((math.prod(batch), heads, length))
     run(q3, k3, v3, kx3, vx3, lo, hi, key_ok, float(scale), block, out3, lse3)
     return out, lse
+
+
+def _clean(k: numpy.ndarray, v: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """Non-finite entries zeroed; v extended by ``[isnan v | v = +∞ | v = −∞ | k row non-finite]``."""
+    finite_k = numpy.isfinite(k)
+    bad_key = ~finite_k.all(axis=-1, keepdims=True)
+    return (numpy.where(finite_k, k, 0.0),
+            numpy.concatenate([numpy.where(numpy.isfinite(v), v, 0.0), numpy.isnan(v), v == math.inf, v == -math.inf,
+                               bad_key], axis=-1).astype(numpy.float64))
+
+
+def _guarded_range(q, k, v, kx, vx, lo, hi, key_ok, scale, block, run) -> tuple[numpy.ndarray, numpy.ndarray]:
+    e = v.shape[-1]
+    k0, v0 = _clean(k, v)
+    kx0, vx0 = _clean(kx, vx)
+    out, lse = _range(q, k0, v0, kx0, vx0, lo, hi, key_ok, scale, block, run)
+    nan_hit, pos, neg, key_hit = out[..., e:2 * e] > 0, out[..., 2 * e:3 * e] > 0, out[..., 3 * e:4 * e] > 0, out[..., 4 * e:] > 0
+    o = numpy.where(pos, math.inf, out[..., :e])
+    o = numpy.where(neg, -math.inf, o)
+    o = numpy.where(nan_hit | (pos & neg) | key_hit, math.nan, o)
+    return o, numpy.where(key_hit[..., 0], math.nan, lse)
 
 
 def _band_attention(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, *, left: int, right: int, scale: float,

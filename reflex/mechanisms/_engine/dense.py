@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from reflex.mechanisms._engine.terms import (_as_tuple, _evaluate, _grids, _group_queries, _scores, _softmax_parts,
-                                             _ungroup, empty_result, finish)
+                                             _ungroup, empty_result, finish, guarded)
 from reflex.mechanisms._inputs import Prepared
 
 __all__ = ["dense", "scores", "weights"]
@@ -22,7 +22,13 @@ def _dense_scores(p: Prepared, *, scale: float, mask: Any, bias: Any, softcap: f
 
 
 def dense(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, softcap: float | None = None) -> tuple[Any, Any]:
-    """Dense masked softmax attention: ``(out (..., H, L, E), lse (..., H, L))``."""
+    """Dense masked softmax attention: ``(out (..., H, L, E), lse (..., H, L))``.
+
+    Non-finite K or V entries reach only the rows that attend them (:func:`~.terms.guarded`)."""
+    return guarded(p, lambda c: _dense(c, scale=scale, mask=mask, bias=bias, softcap=softcap))
+
+
+def _dense(p: Prepared, *, scale: float, mask: Any, bias: Any, softcap: float | None) -> tuple[Any, Any]:
     xp = p.xp
     if p.length == 0 or p.key_length == 0:
         return empty_result(p)

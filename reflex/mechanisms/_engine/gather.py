@@ -6,7 +6,8 @@ import math
 from typing import Any
 
 from reflex.backends import parallel_map
-from reflex.mechanisms._engine.terms import _as_tuple, _in_compute_dtype, _scores, _softmax_parts, empty_result, finish
+from reflex.mechanisms._engine.terms import (_as_tuple, _in_compute_dtype, _scores, _softmax_parts, empty_result,
+                                             finish, guarded)
 from reflex.mechanisms._inputs import Prepared
 
 __all__ = ["gather", "GATHER_BLOCK_ELEMENTS"]
@@ -22,8 +23,14 @@ def gather(p: Prepared, indices: Any, *, scale: float, mask: Any = None, bias: A
     Mask and bias terms must be callables; they receive ``rows (l, 1)`` and the gathered key
     positions ``cols (..., H, l, K)``. A key listed twice counts twice in the softmax. Queries go
     in blocks of ``block_q`` (default: as many as keep the gathered keys and values of a block
-    under ``GATHER_BLOCK_ELEMENTS``), on a thread per core for NumPy.
+    under ``GATHER_BLOCK_ELEMENTS``), on a thread per core for NumPy. Non-finite K or V entries
+    reach only the rows that list them unmasked (:func:`~.terms.guarded`).
     """
+    return guarded(p, lambda c: _gather(c, indices, scale=scale, mask=mask, bias=bias, softcap=softcap, block_q=block_q))
+
+
+def _gather(p: Prepared, indices: Any, *, scale: float, mask: Any, bias: Any, softcap: float | None,
+            block_q: int | None) -> tuple[Any, Any]:
     xp = p.xp
     if p.length == 0 or p.key_length == 0:  # S = 0: every index is padding, every row attends nothing
         return empty_result(p)

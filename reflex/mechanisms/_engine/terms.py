@@ -6,6 +6,7 @@ Conventions are in :mod:`reflex.mechanisms._engine` (the package docstring).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 from reflex.mechanisms._inputs import Prepared
@@ -121,3 +122,62 @@ def _softmax_parts(xp: Any, s: Any) -> tuple[Any, Any, Any]:
     s -= _safe_max(xp, row_max)
     weights = xp.exp(s)
     return weights, row_max, xp.sum(weights, axis=-1, keepdims=True)
+
+
+# --- non-finite keys and values: inert where not attended ----------------------------------------
+
+def kv_finite(p: Prepared) -> bool:
+    """Whether every entry of ``p.k`` and ``p.v`` is finite: the one test per call that keeps the fast path."""
+    xp = p.xp
+    return bool(xp.all(xp.isfinite(p.k))) and bool(xp.all(xp.isfinite(p.v)))
+
+
+def _zero_nonfinite(xp: Any, x: Any) -> Any:
+    return xp.where(xp.isfinite(x), x, 0.0)
+
+
+def _indicator(xp: Any, flags: Any, dtype: Any) -> Any:
+    return xp.astype(flags, dtype)
+
+
+def guarded(p: Prepared, run: Callable[[Prepared], tuple[Any, Any]]) -> tuple[Any, Any]:
+    """``run(p)`` with NaN/±inf in K or V inert for the rows that do not attend them.
+
+    Fast path: K and V finite, ``run(p)`` as is. Careful path: non-finite entries are zeroed and
+    ``run`` gets value rows extended with indicator columns ``[V₀ | isnan V | V = +∞ | V = −∞ |
+    key k_j non-finite]``; since weights are ≥ 0, an indicator column of the output is > 0 exactly
+    where the row gives a marked key a nonzero weight. Those rows then get the garbage they
+    attended: NaN where an attended value entry is NaN (or both +∞ and −∞), ±∞ where it is ±∞,
+    and NaN in every column and in the lse where an attended *key* is non-finite. Every other
+    row — masked, outside its window, beyond causal, padding — is computed as if the non-finite
+    entries were not there (0·NaN never reaches it). One careful-path run costs a 4E + 1 wide
+    value product instead of E.
+    """
+    if kv_finite(p):
+        return run(p)
+    out, lse = run(clean_prepared(p))
+    return poison(p, out, lse)
+
+
+def clean_prepared(p: Prepared) -> Prepared:
+    """``p`` with non-finite K, V entries zeroed and V extended by the indicator columns of :func:`guarded`."""
+    xp = p.xp
+    dtype = p.v.dtype
+    key_bad = xp.logical_not(xp.all(xp.isfinite(p.k), axis=-1))[..., None]
+    columns = [_zero_nonfinite(xp, p.v), _indicator(xp, xp.isnan(p.v), dtype),
+               _indicator(xp, p.v == math.inf, dtype), _indicator(xp, p.v == -math.inf, dtype),
+               _indicator(xp, key_bad, dtype)]
+    return replace(p, k=_zero_nonfinite(xp, p.k), v=xp.concat(columns, axis=-1), value_dim=4 * p.value_dim + 1)
+
+
+def poison(p: Prepared, out: Any, lse: Any) -> tuple[Any, Any]:
+    """``(out, lse)`` of the original value width from a run on :func:`clean_prepared` inputs."""
+    xp = p.xp
+    e = p.value_dim
+    nan_hit, pos, neg = out[..., e:2 * e] > 0, out[..., 2 * e:3 * e] > 0, out[..., 3 * e:4 * e] > 0
+    key_hit = out[..., 4 * e:] > 0
+    o = out[..., :e]
+    o = xp.where(pos, math.inf, o)
+    o = xp.where(neg, -math.inf, o)
+    o = xp.where(nan_hit | (pos & neg) | key_hit, math.nan, o)
+    return o, xp.where(key_hit[..., 0], math.nan, lse)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from reflex.backends import parallel_map
+from reflex.backends import is_plain_numpy, parallel_map
 from reflex.mechanisms._engine.terms import (TileActive, _as_tuple, _evaluate, _grids, _group_queries, _safe_max,
-                                             _scores, _ungroup, empty_result, finish)
+                                             _scores, _ungroup, empty_result, finish, guarded)
 from reflex.mechanisms._inputs import Prepared
 
 __all__ = ["tiled"]
@@ -21,14 +21,26 @@ def tiled(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, soft
     ``exp(m_old − m_new)`` as each key tile arrives (Milakov & Gimelshein 2018; Dao 2022, Alg. 1).
     A tile is skipped when ``tile_active(i0, i1, j0, j1)`` is False or its mask tile is all False.
     Query blocks are independent; on NumPy they run on a thread per core (``parallel_map``).
+    Non-finite K or V entries reach only the rows that attend them (:func:`~.terms.guarded`).
+
+    On NumPy a tile whose mask tile has no True is skipped; on other libraries (CuPy, torch) only
+    ``tile_active`` decides, on the host, since testing a device mask tile would synchronise once
+    per tile (a fully masked tile computed anyway changes nothing: its weights are 0).
     """
     if block_q < 1 or block_k < 1:
         raise ValueError(f"block_q and block_k must be positive; got {block_q}, {block_k}")
+    return guarded(p, lambda c: _tiled(c, scale=scale, mask=mask, bias=bias, softcap=softcap, tile_active=tile_active,
+                                       block_q=block_q, block_k=block_k))
+
+
+def _tiled(p: Prepared, *, scale: float, mask: Any, bias: Any, softcap: float | None, tile_active: TileActive | None,
+           block_q: int, block_k: int) -> tuple[Any, Any]:
     xp = p.xp
     if p.length == 0 or p.key_length == 0:
         return empty_result(p)
     masks, biases = _as_tuple(mask), _as_tuple(bias)
     q_all = _group_queries(p, p.q * scale)
+    host_masks = is_plain_numpy(p.q)
     k = xp.expand_dims(p.k, axis=-3)
     v = xp.expand_dims(p.v, axis=-3)
 
@@ -45,7 +57,7 @@ def tiled(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, soft
                 continue
             rows, cols = _grids(p, i0, i1, j0, j1)
             tile_masks = _evaluate(p, masks, rows, cols, (i0, i1, j0, j1))
-            if any(not bool(xp.any(m)) for m in tile_masks):
+            if host_masks and any(not bool(xp.any(m)) for m in tile_masks):
                 continue
             tile_biases = _evaluate(p, biases, rows, cols, (i0, i1, j0, j1))
             s = _scores(p, q @ xp.matrix_transpose(k[..., j0:j1, :]), softcap, tile_biases, tile_masks)
