@@ -1,7 +1,8 @@
 """Draw a mechanism's attention pattern: an ASCII grid, or a PNG when matplotlib is installed.
 
 ``reflex show KEY --seq 64 [--out pattern.png]``: the registry record's ``pattern`` evaluated on the
-mechanism's example inputs (``L = S = seq``, one head) — rows are queries, columns keys.
+mechanism's example inputs (``L = S = seq``, one head) — rows are queries, columns keys. The PNG
+needs matplotlib, the ``plot`` extra: ``pip install 'reflex-attention[plot]'``.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def show(key: str, seq: int = 64, out: str | None = None) -> tuple[str, int]:
     code = 0
     if out is not None:
         if importlib.util.find_spec("matplotlib") is None:
-            text += f"\nmatplotlib is not installed: no image written to {out} (pip install matplotlib)"
+            text += (f"\nmatplotlib is not installed: no image written to {out} "
+                     "(pip install 'reflex-attention[plot]', or pip install matplotlib)")
             code = 1
         else:
             save_png(grid, out, f"{key} ({params})")
@@ -86,14 +88,25 @@ def _cmd_show(args: Any) -> int:
 
         print(f"reflex: {err.args[0] if err.args else err}", file=sys.stderr)
         return 2
+    except OSError as err:  # --out in a missing folder, no permission, ...
+        import sys
+
+        print(f"reflex show: cannot write {args.out}: {err.strerror or err}", file=sys.stderr)
+        return 2
     print(text)
     return code
+
+
+def _positive_int(text: str) -> int:
+    from reflex.cli import _positive_int as parse
+
+    return parse(text)
 
 
 def add_parser(sub: Any) -> None:
     """Register ``show`` on the CLI's subparsers."""
     parser = sub.add_parser("show", help="draw a mechanism's attention pattern (ASCII, or PNG with matplotlib)")
     parser.add_argument("key", help="mechanism key (see `reflex list`)")
-    parser.add_argument("--seq", type=int, default=64, help="sequence length L = S (default 64)")
-    parser.add_argument("--out", default=None, help="write a PNG here (needs matplotlib)")
+    parser.add_argument("--seq", type=_positive_int, default=64, help="sequence length L = S (default 64)")
+    parser.add_argument("--out", default=None, help="write a PNG here (needs matplotlib: the [plot] extra)")
     parser.set_defaults(handler=_cmd_show)

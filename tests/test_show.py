@@ -42,3 +42,28 @@ def test_mechanism_without_pattern_is_an_error():
     assert reflex.get("full").pattern is None
     with pytest.raises(ValueError, match="no explicit pattern"):
         show("full", 8)
+
+
+def test_cli_writes_the_png(tmp_path, capsys):
+    """`reflex show KEY --out pattern.png` (the [plot] extra) writes a PNG of the L × S pattern."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    from reflex.cli import main
+
+    out = tmp_path / "pattern.png"
+    assert main(["show", "sliding_window", "--seq", "24", "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = imread(str(out))
+    assert image.ndim == 3 and min(image.shape[:2]) > 100
+    assert image.min() < 0.2 and image.max() > 0.8  # attended (dark) and masked (light) cells both drawn
+
+
+def test_cli_png_in_a_missing_folder_is_one_line(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from reflex.cli import main
+
+    assert main(["show", "sliding_window", "--seq", "8", "--out", str(tmp_path / "absent" / "p.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("reflex show: cannot write ") and err.count("\n") == 1
