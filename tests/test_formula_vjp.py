@@ -1,0 +1,184 @@
+"""VJPs of the formula mechanisms (issue: reference gradients, part 2).
+
+One place for the shared parametrisation: every mechanism in ``FORMULA_KEYS`` is checked against
+central differences on its registry cases (tiny and small), on every backend of the matrix against
+plain NumPy, recurrent ≡ parallel, and at its exact limits.
+"""
+
+from __future__ import annotations
+
+import numpy
+import pytest
+
+import reflex
+from reflex import random
+from reflex.mechanisms import _grad
+from tests.helpers import assert_vjp_matches_finite_differences, max_abs, qkv_host
+
+FORMULA_KEYS = ["linear", "performer", "rfa", "cosformer"]
+
+
+def _case_ids(sizes):
+    return [(key, size, case.variant) for key in FORMULA_KEYS for size in sizes
+            for case in reflex.get(key).cases(size, 0)]
+
+
+def _case(key, size, variant):
+    return next(c for c in reflex.get(key).cases(size, 0) if c.variant == variant)
+
+
+def _d_out(mechanism, case, seed=13):
+    out = numpy.asarray(case.call(mechanism))
+    return random.normal(out.shape, seed=(seed, 1))
+
+
+@pytest.mark.parametrize("key,size,variant", _case_ids(("tiny", "small")))
+def test_vjp_matches_central_differences(key, size, variant):
+    """Every floating input of every registry case, relative error <= 1e-6 (small: a seeded subset)."""
+    m, case = reflex.get(key), _case(key, size, variant)
+    assert_vjp_matches_finite_differences(key, dict(case.inputs), _d_out(m, case), params=dict(case.params),
+                                          max_entries=200 if size == "tiny" else 24)
+
+
+@pytest.mark.parametrize("key,size,variant", _case_ids(("tiny",)))
+def test_vjp_on_every_backend_equals_numpy(backend, key, size, variant):
+    m, case = reflex.get(key), _case(key, size, variant)
+    d_out = _d_out(m, case)
+    expected = reflex.vjp(key, dict(case.inputs), d_out, **case.params)
+    got = reflex.vjp(key, {n: backend.asarray(a) for n, a in case.inputs.items()}, backend.asarray(d_out),
+                     **case.params)
+    assert set(got) == set(expected)
+    for name, g in got.items():
+        host = backend.to_numpy(g)
+        assert host.dtype == numpy.float64 and host.shape == case.inputs[name].shape
+        assert max_abs(host, expected[name]) <= 1e-12 * max(1.0, numpy.max(numpy.abs(expected[name]))), name
+
+
+# --- the kernelised family: forms, blocks, limits --------------------------------------------------
+
+KERNELISED = [
+    ("linear", {}), ("linear", {"feature_map": "relu"}),
+    ("performer", {"kernel": "softmax_pos"}), ("performer", {"kernel": "softmax_trig", "scale": 0.1}),
+    ("performer", {"kernel": "relu"}), ("rfa", {}), ("rfa", {"gate": True}), ("cosformer", {}),
+]
+
+
+def _kernelised_inputs(key, options, length, key_length, seed=3):
+    q, k, v = qkv_host(seed, length=length, key_length=key_length)
+    inputs = {"q": q, "k": k, "v": v}
+    params = {n: o for n, o in options.items() if n != "gate"}
+    if key in ("performer", "rfa"):
+        inputs["projection"] = random.normal((12, q.shape[-1]), seed=(seed, 5))
+    if options.get("gate"):
+        inputs["gate"] = random.uniform((2, k.shape[-3], key_length), seed=(seed, 6), low=0.3, high=1.0)
+    return inputs, params
+
+
+@pytest.mark.parametrize("key,options", KERNELISED)
+@pytest.mark.parametrize("causal", ["top_left", "bottom_right"])
+@pytest.mark.parametrize("shape", [(7, 11), (11, 4), (1, 1), (5, 5)])
+def test_recurrent_gradient_equals_parallel(key, options, causal, shape, monkeypatch):
+    """Back-propagation through the RNN (one key at a time) ≡ reversed prefix sums over key blocks
+    (default blocks, and blocks of 3 so the carried adjoints cross block edges) ≤ 1e-12."""
+    inputs, params = _kernelised_inputs(key, options, *shape)
+    d_out = random.normal((2, 4, shape[0], 3), seed=(4, 4))
+    grads = [reflex.vjp(key, inputs, d_out, causal=causal, implementation=form, **params)
+             for form in ("recurrent", "parallel", "quadratic")]
+    monkeypatch.setitem(_grad.kernelized_vjp.__kwdefaults__, "block", 3)
+    grads.append(reflex.vjp(key, inputs, d_out, causal=causal, **params))
+    for other in grads[1:]:
+        for name, g in grads[0].items():
+            assert max_abs(g, other[name]) <= 1e-12 * max(1.0, numpy.max(numpy.abs(g))), name
+
+
+def _torch_dense(key, inputs, params):
+    """An explicit dense (L, S) kernel-matrix form of each kernelised mechanism in torch (the independent
+    reference whose autograd gradient the VJP must equal)."""
+    torch = pytest.importorskip("torch")
+    t = {n: torch.tensor(a, requires_grad=True) for n, a in inputs.items()}
+    q, k, v = t["q"], t["k"], t["v"]
+    r = q.shape[-3] // k.shape[-3]
+    kk, vv = k.repeat_interleave(r, dim=-3), v.repeat_interleave(r, dim=-3)
+    L, S = q.shape[-2], k.shape[-2]
+    causal = params.get("causal", False)
+    offset = None if not causal else (0 if causal in (True, "top_left") else S - L)
+    if key == "linear":
+        phi = (lambda x: torch.where(x > 0, x + 1, torch.exp(torch.clamp(x, max=0)))) \
+            if params.get("feature_map", "elu") == "elu" else torch.relu
+        a = phi(q) @ phi(kk).transpose(-1, -2)
+    elif key == "performer":  # softmax_pos, unstabilised
+        w, s = t["projection"], 1 / numpy.sqrt(q.shape[-1])
+
+        def phi(x):
+            x = numpy.sqrt(s) * x
+            return torch.exp(x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)) / numpy.sqrt(w.shape[0])
+        a = phi(q) @ phi(kk).transpose(-1, -2)
+    if offset is not None:
+        a = a * (torch.arange(S)[None, :] <= torch.arange(L)[:, None] + offset)
+    eps = params.get("eps", 1e-6) if key == "linear" else 0.0
+    return t, (a @ vv) / (a.sum(-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("key,options", [("linear", {}), ("linear", {"feature_map": "relu"}), ("performer", {})])
+@pytest.mark.parametrize("causal", [False, "top_left", "bottom_right"])
+def test_gradient_equals_autograd_of_the_dense_formula(key, options, causal):
+    """The (L, S) kernel-matrix formula differentiated by torch autograd = the VJP ≤ 1e-12."""
+    torch = pytest.importorskip("torch")
+    inputs, params = _kernelised_inputs(key, options, 6, 9)
+    params = {**params, "causal": causal}
+    d_out = random.normal((2, 4, 6, 3), seed=(5, 5))
+    t, out = _torch_dense(key, inputs, params)
+    out.backward(torch.tensor(d_out))
+    got = reflex.vjp(key, inputs, d_out, **params)
+    for name, x in t.items():
+        want = x.grad.numpy()
+        assert max_abs(got[name], want) <= 1e-12 * max(1.0, numpy.max(numpy.abs(want))), name
+
+
+def test_performer_gradient_approaches_softmax_gradient():
+    """Many positive random features: Performer's dq, dk, dv approach full attention's (a statistical
+    limit, so a loose bound; it tightens as m grows)."""
+    torch = pytest.importorskip("torch")
+    q, k, v = (0.5 * a for a in qkv_host(6, heads=2, kv_heads=2, length=5, key_length=6, dim=4))
+    d_out = random.normal((2, 2, 5, 3), seed=(6, 6))
+    projection = random.normal((40000, 4), seed=(6, 7))
+    got = reflex.vjp("performer", {"q": q, "k": k, "v": v, "projection": projection}, d_out)
+    tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
+    torch.softmax(tq @ tk.transpose(-1, -2) / 2.0, dim=-1).matmul(tv).backward(torch.tensor(d_out))
+    for name, x in (("q", tq), ("k", tk), ("v", tv)):
+        want = x.grad.numpy()
+        assert max_abs(got[name], want) <= 0.05 * numpy.max(numpy.abs(want)), name
+
+
+def test_linear_callable_feature_map_needs_its_grad():
+    q, k, v = qkv_host(7)
+    d_out = random.normal((2, 4, 7, 3), seed=(7, 7))
+    inputs = {"q": q, "k": k, "v": v}
+
+    def elu1(x):
+        xp = reflex.backends.namespace(x)
+        return xp.where(x > 0, x + 1.0, xp.exp(xp.where(x > 0, 0.0, x)))
+
+    def elu1_grad(x, d):
+        xp = reflex.backends.namespace(x)
+        return d * xp.exp(xp.where(x > 0, 0.0, x))
+
+    with pytest.raises(ValueError, match="feature_map_grad"):
+        reflex.vjp("linear", inputs, d_out, feature_map=elu1, causal=True)
+    with pytest.raises(ValueError, match="feature_map_grad"):
+        reflex.vjp("linear", inputs, d_out, feature_map_grad=elu1_grad)
+    got = reflex.vjp("linear", inputs, d_out, feature_map=elu1, feature_map_grad=elu1_grad, causal=True)
+    want = reflex.vjp("linear", inputs, d_out, causal=True)
+    for name in inputs:
+        assert max_abs(got[name], want[name]) == 0.0
+
+
+def test_kernelised_vjp_edges():
+    """Empty sequences give zero gradients; queries that attend nothing (causal, bottom-right with
+    L > S) get dq = 0."""
+    q, k, v = qkv_host(8, length=6, key_length=2)
+    d_out = random.normal((2, 4, 6, 3), seed=(8, 8))
+    g = reflex.vjp("linear", {"q": q, "k": k, "v": v}, d_out, causal="bottom_right")
+    assert numpy.all(g["q"][..., :4, :] == 0) and numpy.any(g["q"][..., 4:, :] != 0)
+    empty = reflex.vjp("linear", {"q": q[..., :0, :], "k": k, "v": v}, d_out[..., :0, :], causal=True)
+    assert numpy.all(empty["k"] == 0) and numpy.all(empty["v"] == 0) and empty["q"].shape == (2, 4, 0, 5)
