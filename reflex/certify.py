@@ -1,0 +1,623 @@
+"""The precision certificate: how far a mechanism's float64 result lies from a higher-precision one.
+
+reflex says it is exact to float64 round-off; :func:`certify` measures it, case by case. It runs the
+mechanism in float64 and again, on the same inputs entered exactly (float64 inputs are exact in both
+references), in higher precision:
+
+- ``"longdouble"``: the mechanism itself with ``compute_dtype=numpy.longdouble`` (x87 80-bit on
+  x86-64 Linux: 64-bit significand, eps 2⁻⁶³ ≈ 1.1e-19). Every mechanism accepts ``compute_dtype``;
+  the certificate checks that the result really is longdouble (its dtype, and that it differs from
+  the float64 result at the ulp level on the case: a path that silently computes float64 gives
+  bitwise the float64 answer). Where ``finfo(longdouble).eps`` is not below float64's (MSVC on
+  Windows, Apple arm64: long double *is* double) this method refuses with a clear message. CuPy has
+  no long double: certification runs on the host.
+- ``"mpmath"``: an independent evaluation of the mechanism's formula in mpmath at ``dps`` decimal
+  digits (default 40), written here from the equations, not from the engine: the engine's dense
+  softmax kernel (``full``: masks, bias, softcap, GQA, both causal alignments) and linear attention
+  (``linear``: elu + 1 and relu feature maps, causal). Slow (pure Python): tiny cases.
+
+Per output (``out``, ``lse`` where the mechanism returns one) and, when the mechanism has a VJP,
+per gradient (``d_q``, ``d_k``, ...; always through longdouble ``compute_dtype``, with a fixed
+cotangent), the certificate gives the max absolute error of float64 against the reference and that
+error relative to the output scale ``max |reference|``. For the softmax formula it adds the
+first-order error bounds of Blanchard, Higham & Higham (2021) and the logit term, and the case's
+condition:
+
+- softmax (Thm 4.3, max-shifted): ``max|ĝ − g| / max|g| ≲ (n + 2 + 2·(max x − min x))·u``, n the
+  attended keys of the row, ``u = 2⁻⁵³``; lse (Thm 4.2): ``|ŷ − y| ≲ |y + n − min x|·u``.
+- logit term: ``|ΔZ_ij| ≤ γ_{D+1}·|scale|·Σ_d |q_id k_jd|`` (``γ_m = mu/(1 − mu)``, the dot product and
+  the scale; plus ``u·|Z|`` per bias addition and ``3u·|Z|`` for a softcap), which changes P by a
+  relative ``2·max|ΔZ|``.
+- output bound per element: ``σ_i·max_j P_ij·Σ_j |v_j| + (2·ΔZ_i + γ_{n+1})·Σ_j P_ij |v_j|`` (σ_i the
+  softmax bound of row i; the second term also covers the P·V sum); lse bound ``lse part + ΔZ_i``.
+- condition: the largest logit range ``max x − min x`` over the attended keys of a row.
+
+Bounds are worst-case and first order; observed errors sit far below them (a few ulp of max|O|), so
+an error *above* the bound means a defect (a float32 cast, an unshifted softmax overflowing).
+
+References: N. J. Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., §3 (γ_n);
+P. Blanchard, D. J. Higham, N. J. Higham, "Accurately computing the log-sum-exp and softmax
+functions", IMA J. Numer. Anal. 41(4), 2021, Thms 3.2–4.4; mpmath (F. Johansson et al.) for the
+arbitrary-precision reference, entered as SciPy's mpmath tests do (``mpf(float(x))``, exact).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy
+
+from reflex import random, registry
+from reflex.backends import to_numpy
+from reflex.mechanisms._patterns import causal_offset, parse_causal
+
+__all__ = ["Certificate", "OutputError", "CertificationError", "certify", "certify_case", "case_record",
+           "longdouble_extends_float64", "mpmath_supports", "METHODS", "MPMATH_KEYS", "UNIT_ROUNDOFF"]
+
+UNIT_ROUNDOFF = 2.0 ** -53  # u of float64
+METHODS = ("auto", "longdouble", "mpmath")
+# "auto" takes mpmath when a case has at most this many multiply-adds in its score product (B·H·L·S·D).
+MPMATH_AUTO_PRODUCTS = 1 << 15
+_COTANGENT_SEED = (17, 1)  # the fixed d_out of a gradient certificate
+
+
+class CertificationError(ValueError):
+    """A case cannot be certified by the requested method (the message says why and what to use)."""
+
+
+@dataclass(frozen=True)
+class OutputError:
+    """float64 against the reference for one output or gradient.
+
+    ``max_abs``: ``max |float64 − reference|`` (``inf`` where float64 is NaN or a wrong infinity);
+    ``scale``: ``max |reference|`` over its finite entries; ``max_rel``: ``max_abs / scale``;
+    ``bound``: the largest per-element first-order bound (softmax formula only) and ``within_bound``
+    whether every element's error is within its own bound.
+    """
+
+    name: str
+    max_abs: float
+    max_rel: float
+    scale: float
+    bound: float | None = None
+    within_bound: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "max_abs": _json_float(self.max_abs), "max_rel": _json_float(self.max_rel),
+                "scale": _json_float(self.scale), "bound": _json_float(self.bound), "within_bound": self.within_bound}
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """The result of :func:`certify` for one case.
+
+    ``method`` is ``"longdouble"`` or ``"mpmath"`` (what was used), ``precision`` says how much (eps
+    or dps). ``outputs``/``gradients`` hold an :class:`OutputError` each. For the softmax formula:
+    ``condition`` (max logit range), ``softmax_bound`` (BHH Thm 4.3, relative), ``lse_bound`` (Thm
+    4.2, absolute), ``logit_term`` (max ``|ΔZ|``). ``honoured``: the longdouble run returned longdouble
+    and differs from float64 at the ulp level (None: bitwise equal, so the case cannot tell an exact
+    result from an ignored ``compute_dtype``; not applicable under mpmath without a longdouble run).
+    ``cross_check``: under mpmath, the mechanism's own longdouble result against mpmath, relative
+    to the output scale (≈ 1e-18 when longdouble is honoured end to end).
+    """
+
+    key: str
+    method: str
+    precision: str
+    outputs: tuple[OutputError, ...]
+    gradients: tuple[OutputError, ...] = ()
+    condition: float | None = None
+    softmax_bound: float | None = None
+    lse_bound: float | None = None
+    logit_term: float | None = None
+    honoured: bool | None = None
+    cross_check: float | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def max_rel(self) -> float:
+        """The worst relative error over every output and gradient (0 when there are none)."""
+        return max((e.max_rel for e in (*self.outputs, *self.gradients)), default=0.0)
+
+    @property
+    def within_bound(self) -> bool | None:
+        """False when some output exceeds its bound; None when no output has one."""
+        flags = [e.within_bound for e in self.outputs if e.within_bound is not None]
+        return all(flags) if flags else None
+
+    @property
+    def flagged(self) -> bool:
+        """A defect: an error above its bound, or longdouble asked for and not delivered."""
+        return self.within_bound is False or self.honoured is False
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able record (non-finite floats as the strings ``"inf"``/``"nan"``)."""
+        return {
+            "method": self.method, "precision": self.precision, "max_rel": _json_float(self.max_rel),
+            "outputs": [e.to_dict() for e in self.outputs], "gradients": [e.to_dict() for e in self.gradients],
+            "condition": _json_float(self.condition), "softmax_bound": _json_float(self.softmax_bound),
+            "lse_bound": _json_float(self.lse_bound), "logit_term": _json_float(self.logit_term),
+            "honoured": self.honoured, "cross_check": _json_float(self.cross_check), "notes": list(self.notes),
+        }
+
+    def summary(self) -> str:
+        """One line: method, worst relative error per output, bound status."""
+        parts = [f"{e.name} {e.max_rel:.1e}" + ("" if e.bound is None else f" (bound {e.bound / e.scale if e.scale else e.bound:.1e})")
+                 for e in (*self.outputs, *self.gradients)]
+        flag = "  FLAGGED" if self.flagged else ""
+        return f"{self.key} [{self.method}]: " + ", ".join(parts) + flag
+
+
+def _json_float(value: float | None) -> float | str | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else str(value)
+
+
+# --- the platform ---------------------------------------------------------------------------------
+
+def longdouble_extends_float64() -> bool:
+    """Whether ``numpy.longdouble`` carries more precision than float64 on this platform."""
+    return bool(numpy.finfo(numpy.longdouble).eps < numpy.finfo(numpy.float64).eps)
+
+
+def _require_longdouble() -> None:
+    if not longdouble_extends_float64():
+        eps = numpy.finfo(numpy.longdouble).eps
+        raise CertificationError(
+            f"numpy.longdouble on this platform has eps {float(eps):.3g}, no finer than float64's 2.2e-16 "
+            "(long double is double with MSVC and on Apple arm64): the longdouble certificate would compare "
+            "float64 with itself; use method='mpmath' (tiny cases of full and linear)")
+
+
+def _mpmath() -> Any:
+    try:
+        import mpmath
+    except ImportError as err:  # pragma: no cover - mpmath is in the [certify] extra
+        raise CertificationError("method='mpmath' needs mpmath: pip install 'reflex-attention[certify]'") from err
+    return mpmath
+
+
+# --- inputs and outputs ---------------------------------------------------------------------------
+
+def _host_inputs(key: str, function: Callable[..., Any], inputs: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Host NumPy copies of ``inputs`` (floats as float64, exact) and the positional argument names."""
+    if not isinstance(inputs, Mapping) or not inputs:
+        raise TypeError(f"inputs must be a non-empty mapping of argument names to arrays; got {type(inputs).__name__}")
+    signature = inspect.signature(function).parameters
+    positional = [name for name, p in signature.items() if p.kind == p.POSITIONAL_ONLY]
+    missing = [name for name in positional if name not in inputs]
+    if missing:
+        raise ValueError(f"inputs lacks {', '.join(missing)}: {key!r} takes the arrays {', '.join(positional)} positionally")
+    unknown = [name for name in inputs if name not in signature]
+    if unknown:
+        raise ValueError(f"inputs has {', '.join(unknown)}, which {key!r} does not take")
+    host: dict[str, Any] = {}
+    for name, x in inputs.items():
+        if not hasattr(x, "shape"):
+            host[name] = x
+            continue
+        array = to_numpy(x)
+        if array.dtype.kind == "f":
+            if numpy.finfo(array.dtype).eps < numpy.finfo(numpy.float64).eps:
+                raise ValueError(f"inputs[{name!r}] has dtype {array.dtype}: certify compares float64 runs, so inputs "
+                                 "must be exactly representable in float64 (float64 or narrower)")
+            array = array.astype(numpy.float64)
+        host[name] = array
+    return host, positional
+
+
+def _call(function: Callable[..., Any], host: Mapping[str, Any], positional: list[str], params: Mapping[str, Any]) -> Any:
+    args = [host[name] for name in positional]
+    kwargs = {name: value for name, value in host.items() if name not in positional}
+    return function(*args, **kwargs, **params)
+
+
+def _named(result: Any, with_lse: bool) -> list[tuple[str, numpy.ndarray]]:
+    parts = result if isinstance(result, tuple) else (result,)
+    names = ["out", "lse"] if with_lse else ["out"]
+    names += [f"output{i}" for i in range(len(names), len(parts))]
+    return [(name, to_numpy(part)) for name, part in zip(names, parts) if hasattr(part, "shape")]
+
+
+def _error_longdouble(value: numpy.ndarray, reference: numpy.ndarray) -> numpy.ndarray:
+    """Elementwise ``|value − reference|`` in longdouble, as float64; NaN or a wrong infinity → inf."""
+    wide = value.astype(numpy.longdouble)
+    ref = reference.astype(numpy.longdouble)
+    same = wide == ref  # equal infinities included
+    with numpy.errstate(invalid="ignore", over="ignore"):
+        err = numpy.where(same, 0.0, numpy.abs(wide - ref)).astype(numpy.float64)
+    return numpy.where(numpy.isnan(err), numpy.inf, err)
+
+
+def _error_mpmath(value: numpy.ndarray, reference: numpy.ndarray, mp: Any) -> numpy.ndarray:
+    """Elementwise ``|value − reference|`` with an mpmath (object) reference, as float64."""
+    def one(a: Any, r: Any) -> float:
+        a = _to_mpf(a, mp)
+        if a == r:
+            return 0.0
+        if mp.isnan(a) or mp.isinf(a) or mp.isinf(r):
+            return math.inf
+        return float(abs(a - r))
+
+    if value.size == 0:
+        return numpy.zeros(value.shape)
+    return numpy.frompyfunc(one, 2, 1)(value, reference).astype(numpy.float64)
+
+
+def _to_mpf(a: Any, mp: Any) -> Any:
+    """A float64 or longdouble scalar as an exact mpf (longdouble split into two float64 parts)."""
+    if isinstance(a, numpy.longdouble):
+        hi = float(a)
+        if not math.isfinite(hi):
+            return mp.mpf(hi)
+        return mp.mpf(hi) + mp.mpf(float(a - numpy.longdouble(hi)))
+    return mp.mpf(float(a))
+
+
+def _scale(reference: numpy.ndarray, mp: Any = None) -> float:
+    if reference.size == 0:
+        return 0.0
+    if reference.dtype == object:
+        finite = [abs(r) for r in reference.ravel() if mp.isfinite(r)]
+        return float(max(finite, default=0.0))
+    finite = numpy.abs(reference[numpy.isfinite(reference)])
+    return float(finite.max()) if finite.size else 0.0
+
+
+def _compare(name: str, value: numpy.ndarray, reference: numpy.ndarray, *, mp: Any = None,
+             bound: numpy.ndarray | None = None) -> OutputError:
+    if tuple(value.shape) != tuple(reference.shape):
+        raise AssertionError(f"{name}: float64 shape {tuple(value.shape)}, reference {tuple(reference.shape)} (a bug in reflex)")
+    err = _error_mpmath(value, reference, mp) if reference.dtype == object else _error_longdouble(value, reference)
+    max_abs = float(err.max()) if err.size else 0.0
+    scale = _scale(reference, mp)
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    if bound is None:
+        return OutputError(name, max_abs, max_rel, scale)
+    return OutputError(name, max_abs, max_rel, scale, float(bound.max()) if bound.size else 0.0, bool(numpy.all(err <= bound)))
+
+
+# --- formulas in higher precision (host arrays of mpf objects or of longdouble) -------------------
+
+class _Ops:
+    """Elementwise functions and constants for object (mpmath) or longdouble arrays."""
+
+    def __init__(self, mp: Any = None) -> None:
+        self.mp = mp
+        if mp is None:
+            self.exp, self.log, self.tanh = numpy.exp, numpy.log, numpy.tanh
+            self.number = numpy.longdouble
+        else:
+            self.exp, self.log, self.tanh = (numpy.frompyfunc(f, 1, 1) for f in (mp.exp, mp.log, mp.tanh))
+            self.number = mp.mpf
+
+    def array(self, x: numpy.ndarray) -> numpy.ndarray:
+        """A float64 host array entered exactly."""
+        if self.mp is None:
+            return numpy.asarray(x, dtype=numpy.longdouble)
+        return numpy.frompyfunc(lambda a: self.mp.mpf(float(a)), 1, 1)(numpy.asarray(x, dtype=numpy.float64)).astype(object)
+
+
+def _repeat_heads(x: numpy.ndarray, heads: int) -> numpy.ndarray:
+    """``(..., G, S, ·)`` → ``(..., H, S, ·)``: query head h uses kv head ``h // (H/G)``."""
+    return numpy.repeat(x, heads // x.shape[-3], axis=-3)
+
+
+def _allowed(shape: tuple[int, ...], causal: Any, mask: Any) -> numpy.ndarray:
+    """The boolean ``(..., H, L, S)`` attend-map of a mask and a causal alignment."""
+    allowed = numpy.ones(shape, dtype=bool)
+    if mask is not None:
+        allowed &= numpy.broadcast_to(numpy.asarray(mask, dtype=bool), shape)
+    alignment = parse_causal(causal)
+    if alignment is not None:
+        length, key_length = shape[-2:]
+        delta = causal_offset(alignment, length, key_length)
+        allowed &= numpy.arange(key_length)[None, :] <= numpy.arange(length)[:, None] + delta
+    return allowed
+
+
+def _softmax_formula(ops: _Ops, q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, *, mask: Any = None, bias: Any = None,
+                     causal: Any = False, scale: float | None = None, softcap: float | None = None) -> dict[str, numpy.ndarray]:
+    """Dense softmax attention, term by term as ``full_attention``'s docstring defines it.
+
+    ``Z = cap(scale·Q Kᵀ) + bias``, −∞ where masked or causally excluded; ``m`` the row max (0 for
+    an empty row), ``P = e^{Z − m} / Σ e^{Z − m}``, ``O = P V``, ``lse = m + log Σ e^{Z − m}``; an
+    empty row gives ``O = 0``, ``lse = −∞``. Returns ``out, lse, scores, probs`` in the ops' type.
+    """
+    heads, length, dim = q.shape[-3:]
+    key_length = k.shape[-2]
+    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)  # the float64 the mechanism uses
+    qh, kh, vh = ops.array(q), _repeat_heads(ops.array(k), heads), _repeat_heads(ops.array(v), heads)
+    z = (qh @ numpy.swapaxes(kh, -1, -2)) * ops.number(scale)
+    if softcap is not None:
+        c = ops.number(float(softcap))
+        z = c * ops.tanh(z / c)
+    if bias is not None:
+        z = z + ops.array(numpy.broadcast_to(numpy.asarray(bias, dtype=numpy.float64), z.shape))
+    ninf, zero, one = ops.number(-math.inf), ops.number(0.0), ops.number(1.0)
+    z = numpy.where(_allowed(z.shape, causal, mask), z, ninf)
+    if length == 0 or key_length == 0:
+        out = numpy.full((*z.shape[:-1], v.shape[-1]), zero, dtype=z.dtype)
+        return {"out": out, "lse": numpy.full(z.shape[:-1], ninf, dtype=z.dtype), "scores": z, "probs": z}
+    row_max = numpy.max(z, axis=-1, keepdims=True)
+    shift = numpy.where(row_max == ninf, zero, row_max)
+    weights = ops.exp(z - shift)
+    row_sum = numpy.sum(weights, axis=-1, keepdims=True)
+    empty = row_sum == 0
+    denominator = numpy.where(empty, one, row_sum)
+    probs = weights / denominator
+    out = probs @ vh
+    lse = numpy.where(empty, ninf, shift + ops.log(denominator))[..., 0]
+    return {"out": out, "lse": lse, "scores": z, "probs": probs}
+
+
+def _linear_formula(ops: _Ops, q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, *, feature_map: str = "elu",
+                    causal: Any = False, eps: float = 1e-6) -> dict[str, numpy.ndarray]:
+    """Linear attention, the quadratic form: ``o_i = Σ_{j≤t_i} φ(q_i)·φ(k_j) v_j / (Σ_{j≤t_i} φ(q_i)·φ(k_j) + ε)``.
+
+    ``φ(x) = elu(x) + 1`` (x + 1 for x > 0, eˣ otherwise) or ``relu``; a query with a zero
+    normaliser outputs 0 (Katharopoulos et al. 2020, §3.2 eq. 4–6, causal §3.3).
+    """
+    zero, one = ops.number(0.0), ops.number(1.0)
+
+    def phi(x: numpy.ndarray) -> numpy.ndarray:
+        positive = x > 0
+        if feature_map == "relu":
+            return numpy.where(positive, x, zero)
+        return numpy.where(positive, x + one, ops.exp(numpy.where(positive, zero, x)))
+
+    heads = q.shape[-3]
+    fq, fk = phi(ops.array(q)), _repeat_heads(phi(ops.array(k)), heads)
+    vh = _repeat_heads(ops.array(v), heads)
+    kernel = fq @ numpy.swapaxes(fk, -1, -2)
+    kernel = numpy.where(_allowed(kernel.shape, causal, None), kernel, zero)
+    numerator = kernel @ vh
+    denominator = numpy.sum(kernel, axis=-1, keepdims=True) + ops.number(float(eps))
+    empty = denominator == 0
+    out = numpy.where(empty, zero, numerator / numpy.where(empty, one, denominator))
+    return {"out": out}
+
+
+# key → (formula, the mechanism options it understands; others make mpmath decline)
+_FORMULAS: dict[str, tuple[Callable[..., dict[str, numpy.ndarray]], frozenset[str]]] = {
+    "full": (_softmax_formula, frozenset({"mask", "bias", "causal", "scale", "softcap", "return_lse", "implementation"})),
+    "linear": (_linear_formula, frozenset({"feature_map", "causal", "eps", "implementation"})),
+}
+MPMATH_KEYS = tuple(_FORMULAS)
+_FORMULA_INPUTS = ("q", "k", "v")
+
+
+def mpmath_supports(key: str, inputs: Mapping[str, Any], params: Mapping[str, Any]) -> str | None:
+    """None when the mpmath method can certify this case; otherwise the reason it cannot."""
+    if key not in _FORMULAS:
+        return f"no mpmath formula for {key!r} (mpmath certifies {', '.join(MPMATH_KEYS)})"
+    _, understood = _FORMULAS[key]
+    unknown = sorted(set(params) - understood)
+    if unknown:
+        return f"the mpmath formula for {key!r} does not take {', '.join(unknown)}"
+    extra = sorted(set(inputs) - set(_FORMULA_INPUTS) - understood)
+    if extra:
+        return f"the mpmath formula for {key!r} does not take the arrays {', '.join(extra)}"
+    if key == "linear" and params.get("feature_map", "elu") not in ("elu", "relu"):
+        return "the mpmath formula for linear takes feature_map 'elu' or 'relu', not a callable"
+    return None
+
+
+def _products(host: Mapping[str, Any]) -> int:
+    q, k = host["q"], host["k"]
+    return int(math.prod(q.shape[:-1])) * int(k.shape[-2]) * int(q.shape[-1])
+
+
+# --- the bounds -----------------------------------------------------------------------------------
+
+def _gamma(n: Any) -> Any:
+    return n * UNIT_ROUNDOFF / (1 - n * UNIT_ROUNDOFF)
+
+
+def _softmax_bounds(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, parts: Mapping[str, numpy.ndarray], *,
+                    scale: float | None, softcap: float | None, bias: Any) -> dict[str, Any]:
+    """Per-element first-order bounds on out and lse, and the case's condition (see the module docstring)."""
+    u = UNIT_ROUNDOFF
+    heads, _, dim = q.shape[-3:]
+    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    z = numpy.asarray(parts["scores"].astype(numpy.float64) if parts["scores"].dtype == object
+                      else parts["scores"], dtype=numpy.float64)
+    probs = numpy.asarray(parts["probs"].astype(numpy.float64) if parts["probs"].dtype == object
+                          else parts["probs"], dtype=numpy.float64)
+    lse = numpy.asarray(parts["lse"].astype(numpy.float64) if parts["lse"].dtype == object
+                        else parts["lse"], dtype=numpy.float64)
+    attended = numpy.isfinite(z)
+    n = attended.sum(axis=-1)
+    z_max = numpy.where(attended, z, -numpy.inf).max(axis=-1, initial=-numpy.inf)
+    z_min = numpy.where(attended, z, numpy.inf).min(axis=-1, initial=numpy.inf)
+    some = n > 0
+    spread = numpy.where(some, z_max - z_min, 0.0)
+    softmax_rel = numpy.where(some, (n + 2 + 2 * spread) * u, 0.0)  # BHH Thm 4.3
+    with numpy.errstate(invalid="ignore"):
+        lse_part = numpy.where(some, numpy.abs(lse + n - z_min) * u, 0.0)  # BHH Thm 4.2
+    qk = numpy.abs(q * scale) @ numpy.swapaxes(numpy.abs(_repeat_heads(k, heads)), -1, -2)
+    term_roundings = (3 if softcap is not None else 0) + (1 if bias is not None else 0)
+    logit = _gamma(dim + 1) * qk + term_roundings * u * numpy.where(attended, numpy.abs(z), 0.0)
+    logit_row = numpy.where(attended, logit, 0.0).max(axis=-1, initial=0.0)
+    abs_v = numpy.abs(_repeat_heads(v, heads))
+    out_bound = (softmax_rel[..., None] * probs.max(axis=-1, initial=0.0)[..., None] * (attended.astype(numpy.float64) @ abs_v)
+                 + (2 * logit_row + _gamma(n + 1))[..., None] * (probs @ abs_v))
+    return {
+        "out": out_bound, "lse": numpy.where(some, lse_part + logit_row, 0.0),
+        "condition": float(spread.max(initial=0.0)), "softmax_bound": float(softmax_rel.max(initial=0.0)),
+        "lse_bound": float(lse_part.max(initial=0.0)), "logit_term": float(logit_row.max(initial=0.0)),
+    }
+
+
+# --- certify --------------------------------------------------------------------------------------
+
+def certify(key: str, inputs: Mapping[str, Any], /, *, method: str = "auto", dps: int = 40, **params: Any) -> Certificate:
+    """Certify the float64 result of mechanism ``key`` on ``inputs`` against higher precision.
+
+    Args:
+        key: a registered mechanism (``reflex list``).
+        inputs: argument name → array (any array library; moved to the host, floats entered exactly
+            as float64), every array the mechanism takes: ``q``, ``k``, ``v``, masks, biases, ...
+        method: ``"longdouble"`` (the mechanism with ``compute_dtype=numpy.longdouble``), ``"mpmath"``
+            (an independent formula at ``dps`` digits; ``full`` and ``linear``) or ``"auto"``: mpmath
+            where it has the formula and the case has at most 2¹⁵ score multiply-adds, else longdouble
+            (else mpmath where longdouble is only float64).
+        dps: mpmath decimal digits, at least 30 (default 40).
+        **params: the mechanism's options, as its function takes them (not ``compute_dtype``). A
+            mechanism that returns an lse is run with ``return_lse=True`` unless given otherwise.
+
+    Returns:
+        A :class:`Certificate`: per output and gradient the max absolute and relative (to
+        ``max|reference|``) error of float64; for the softmax formula the Blanchard–Higham–Higham
+        bounds, the logit term and the condition.
+
+    Raises:
+        CertificationError: longdouble is no wider than float64 here, the mechanism has no mpmath
+            formula for these options, mpmath is missing, or the mechanism fails in longdouble.
+        ValueError: an unknown method, a bad ``dps``, ``compute_dtype`` among ``params``, or inputs
+            that do not match the mechanism's arguments.
+        KeyError: an unknown mechanism (with close matches).
+    """
+    mechanism = registry.get(key)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    if isinstance(dps, bool) or not isinstance(dps, int) or dps < 30:
+        raise ValueError(f"dps must be an int >= 30 (float64 needs 17 digits; the reference needs more); got {dps!r}")
+    if "compute_dtype" in params:
+        raise ValueError("certify sets compute_dtype itself (float64, then the reference precision); do not pass it")
+    host, positional = _host_inputs(key, mechanism.function, inputs)
+    with_lse = mechanism.returns_lse and params.get("return_lse", True) is not False
+    run_params = {**params, "return_lse": True} if mechanism.returns_lse and "return_lse" not in params else dict(params)
+    chosen = _choose(method, key, host, params)
+    float64 = _named(_call(mechanism.function, host, positional, run_params), with_lse)
+    longdouble = None
+    notes: list[str] = []
+    if longdouble_extends_float64():
+        try:
+            longdouble = _named(_call(mechanism.function, host, positional,
+                                      {**run_params, "compute_dtype": numpy.longdouble}), with_lse)
+        except Exception as err:  # noqa: BLE001 - reported: the mechanism cannot run in longdouble
+            if chosen == "longdouble":
+                raise CertificationError(f"{key!r} does not run with compute_dtype=numpy.longdouble: "
+                                         f"{type(err).__name__}: {err}") from err
+            notes.append(f"no longdouble run ({type(err).__name__}: {err})")
+    honoured = None if longdouble is None else _honoured(float64, longdouble, notes)
+    gradients = _gradients(mechanism, host, params, float64[0][1], notes) if mechanism.vjp is not None else ()
+    if chosen == "longdouble":
+        bounds = _longdouble_bounds(key, host, params)
+        outputs = tuple(_compare(name, value, ref, bound=bounds.get(name))
+                        for (name, value), (_, ref) in zip(float64, longdouble))
+        eps = float(numpy.finfo(numpy.longdouble).eps)
+        return Certificate(key, "longdouble", f"numpy.longdouble (eps {eps:.3g})", outputs, gradients, honoured=honoured,
+                           notes=tuple(notes), **_summary(bounds))
+    mp = _mpmath()
+    formula, _ = _FORMULAS[key]
+    options = {name: value for name, value in {**host, **params}.items()
+               if name not in (*_FORMULA_INPUTS, "return_lse", "implementation")}
+    with mp.workdps(dps):
+        parts = formula(_Ops(mp), host["q"], host["k"], host["v"], **options)
+        bounds = (_softmax_bounds(host["q"], host["k"], host["v"], parts, scale=params.get("scale"),
+                                  softcap=params.get("softcap"), bias=host.get("bias")) if formula is _softmax_formula else {})
+        outputs = tuple(_compare(name, value, parts[name], mp=mp, bound=bounds.get(name)) for name, value in float64)
+        cross = None
+        if longdouble is not None:
+            cross = max((_compare(name, value, parts[name], mp=mp).max_rel for name, value in longdouble), default=0.0)
+    return Certificate(key, "mpmath", f"mpmath dps {dps}", outputs, gradients, honoured=honoured, cross_check=cross,
+                       notes=tuple(notes), **_summary(bounds))
+
+
+def _summary(bounds: Mapping[str, Any]) -> dict[str, float]:
+    """The scalar bound fields of a :class:`Certificate` (the per-element arrays left out)."""
+    return {name: value for name, value in bounds.items() if name not in ("out", "lse")}
+
+
+def _choose(method: str, key: str, host: Mapping[str, Any], params: Mapping[str, Any]) -> str:
+    reason = mpmath_supports(key, host, params)
+    if method == "mpmath":
+        if reason is not None:
+            raise CertificationError(f"{reason}; use method='longdouble'")
+        _mpmath()
+        return "mpmath"
+    if method == "longdouble":
+        _require_longdouble()
+        return "longdouble"
+    small = reason is None and _products(host) <= MPMATH_AUTO_PRODUCTS
+    if small or (reason is None and not longdouble_extends_float64()):
+        try:
+            _mpmath()
+            return "mpmath"
+        except CertificationError:
+            if not longdouble_extends_float64():
+                raise
+    _require_longdouble()
+    return "longdouble"
+
+
+def _honoured(float64: list[tuple[str, numpy.ndarray]], longdouble: list[tuple[str, numpy.ndarray]], notes: list[str]) -> bool | None:
+    """Whether the longdouble run really computed in longdouble (see :class:`Certificate`)."""
+    narrow = [name for name, value in longdouble if value.dtype != numpy.longdouble]
+    if narrow:
+        notes.append(f"compute_dtype=longdouble returned {', '.join(narrow)} as {longdouble[0][1].dtype}: not honoured")
+        return False
+    if any(not numpy.array_equal(a.astype(numpy.longdouble), b) for (_, a), (_, b) in zip(float64, longdouble)):
+        return True
+    notes.append("longdouble and float64 results are bitwise equal (an exact case, or longdouble ignored)")
+    return None
+
+
+def _gradients(mechanism: registry.Mechanism, host: Mapping[str, Any], params: Mapping[str, Any], out: numpy.ndarray,
+               notes: list[str]) -> tuple[OutputError, ...]:
+    """float64 VJP against the longdouble VJP, with the fixed cotangent ``d_out``."""
+    from reflex.gradients import vjp
+
+    if not longdouble_extends_float64():
+        notes.append("gradients not certified: longdouble is float64 here")
+        return ()
+    arrays = {name: value for name, value in host.items() if hasattr(value, "shape")}
+    options = {name: value for name, value in params.items() if name != "return_lse"}
+    d_out = random.normal(tuple(out.shape), seed=_COTANGENT_SEED)
+    try:
+        low = vjp(mechanism.key, arrays, d_out, **options)
+        high = vjp(mechanism.key, arrays, d_out, compute_dtype=numpy.longdouble, **options)
+    except Exception as err:  # noqa: BLE001 - reported: the VJP cannot run here
+        notes.append(f"gradients not certified ({type(err).__name__}: {err})")
+        return ()
+    narrow = [name for name, g in high.items() if to_numpy(g).dtype != numpy.longdouble]
+    if narrow:
+        notes.append(f"VJP with compute_dtype=longdouble returned d_{', d_'.join(narrow)} below longdouble: not honoured")
+    return tuple(_compare(f"d_{name}", to_numpy(low[name]), to_numpy(high[name])) for name in sorted(low))
+
+
+def _longdouble_bounds(key: str, host: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+    """For the softmax formula (``full``): bounds from the formula evaluated in longdouble; else none."""
+    if key != "full" or mpmath_supports(key, host, params) is not None:
+        return {}
+    options = {name: value for name, value in {**host, **params}.items()
+               if name not in (*_FORMULA_INPUTS, "return_lse", "implementation")}
+    with numpy.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        parts = _softmax_formula(_Ops(), host["q"], host["k"], host["v"], **options)
+    return _softmax_bounds(host["q"], host["k"], host["v"], parts, scale=params.get("scale"),
+                           softcap=params.get("softcap"), bias=host.get("bias"))
+
+
+def certify_case(mechanism: registry.Mechanism | str, case: registry.Case, *, method: str = "auto", dps: int = 40) -> Certificate:
+    """:func:`certify` on a registry :class:`~reflex.registry.Case`."""
+    key = mechanism if isinstance(mechanism, str) else mechanism.key
+    return certify(key, dict(case.inputs), method=method, dps=dps, **dict(case.params))
+
+
+def case_record(mechanism: registry.Mechanism | str, case: registry.Case, *, method: str = "auto", dps: int = 40) -> dict[str, Any]:
+    """A JSON-able certificate of one case (the ``certificate`` field of a fixture manifest's case).
+
+    On failure (no method applies, the mechanism does not run in longdouble) the record holds
+    ``{"method": None, "error": "<why>"}`` instead.
+    """
+    try:
+        return certify_case(mechanism, case, method=method, dps=dps).to_dict()
+    except CertificationError as err:
+        return {"method": None, "error": str(err)}
