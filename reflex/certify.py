@@ -62,6 +62,7 @@ METHODS = ("auto", "longdouble", "mpmath")
 # "auto" takes mpmath when a case has at most this many multiply-adds in its score product (B·H·L·S·D).
 MPMATH_AUTO_PRODUCTS = 1 << 15
 _COTANGENT_SEED = (17, 1)  # the fixed d_out of a gradient certificate
+_LONGDOUBLE = numpy.dtype(numpy.longdouble)  # passed as compute_dtype (a dtype object, as every mechanism takes)
 
 
 class CertificationError(ValueError):
@@ -500,7 +501,7 @@ def certify(key: str, inputs: Mapping[str, Any], /, *, method: str = "auto", dps
     if longdouble_extends_float64():
         try:
             longdouble = _named(_call(mechanism.function, host, positional,
-                                      {**run_params, "compute_dtype": numpy.longdouble}), with_lse)
+                                      {**run_params, "compute_dtype": _LONGDOUBLE}), with_lse)
         except Exception as err:  # noqa: BLE001 - reported: the mechanism cannot run in longdouble
             if chosen == "longdouble":
                 raise CertificationError(f"{key!r} does not run with compute_dtype=numpy.longdouble: "
@@ -583,7 +584,7 @@ def _gradients(mechanism: registry.Mechanism, host: Mapping[str, Any], params: M
     d_out = random.normal(tuple(out.shape), seed=_COTANGENT_SEED)
     try:
         low = vjp(mechanism.key, arrays, d_out, **options)
-        high = vjp(mechanism.key, arrays, d_out, compute_dtype=numpy.longdouble, **options)
+        high = vjp(mechanism.key, arrays, d_out, compute_dtype=_LONGDOUBLE, **options)
     except Exception as err:  # noqa: BLE001 - reported: the VJP cannot run here
         notes.append(f"gradients not certified ({type(err).__name__}: {err})")
         return ()
@@ -621,3 +622,71 @@ def case_record(mechanism: registry.Mechanism | str, case: registry.Case, *, met
         return certify_case(mechanism, case, method=method, dps=dps).to_dict()
     except CertificationError as err:
         return {"method": None, "error": str(err)}
+
+
+# --- many cases: the registry ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CaseCertificate:
+    """One registry case's certificate (``certificate``) or why it has none (``error``), and the time taken."""
+
+    key: str
+    size: str
+    variant: str
+    certificate: Certificate | None
+    error: str | None
+    seconds: float
+
+
+def default_method(size: str) -> str:
+    """mpmath (where it has the formula) for tiny cases, longdouble for larger ones; auto where longdouble is float64."""
+    return "auto" if size == "tiny" or not longdouble_extends_float64() else "longdouble"
+
+
+def certify_registry(keys: Any = None, sizes: Any = ("tiny",), *, method: str | None = None, dps: int = 40, seed: int = 0,
+                     progress: bool = False) -> list[CaseCertificate]:
+    """Certify every case of ``keys`` (default: every registered mechanism) at ``sizes``.
+
+    ``method=None`` picks :func:`default_method` per size. ``progress`` shows a tqdm bar on a
+    terminal (stderr). A case that cannot be certified is returned with its ``error``.
+    """
+    import sys
+    import time
+
+    from tqdm import tqdm
+
+    mechanisms = registry.list_mechanisms() if keys is None else [registry.get(key) for key in keys]
+    for size in sizes:
+        registry.size_scale(size)  # validates
+    jobs = [(m, size, case) for m in mechanisms for size in sizes for case in m.cases(size, seed)]
+    results = []
+    bar = tqdm(jobs, desc="certify", unit="case", disable=not (progress and sys.stderr.isatty()), leave=False)
+    for mechanism, size, case in bar:
+        bar.set_postfix_str(f"{mechanism.key} {size} {case.variant}", refresh=False)
+        start = time.perf_counter()
+        try:
+            cert, error = certify_case(mechanism, case, method=method or default_method(size), dps=dps), None
+        except CertificationError as err:
+            cert, error = None, str(err)
+        except Exception as err:  # noqa: BLE001 - a mechanism failing outright is reported, not fatal to the sweep
+            cert, error = None, f"the mechanism failed: {type(err).__name__}: {err}"
+        results.append(CaseCertificate(mechanism.key, size, case.variant, cert, error, time.perf_counter() - start))
+    return results
+
+
+def format_results(results: list[CaseCertificate]) -> str:
+    """A plain-text table of :func:`certify_registry` results, one case a line."""
+    rows = [("mechanism", "size", "case", "method", "max rel", "bound", "condition", "longdouble", "notes")]
+    for r in results:
+        c = r.certificate
+        if c is None:
+            rows.append((r.key, r.size, r.variant, "-", "-", "-", "-", "-", r.error or ""))
+            continue
+        bounded = [e for e in c.outputs if e.bound is not None]
+        bound = max((e.bound / e.scale for e in bounded if e.scale), default=None)
+        honoured = {True: "yes", None: "equal", False: "NO"}[c.honoured]
+        rows.append((r.key, r.size, r.variant, c.method, f"{c.max_rel:.1e}",
+                     "-" if bound is None else f"{bound:.1e}" + ("" if c.within_bound else " EXCEEDED"),
+                     "-" if c.condition is None else f"{c.condition:.3g}", honoured, "; ".join(c.notes)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows).rstrip()
