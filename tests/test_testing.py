@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import array_api_strict
@@ -11,7 +12,8 @@ import pytest
 import reflex
 from reflex import fixtures
 from reflex.testing import (
-    EPS, TOLERANCES, OracleComparison, Tolerance, assert_close, assert_matches_oracle, dtype_name, tolerance,
+    EPS, TOLERANCES, OracleComparison, Tolerance, assert_close, assert_gradients_match_oracle, assert_matches_oracle,
+    dtype_name, rounding_floor, tolerance,
 )
 from tests.helpers import qkv_host
 
@@ -127,16 +129,40 @@ def test_flash_rule_params_reach_the_oracle_and_the_baseline():
 
 def test_flash_rule_floor_when_the_naive_error_is_zero():
     # One key: the softmax weight is exactly 1 in any precision, so the naive error is 0 and only
-    # the floor (4 ulps of the output) leaves room.
+    # the floor (FA3's measured rounding of out + 0.3 − 0.3 in float16) leaves room.
     q, k, v = qkv_host(3, heads=1, kv_heads=1, length=3, key_length=1, dim=4, value_dim=4)
-    v = numpy.full_like(v, 0.75)
     q, k, v = (a.astype(numpy.float16) for a in (q, k, v))
-    ulp = float(numpy.spacing(numpy.float16(0.75)))
-    near = v.repeat(3, axis=-2) + numpy.float16(ulp)
-    result = assert_matches_oracle(near, "full", {"q": q, "k": k, "v": v}, dtype="float16")
-    assert result.naive_error == 0 and result.floor == pytest.approx(4 * EPS["float16"] * 0.75)
+    oracle = numpy.repeat(v.astype(numpy.float64), 3, axis=-2)
+    result = assert_matches_oracle(oracle, "full", {"q": q, "k": k, "v": v}, dtype="float16")
+    assert result.naive_error == 0 and result.error == 0
+    assert result.floor == rounding_floor(oracle, "float16") > 0
+    assert_matches_oracle(oracle + 0.9 * result.floor, "full", (q, k, v), dtype="float16")
     with pytest.raises(AssertionError, match="ratio actual/naive = inf"):
-        assert_matches_oracle(v.repeat(3, axis=-2) + numpy.float16(8 * ulp), "full", (q, k, v), dtype="float16")
+        assert_matches_oracle(oracle + 1.1 * result.floor, "full", (q, k, v), dtype="float16")
+    # a constant output that survives the round trip exactly (0.75 + 0.3 - 0.3 = 0.75 in float16)
+    # still admits its correctly rounded value and nothing an ulp away
+    const = numpy.full_like(v, 0.75)
+    exact = numpy.repeat(const.astype(numpy.float64), 3, axis=-2)
+    assert assert_matches_oracle(exact, "full", (q, k, const), dtype="float16").floor == 0
+    with pytest.raises(AssertionError, match="floor 0.000e\\+00"):
+        assert_matches_oracle(exact + float(numpy.spacing(numpy.float16(0.75))), "full", (q, k, const), dtype="float16")
+
+
+def test_rounding_floor_is_fa3s_atol():
+    """2·max|fl(fl(r + 0.3) − 0.3) − r| in the tested dtype, computed by torch exactly as FA3 does."""
+    torch = pytest.importorskip("torch")
+    ref = numpy.concatenate([reflex.random.normal((500,), seed=(9, 0)), 40 * reflex.random.normal((50,), seed=(9, 1)),
+                             numpy.array([numpy.inf, numpy.nan])])
+    for name in ("float32", "float16", "bfloat16"):
+        r = torch.from_numpy(ref[:-2]).to(getattr(torch, name))
+        fa3 = 2 * float((r + 0.3 - 0.3 - r).abs().max())
+        assert rounding_floor(ref, name) == fa3, name
+        assert rounding_floor(r, name) == fa3  # already in the dtype: the same
+    assert 0 < rounding_floor(ref, "bfloat16") <= 2 * EPS["bfloat16"]  # about an ulp at magnitude 1
+    assert rounding_floor(numpy.zeros(0), "float32") == 0.0
+    assert rounding_floor(ref, "float64") < 1e-15
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        rounding_floor(ref, "int8")
 
 
 def test_flash_rule_on_torch_bfloat16():
@@ -170,3 +196,149 @@ def test_flash_rule_rejects_bad_arguments():
         assert_matches_oracle(q, "full", {"q": q, "k": k}, dtype="float32")
     with pytest.raises(AssertionError, match="shape"):
         assert_matches_oracle(q, "full", (q, k, v), dtype="float32")
+
+
+# --- mutants: common kernel bugs must fail the rule at every low precision --------------------------------------
+
+_LOW = ("float32", "float16", "bfloat16")
+
+
+def _on_library(name, arrays):
+    """Host float64 arrays as the library that runs reflex in ``name`` (torch for bfloat16)."""
+    if name != "bfloat16":
+        return arrays
+    torch = pytest.importorskip("torch")
+    return {n: torch.from_numpy(numpy.ascontiguousarray(a)) for n, a in arrays.items()}
+
+
+def _mutant_case(seed, name):
+    """q, k, v (H = 4, G = 2, L = S = 128, D = E = 64) rounded to ``name``, as float64 host arrays."""
+    q, k, v = qkv_host(seed, batch=(1,), heads=4, kv_heads=2, length=128, key_length=128, dim=64, value_dim=64)
+    torch = pytest.importorskip("torch") if name == "bfloat16" else None
+    if torch is not None:
+        return tuple(torch.from_numpy(a).to(torch.bfloat16).double().numpy() for a in (q, k, v))
+    return tuple(a.astype(name).astype(numpy.float64) for a in (q, k, v))
+
+
+def _tile_heads(x, heads):
+    """GQA done wrong: kv heads tiled (head h reads kv head h mod G) instead of interleaved (h // (H/G))."""
+    return numpy.concatenate([x] * (heads // x.shape[-3]), axis=-3)
+
+
+def _untile_heads(dx, kv_heads):
+    """The tiled mutant's kv gradient: query head h's contribution summed into kv head h mod G."""
+    return dx.reshape(*dx.shape[:-3], dx.shape[-3] // kv_heads, kv_heads, *dx.shape[-2:]).sum(axis=-4)
+
+
+def _mutant_outputs(kind, name, q, k, v):
+    """The buggy implementation, computed by reflex in ``name`` (``params`` of the correct mechanism)."""
+    dim = q.shape[-1]
+    if kind == "scale":
+        inputs, params, bug = {"q": q, "k": k, "v": v}, {}, {"scale": 1 / math.sqrt(dim + 2)}
+    elif kind == "softcap":
+        inputs, params, bug = {"q": q, "k": k, "v": v}, {"softcap": 2.0, "scale": 0.5}, {"scale": 0.5}
+    else:  # tiled GQA
+        inputs, params = {"q": q, "k": k, "v": v}, {}
+        bug = {}
+        k, v = _tile_heads(k, q.shape[-3]), _tile_heads(v, q.shape[-3])
+    arrays = _on_library(name, {"q": q, "k": k, "v": v})
+    out = reflex.full_attention(arrays["q"], arrays["k"], arrays["v"], **bug, compute_dtype=name)
+    return out, inputs, params, bug, arrays
+
+
+@pytest.mark.parametrize("name", _LOW)
+@pytest.mark.parametrize("kind", ["scale", "softcap", "tiled_gqa"])
+def test_flash_rule_fails_mutant_outputs(kind, name):
+    """A 1/√(D+2) scale (3 %), a dropped softcap, tiled GQA heads: each fails at float32, float16 and
+    bfloat16, while reflex's own same-precision path (the baseline itself) passes.
+
+    The scale bug is the narrow one at bfloat16: its error is 0.94–1.8× the bound over seeds 11–18
+    (it passes at seed 11); seed 12 gives 1.8×. At float16 it is ≥ 7×, at float32 ≥ 10⁴×."""
+    q, k, v = _mutant_case(12, name)
+    wrong, inputs, params, _, _ = _mutant_outputs(kind, name, q, k, v)
+    with pytest.raises(AssertionError, match=f"{name} implementation fails the FlashAttention rule"):
+        assert_matches_oracle(wrong, "full", inputs, params=params, dtype=name)
+    arrays = _on_library(name, inputs)
+    right = reflex.full_attention(arrays["q"], arrays["k"], arrays["v"], **params, compute_dtype=name)
+    result = assert_matches_oracle(right, "full", inputs, params=params, dtype=name)
+    assert result.error == result.naive_error and result.ratio == 1.0
+
+
+def test_flash_rule_old_floor_let_the_scale_bug_pass_at_bfloat16():
+    """Why the floor changed: 4 ulps of max|O| (the former default) exceeds the scale bug's error."""
+    pytest.importorskip("torch")
+    q, k, v = _mutant_case(12, "bfloat16")
+    wrong, inputs, _, _, _ = _mutant_outputs("scale", "bfloat16", q, k, v)
+    with pytest.raises(AssertionError) as info:
+        assert_matches_oracle(wrong, "full", inputs, dtype="bfloat16")
+    error = float(info.value.args[0].split("max |actual − oracle| = ")[1].split(" ")[0])
+    oracle = reflex.full_attention(q, k, v)
+    assert error < 4 * EPS["bfloat16"] * float(numpy.max(numpy.abs(oracle)))
+
+
+@pytest.mark.parametrize("name", ["float32", "bfloat16"])
+def test_flash_rule_passes_torch_sdpa_output_and_gradients(name):
+    """An independent correct low-precision path (torch SDPA and its autograd) passes, outputs and gradients."""
+    torch = pytest.importorskip("torch")
+    q, k, v = _mutant_case(12, name)
+    d_out = reflex.random.normal((1, 4, 128, 64), seed=(12, 9))
+    dtype = getattr(torch, name)
+    tq, tk, tv = (torch.from_numpy(a).to(dtype).requires_grad_() for a in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, enable_gqa=True)
+    inputs = {"q": q, "k": k, "v": v}
+    result = assert_matches_oracle(out, "full", inputs, dtype=name)
+    assert result.error <= result.bound
+    if not reflex.get("full").has_vjp:
+        pytest.skip("full has no VJP yet: gradients not checked")
+    out.backward(torch.from_numpy(d_out).to(dtype))
+    grads = {"q": tq.grad, "k": tk.grad, "v": tv.grad}
+    result = assert_matches_oracle(out, "full", inputs, dtype=name, grads=grads, d_out=d_out)
+    assert set(result.gradients) == {"q", "k", "v"}
+    for n, g in result.gradients.items():
+        assert g.quantity == f"d_{n}" and 0 < g.error <= g.bound and g.floor > 0
+
+
+@pytest.mark.parametrize("name", _LOW)
+@pytest.mark.parametrize("kind", ["scale", "softcap", "tiled_gqa"])
+def test_flash_rule_fails_mutant_gradients(kind, name):
+    """The same bugs in a backward pass (reflex's VJP run in the tested dtype with the bug) fail the
+    rule for the gradients, while the correct same-precision VJP passes."""
+    if not reflex.get("full").has_vjp:
+        pytest.skip("full has no VJP yet")
+    q, k, v = _mutant_case(13, name)
+    d_out = reflex.random.normal((1, 4, 128, 64), seed=(13, 9))
+    _, inputs, params, bug, arrays = _mutant_outputs(kind, name, q, k, v)
+    (d_arr,) = _on_library(name, {"d": d_out}).values()
+    grads = reflex.vjp("full", arrays, d_arr, **bug, compute_dtype=name)
+    if kind == "tiled_gqa":
+        grads = {n: numpy.asarray(_host_grad(g)) for n, g in grads.items()}
+        grads["k"], grads["v"] = _untile_heads(grads["k"], 2), _untile_heads(grads["v"], 2)
+    with pytest.raises(AssertionError, match=r"fails the FlashAttention rule for d_(q|k|v)"):
+        assert_gradients_match_oracle(grads, "full", inputs, d_out, params=params, dtype=name)
+    right = reflex.vjp("full", _on_library(name, inputs), d_arr, **params, compute_dtype=name)
+    for n, g in assert_gradients_match_oracle(right, "full", inputs, d_out, params=params, dtype=name).items():
+        assert g.error == g.naive_error, n
+
+
+def _host_grad(g):
+    torch_like = hasattr(g, "detach")
+    return g.detach().double().numpy() if torch_like else numpy.asarray(g, dtype=numpy.float64)
+
+
+def test_gradient_rule_rejects_bad_arguments(monkeypatch):
+    q, k, v = qkv_host(6, length=4, key_length=4)
+    inputs = {"q": q, "k": k, "v": v}
+    with pytest.raises(ValueError, match="without d_out"):
+        assert_matches_oracle(None, "full", inputs, dtype="float32", grads={"q": q})
+    with pytest.raises(ValueError, match="nothing to check"):
+        assert_matches_oracle(None, "full", inputs, dtype="float32")
+    with pytest.raises(TypeError, match="grads must be a non-empty mapping"):
+        assert_gradients_match_oracle({}, "full", inputs, q, dtype="float32")
+    without_vjp = dataclasses.replace(reflex.get("full"), vjp=None)
+    monkeypatch.setattr(reflex.testing.registry, "get", lambda key: without_vjp)
+    with pytest.raises(NotImplementedError, match="'full' has no VJP"):
+        assert_gradients_match_oracle({"q": q}, "full", inputs, q, dtype="float32")
+    monkeypatch.undo()
+    if reflex.get("full").has_vjp:
+        with pytest.raises(ValueError, match="'mask', which are not among the inputs"):
+            assert_gradients_match_oracle({"mask": q}, "full", inputs, numpy.zeros((2, 4, 4, 3)), dtype="float32")
