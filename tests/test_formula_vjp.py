@@ -15,7 +15,7 @@ from reflex import random
 from reflex.mechanisms import _grad
 from tests.helpers import assert_vjp_matches_finite_differences, max_abs, qkv_host
 
-FORMULA_KEYS = ["linear", "performer", "rfa", "cosformer"]
+FORMULA_KEYS = ["linear", "performer", "rfa", "cosformer", "nystrom"]
 
 
 def _case_ids(sizes):
@@ -182,3 +182,27 @@ def test_kernelised_vjp_edges():
     assert numpy.all(g["q"][..., :4, :] == 0) and numpy.any(g["q"][..., 4:, :] != 0)
     empty = reflex.vjp("linear", {"q": q[..., :0, :], "k": k, "v": v}, d_out[..., :0, :], causal=True)
     assert numpy.all(empty["k"] == 0) and numpy.all(empty["v"] == 0) and empty["q"].shape == (2, 4, 0, 5)
+
+
+def _torch_softmax_attention_grads(q, k, v, d_out, scale):
+    """dq, dk, dv of softmax(scale·QKᵀ)V (kv heads repeated) by torch autograd: the `full` gradient."""
+    torch = pytest.importorskip("torch")
+    tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
+    r = q.shape[-3] // k.shape[-3]
+    s = scale * tq @ tk.repeat_interleave(r, dim=-3).transpose(-1, -2)
+    torch.softmax(s, dim=-1).matmul(tv.repeat_interleave(r, dim=-3)).backward(torch.tensor(d_out))
+    return {"q": tq.grad.numpy(), "k": tk.grad.numpy(), "v": tv.grad.numpy()}
+
+
+@pytest.mark.parametrize("pinv", ["exact", "iterative"])
+def test_nystrom_with_every_position_a_landmark_has_the_full_gradient(pinv):
+    """m = L = S: F = A = B = P and F·A⁺·B = P, so the gradient is full attention's (≤ 1e-12 with the
+    exact inverse; 40 Newton–Schulz steps converge to it as well). Self-attention (k = q) keeps A
+    diagonally dominant (condition number ~60): round-off grows with A's conditioning."""
+    q, _, v = qkv_host(9, heads=2, kv_heads=2, length=6, key_length=6)
+    k = q
+    d_out = random.normal((2, 2, 6, 3), seed=(9, 9))
+    got = reflex.vjp("nystrom", {"q": q, "k": k, "v": v}, d_out, num_landmarks=6, pinv=pinv, iterations=40)
+    want = _torch_softmax_attention_grads(q, k, v, d_out, 1 / numpy.sqrt(5))
+    for name in want:
+        assert max_abs(got[name], want[name]) <= 1e-12 * max(1.0, numpy.max(numpy.abs(want[name]))), name

@@ -16,6 +16,12 @@ from reflex.mechanisms import _kernels
 NormaliseVJP = Callable[[Any, Any, Any], tuple[Any, Any]]
 
 
+def softmax(xp: Any, scores: Any, axis: int = -1) -> Any:
+    """Max-shifted softmax of unmasked scores along ``axis`` (the maps a formula VJP re-materialises)."""
+    e = xp.exp(scores - xp.max(scores, axis=axis, keepdims=True))
+    return e / xp.sum(e, axis=axis, keepdims=True)
+
+
 def softmax_vjp(xp: Any, prob: Any, d_prob: Any, axis: int = -1) -> Any:
     """``dS = P ∘ (dP − Σ_axis P ∘ dP)`` for ``P = softmax(S)`` along ``axis`` (a zero row of P — a
     fully masked row — gives a zero row)."""

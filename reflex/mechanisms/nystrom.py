@@ -8,6 +8,7 @@ from typing import Any
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import example_qkv, standard
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["nystrom_attention"]
 
@@ -55,6 +56,20 @@ def newton_schulz_pinv(xp: Any, a: Any, *, iterations: int, init: str) -> Any:
     return z
 
 
+@typed_options()
+def _check_options(p: _kernels.Prepared, num_landmarks: Any, pinv: Any, pinv_init: Any, iterations: Any, eps: Any) -> None:
+    if isinstance(num_landmarks, bool) or not isinstance(num_landmarks, int) or not 1 <= num_landmarks <= min(p.length, p.key_length):
+        raise ValueError(f"num_landmarks must be an int in [1, min(L, S)] = [1, {min(p.length, p.key_length)}]; got {num_landmarks!r}")
+    if pinv not in PINV:
+        raise ValueError(f"pinv must be one of {', '.join(PINV)}; got {pinv!r}")
+    if pinv_init not in PINV_INIT:
+        raise ValueError(f"pinv_init must be one of {', '.join(PINV_INIT)}; got {pinv_init!r}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"iterations must be an int >= 0; got {iterations!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a number > 0; got {eps!r}")
+
+
 def nystrom_attention(q: Any, k: Any, v: Any, /, *, num_landmarks: int, pinv: str = "iterative", iterations: int = 6,
                       pinv_init: str = "matrix", eps: float = 1e-6, scale: float | None = None,
                       compute_dtype: Any = None, implementation: str = "auto") -> Any:
@@ -96,16 +111,7 @@ def nystrom_attention(q: Any, k: Any, v: Any, /, *, num_landmarks: int, pinv: st
     """
     p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
     xp = p.xp
-    if isinstance(num_landmarks, bool) or not isinstance(num_landmarks, int) or not 1 <= num_landmarks <= min(p.length, p.key_length):
-        raise ValueError(f"num_landmarks must be an int in [1, min(L, S)] = [1, {min(p.length, p.key_length)}]; got {num_landmarks!r}")
-    if pinv not in PINV:
-        raise ValueError(f"pinv must be one of {', '.join(PINV)}; got {pinv!r}")
-    if pinv_init not in PINV_INIT:
-        raise ValueError(f"pinv_init must be one of {', '.join(PINV_INIT)}; got {pinv_init!r}")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-        raise ValueError(f"iterations must be an int >= 0; got {iterations!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps must be a number > 0; got {eps!r}")
+    _check_options(p, num_landmarks, pinv, pinv_init, iterations, eps)
     m = num_landmarks
     root = math.sqrt(_kernels.resolve_scale(scale, p.dim))
     q_scaled, k_scaled = p.q * root, p.k * root
@@ -126,6 +132,131 @@ def nystrom_attention(q: Any, k: Any, v: Any, /, *, num_landmarks: int, pinv: st
                               (*p.batch, p.heads, m, p.dim))
     return _kernels.softmax_attention(_kernels.prepare(q_scaled, k_land_heads, w, compute_dtype=dtype), scale=1.0,
                                       implementation=implementation)
+
+
+def segment_means_vjp(xp: Any, d_means: Any, n: int) -> Any:
+    """Adjoint of :func:`segment_means`: ``d_means (..., m, D)`` → ``(..., n, D)``, each row receiving its
+    segment's gradient divided by the segment's length."""
+    count, dim = int(d_means.shape[-2]), int(d_means.shape[-1])
+    if n % count == 0:
+        spread = xp.broadcast_to(d_means[..., :, None, :], (*d_means.shape[:-2], count, n // count, dim))
+        return xp.reshape(spread, (*d_means.shape[:-2], n, dim)) / (n // count)
+    device = d_means.device
+    segment = xp.reshape(xp.arange(count, dtype=xp.int64, device=device), (count, 1))
+    position = xp.reshape(xp.arange(n, dtype=xp.int64, device=device), (1, n))
+    start, end = (segment * n) // count, ((segment + 1) * n) // count
+    weights = xp.where((position >= start) & (position < end), 1.0 / xp.astype(end - start, d_means.dtype), 0.0)
+    return xp.matrix_transpose(xp.astype(weights, d_means.dtype)) @ d_means
+
+
+def _newton_schulz_vjp(xp: Any, a: Any, d_z: Any, *, iterations: int, init: str) -> Any:
+    """``dA`` of :func:`newton_schulz_pinv` by unrolling its iterations in reverse.
+
+    One step ``Z' = ¼ Z T₁``, ``T₁ = 13I − P T₂``, ``T₂ = 15I − P T₃``, ``T₃ = 7I − P``, ``P = A Z``:
+    ``dZ = ¼ dZ' T₁ᵀ + Aᵀ dP``, ``dT₁ = ¼ Zᵀ dZ'``, ``dT₂ = −Pᵀ dT₁``, ``dT₃ = −Pᵀ dT₂``,
+    ``dP = −dT₁ T₂ᵀ − dT₂ T₃ᵀ − dT₃``, ``dA += dP Zᵀ``. Start ``Z₀ = Aᵀ/c`` with ``c`` the largest
+    column sum: ``dA += dZ₀ᵀ/c`` and ``dc = −⟨dZ₀, Z₀⟩/c`` goes to every entry of the column (of the
+    matrix, or of the batch for ``init="batch"``) holding the max — the forward's branch; at a tie, the
+    first such column (``argmax``).
+    """
+    m = int(a.shape[-1])
+    column_sums = xp.sum(a, axis=-2)
+    top = xp.max(column_sums, axis=-1, keepdims=True)[..., None] if init == "matrix" else xp.max(column_sums)
+    eye = xp.eye(m, dtype=a.dtype, device=a.device)
+    z, history = xp.matrix_transpose(a) / top, []
+    for _ in range(iterations):
+        history.append(z)
+        az = a @ z
+        z = (0.25 * z) @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+    d_a = xp.zeros(a.shape, dtype=a.dtype, device=a.device)
+    for z in reversed(history):
+        az = a @ z
+        t3 = 7 * eye - az
+        t2 = 15 * eye - az @ t3
+        t1 = 13 * eye - az @ t2
+        d_t1 = 0.25 * (xp.matrix_transpose(z) @ d_z)
+        d_t2 = -(xp.matrix_transpose(az) @ d_t1)
+        d_t3 = -(xp.matrix_transpose(az) @ d_t2)
+        d_az = -(d_t1 @ xp.matrix_transpose(t2)) - d_t2 @ xp.matrix_transpose(t3) - d_t3
+        d_a = d_a + d_az @ xp.matrix_transpose(z)
+        d_z = 0.25 * (d_z @ xp.matrix_transpose(t1)) + xp.matrix_transpose(a) @ d_az
+    z0 = xp.matrix_transpose(a) / top
+    d_a = d_a + xp.matrix_transpose(d_z) / top
+    d_top = -xp.sum(d_z * z0, axis=(-2, -1), keepdims=True) / top  # (..., 1, 1)
+    if init == "matrix":
+        column = xp.argmax(column_sums, axis=-1, keepdims=True)  # (..., 1)
+        hit = xp.reshape(xp.arange(m, dtype=column.dtype, device=a.device), (1, m)) == column  # (..., m)
+    else:
+        flat = xp.reshape(column_sums, (-1,))
+        hit = xp.reshape(xp.arange(int(flat.shape[0]), device=a.device) == xp.argmax(flat), column_sums.shape)
+        d_top = xp.sum(d_top)
+    return d_a + xp.where(hit[..., None, :], d_top, 0.0)
+
+
+def _pinv_vjp(xp: Any, a: Any, a_pinv: Any, d_pinv: Any) -> Any:
+    """``dA`` of the Moore–Penrose inverse ``Z = A⁺`` (constant rank; Golub & Pereyra 1973, Thm 4.3):
+    ``dA = −Zᵀ dZ Zᵀ + Z Zᵀ dZ (I − A Z)ᵀ + (I − Z A)ᵀ dZ Zᵀ Z``."""
+    z_t = xp.matrix_transpose(a_pinv)
+    eye = xp.eye(int(a.shape[-1]), dtype=a.dtype, device=a.device)
+    return (-(z_t @ d_pinv @ z_t) + a_pinv @ z_t @ d_pinv @ xp.matrix_transpose(eye - a @ a_pinv)
+            + xp.matrix_transpose(eye - a_pinv @ a) @ d_pinv @ z_t @ a_pinv)
+
+
+def _nystrom_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, num_landmarks: int, pinv: str = "iterative",
+                 iterations: int = 6, pinv_init: str = "matrix", eps: float = 1e-6, scale: float | None = None,
+                 compute_dtype: Any = None, implementation: str = "auto") -> dict:
+    """VJP of :func:`nystrom_attention`: ``{"q": dq, "k": dk, "v": dv}``.
+
+    With ``x = √s q``, ``y = √s k``, landmarks ``q̃ = M x``, ``k̃ = M y`` (segment means), ``F``, ``A``,
+    ``B`` the three softmax maps, ``W = A⁺(BV)`` and ``O = F W``:
+    ``dF = dO Wᵀ``, ``dW = Fᵀ dO``; ``d(BV) = A⁺ᵀ dW``, ``dA⁺ = dW (BV)ᵀ``; ``dA`` through the inverse:
+    unrolled Newton–Schulz (see :func:`_newton_schulz_vjp`), the Moore–Penrose derivative
+    (:func:`_pinv_vjp`) or, regularised, ``d(BV) = (A + εI)⁻ᵀ dW``, ``dA = −d(BV) Wᵀ``;
+    ``dB = d(BV) Vᵀ``, ``dV = Bᵀ d(BV)``; each softmax map ``P = softmax(Z)`` gives
+    ``dZ = P ∘ (dP − rowsum(P ∘ dP))``, then ``dx = dZ_F k̃ + Mᵀ(dZ_A k̃ + dZ_B y)``,
+    ``dy = dZ_Bᵀ q̃ + Mᵀ(dZ_Fᵀ x + dZ_Aᵀ q̃)`` (key-side terms summed over the query heads of a kv
+    head), ``dq = √s dx``, ``dk = √s dy``. ``F`` (L × m) and ``B`` (m × S) are materialised: memory
+    O((L + S)·m), linear in L, for every ``implementation``.
+    """
+    from reflex.mechanisms import _grad
+
+    p = _kernels.prepare(inputs["q"], inputs["k"], inputs["v"], compute_dtype=compute_dtype)
+    xp = p.xp
+    _check_options(p, num_landmarks, pinv, pinv_init, iterations, eps)
+    m, t = num_landmarks, xp.matrix_transpose
+    root = math.sqrt(_kernels.resolve_scale(scale, p.dim))
+    x = _grad.group_queries(p, p.q * root)  # (..., G, H/G, L, D)
+    y = xp.expand_dims(p.k * root, axis=-3)  # (..., G, 1, S, D)
+    v = xp.expand_dims(p.v, axis=-3)
+    q_land, k_land = segment_means(xp, x, m), segment_means(xp, y, m)
+    f = _grad.softmax(xp, x @ t(k_land))  # (..., G, H/G, L, m)
+    a = _grad.softmax(xp, q_land @ t(k_land))  # (..., G, H/G, m, m)
+    b = _grad.softmax(xp, q_land @ t(y))  # (..., G, H/G, m, S)
+    bv = b @ v
+    if pinv == "regularized":
+        shifted = a + float(eps) * xp.eye(m, dtype=a.dtype, device=p.device)
+        w = xp.linalg.solve(shifted, bv)
+    else:
+        a_pinv = newton_schulz_pinv(xp, a, iterations=iterations, init=pinv_init) if pinv == "iterative" \
+            else xp.linalg.pinv(a)
+        w = a_pinv @ bv
+    d_o = _grad.group_queries(p, xp.astype(d_out, p.q.dtype))
+    d_f, d_w = d_o @ t(w), t(f) @ d_o
+    if pinv == "regularized":
+        d_bv = xp.linalg.solve(t(shifted), d_w)
+        d_a = -(d_bv @ t(w))
+    else:
+        d_bv, d_pinv = t(a_pinv) @ d_w, d_w @ t(bv)
+        d_a = _newton_schulz_vjp(xp, a, d_pinv, iterations=iterations, init=pinv_init) if pinv == "iterative" \
+            else _pinv_vjp(xp, a, a_pinv, d_pinv)
+    d_b = d_bv @ t(v)
+    d_v = xp.sum(t(b) @ d_bv, axis=-3)
+    d_zf, d_za, d_zb = _grad.softmax_vjp(xp, f, d_f), _grad.softmax_vjp(xp, a, d_a), _grad.softmax_vjp(xp, b, d_b)
+    d_q_land = d_za @ k_land + d_zb @ y
+    d_k_land = xp.sum(t(d_zf) @ x + t(d_za) @ q_land, axis=-3, keepdims=True)
+    d_x = d_zf @ k_land + segment_means_vjp(xp, d_q_land, p.length)
+    d_y = xp.sum(t(d_zb) @ q_land, axis=-3, keepdims=True) + segment_means_vjp(xp, d_k_land, p.key_length)
+    return {"q": _grad.ungroup(p, root * d_x), "k": root * d_y[..., 0, :, :], "v": d_v}
 
 
 def _cases(size: str, seed: int) -> list[Case]:
@@ -184,4 +315,5 @@ register(Mechanism(
     reference=_reference,
     row_separable=False,
     example=_example,
+    vjp=_nystrom_vjp,
 ))
