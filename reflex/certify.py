@@ -247,7 +247,8 @@ def _error_mpmath(value: numpy.ndarray, reference: numpy.ndarray, mp: Any) -> nu
 
     if value.size == 0:
         return numpy.zeros(value.shape)
-    return numpy.frompyfunc(one, 2, 1)(value, reference).astype(numpy.float64)
+    with numpy.errstate(invalid="ignore"):  # NaN entries are handled in one()
+        return numpy.frompyfunc(one, 2, 1)(value, reference).astype(numpy.float64)
 
 
 def _to_mpf(a: Any, mp: Any) -> Any:
