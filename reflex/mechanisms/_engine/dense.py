@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from reflex.mechanisms._engine.terms import (_as_tuple, _evaluate, _grids, _group_queries, _scores, _softmax_parts,
-                                             _ungroup, empty_result, finish, guarded)
+from reflex.mechanisms._engine.record import record, record_opaque
+from reflex.mechanisms._engine.terms import (Gradients, TermGradient, _as_tuple, _evaluate, _grids, _group_queries,
+                                             _group_term, _in_compute_dtype, _scores, _softmax_parts, _ungroup,
+                                             capped_scores, cotangents, empty_result, finish, guarded, guarded_backward,
+                                             probabilities, zero_gradients)
 from reflex.mechanisms._inputs import Prepared
 
-__all__ = ["dense", "scores", "weights"]
+__all__ = ["dense", "dense_backward", "scores", "weights"]
 
 
 def _dense_scores(p: Prepared, *, scale: float, mask: Any, bias: Any, softcap: float | None) -> Any:
@@ -25,7 +28,9 @@ def dense(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, soft
     """Dense masked softmax attention: ``(out (..., H, L, E), lse (..., H, L))``.
 
     Non-finite K or V entries reach only the rows that attend them (:func:`~.terms.guarded`)."""
-    return guarded(p, lambda c: _dense(c, scale=scale, mask=mask, bias=bias, softcap=softcap))
+    result = guarded(p, lambda c: _dense(c, scale=scale, mask=mask, bias=bias, softcap=softcap))
+    record("dense", p, dict(scale=scale, mask=mask, bias=bias, softcap=softcap), result)
+    return result
 
 
 def _dense(p: Prepared, *, scale: float, mask: Any, bias: Any, softcap: float | None) -> tuple[Any, Any]:
@@ -43,6 +48,7 @@ def scores(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, sof
 
     For mechanisms that mix, select from or return score maps (talking heads, top-k, RealFormer).
     """
+    record_opaque("scores")
     return _ungroup(p, _dense_scores(p, scale=scale, mask=mask, bias=bias, softcap=softcap))
 
 
@@ -51,8 +57,76 @@ def weights(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, so
 
     For mechanisms that multiply or reuse attention maps (Nyström, clustered, predictive).
     """
+    record_opaque("weights")
     xp = p.xp
     if p.length == 0 or p.key_length == 0:
         return xp.zeros(p.score_shape, dtype=p.q.dtype, device=p.device)
     unnormalised, _, row_sum = _softmax_parts(xp, _dense_scores(p, scale=scale, mask=mask, bias=bias, softcap=softcap))
     return _ungroup(p, unnormalised / xp.where(row_sum == 0, 1.0, row_sum))
+
+
+def dense_backward(p: Prepared, out: Any, lse: Any, d_out: Any, d_lse: Any = None, *, scale: float, mask: Any = None,
+                   bias: Any = None, softcap: float | None = None) -> Gradients:
+    """The VJP of :func:`dense` at its result ``(out, lse)``: gradients of ``⟨d_out, out⟩ + ⟨d_lse, lse⟩``.
+
+    .. math::
+
+        P = e^{Z - \\mathrm{lse}},\\quad D_i = \\textstyle\\sum_e dO_{ie} O_{ie} - dL_i,\\quad
+        dZ = P \\circ (dO\\,V^\\top - D),\\quad dS = dZ \\circ \\mathrm{cap}'(S),
+
+        dQ = \\tau\\, dS\\, K,\\quad dK = \\tau\\, dS^\\top Q,\\quad dV = P^\\top dO,\\quad
+        d\\mathrm{bias} = dZ \\text{ summed over its broadcast axes}
+
+    (FA2, Dao 2023, §3.1.2 and Alg. 2; lse cotangent: ∂lse_i/∂Z_ij = P_ij). GQA: dK, dV of kv head g
+    sum the H/G query heads that read it. A fully masked row (lse −∞) has P = 0: zero gradients,
+    never NaN. ``d_out (..., H, L, E)``, ``d_lse (..., H, L)`` or None. Returns :class:`Gradients`
+    (``bias``: one entry per bias term, see :class:`~.terms.TermGradient`).
+    """
+    if p.length == 0 or p.key_length == 0:
+        return zero_gradients(p, bias)
+    return guarded_backward(
+        p, out, lse, d_out, d_lse,
+        lambda c: _dense(c, scale=scale, mask=mask, bias=bias, softcap=softcap),
+        lambda c, o, l_, do, dl: _dense_backward(c, o, l_, do, dl, scale=scale, mask=mask, bias=bias, softcap=softcap))
+
+
+def _dense_backward(p: Prepared, out: Any, lse: Any, d_out: Any, d_lse: Any, *, scale: float, mask: Any, bias: Any,
+                    softcap: float | None) -> Gradients:
+    xp = p.xp
+    rows, cols = _grids(p, 0, p.length, 0, p.key_length)
+    masks = _evaluate(p, _as_tuple(mask), rows, cols, None)
+    terms = [TermGradient(p, t) for t in _as_tuple(bias)]
+    values, shapes = [], []
+    for g in terms:
+        if g.array:
+            values.append(g.grouped)
+            shapes.append(None)
+        else:
+            raw_value = _in_compute_dtype(p, g.term(rows, cols))
+            values.append(_group_term(p, raw_value))
+            shapes.append(tuple(raw_value.shape))
+    q = _group_queries(p, p.q)
+    k = xp.expand_dims(p.k, axis=-3)
+    v = xp.expand_dims(p.v, axis=-3)
+    s, slope = capped_scores(p, (q * scale) @ xp.matrix_transpose(k), softcap, values, masks)
+    P = probabilities(xp, s, _group_queries(p, lse[..., None]))
+    d_o, delta = cotangents(p, out, d_out, d_lse)
+    dz = P * (d_o @ xp.matrix_transpose(v) - delta)
+    for g, shape in zip(terms, shapes):
+        if g.array:
+            g.add_array(xp, dz, None)
+        elif g.differentiable:
+            g.add_callable(xp, dz, rows, cols, shape)
+    ds = dz if slope is None else dz * slope
+    return Gradients(_ungroup(p, scale * (ds @ k)), scale * _group_sum_product(p, ds, q), _group_sum_product(p, P, d_o),
+                     tuple(g.result() for g in terms))
+
+
+def _group_sum_product(p: Prepared, a: Any, b: Any) -> Any:
+    """``Σ_{h in group} Σ_i a[..., g, h, i, j] b[..., g, h, i, :]`` → ``(..., G, s, F)``: one product per kv head,
+    the group's query heads and rows stacked (the GQA sum of dK, dV)."""
+    xp = p.xp
+    lead = a.shape[:-4]
+    a2 = xp.reshape(a, (*lead, p.kv_heads, p.group * a.shape[-2], a.shape[-1]))
+    b2 = xp.reshape(b, (*lead, p.kv_heads, p.group * b.shape[-2], b.shape[-1]))
+    return xp.matrix_transpose(a2) @ b2

@@ -6,7 +6,7 @@ Conventions are in :mod:`reflex.mechanisms._engine` (the package docstring).
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 from reflex.mechanisms._inputs import Prepared
@@ -181,3 +181,154 @@ def poison(p: Prepared, out: Any, lse: Any) -> tuple[Any, Any]:
     o = xp.where(neg, -math.inf, o)
     o = xp.where(nan_hit | (pos & neg) | key_hit, math.nan, o)
     return o, xp.where(key_hit[..., 0], math.nan, lse)
+
+
+# --- backward: shared pieces ---------------------------------------------------------------------
+
+def capped_scores(p: Prepared, raw: Any, softcap: float | None, biases: list[Any],
+                  masks: list[Any]) -> tuple[Any, Any]:
+    """Final scores from raw ``scale·q·k`` as :func:`_scores` computes them, and the softcap slope
+    ``∂cap/∂raw = 1 − tanh²(raw/c)`` (``None`` without softcap)."""
+    xp = p.xp
+    slope = None
+    s = raw
+    if softcap is not None:
+        t = xp.tanh(raw / softcap)
+        s = softcap * t
+        slope = 1.0 - t * t
+    for b in biases:
+        s = s + b
+    for m in masks:
+        s = xp.where(m, s, -math.inf)
+    return s, slope
+
+
+def probabilities(xp: Any, s: Any, lse: Any) -> Any:
+    """``P = exp(s − lse)`` with ``lse`` broadcast along keys; 0 on a row whose lse is −∞ (nothing attended)."""
+    return xp.exp(s - xp.where(lse == -math.inf, 0.0, lse))
+
+
+def reduce_to(xp: Any, x: Any, shape: tuple[int, ...]) -> Any:
+    """``x`` summed over every axis where ``shape`` (same number of axes) has 1 and ``x`` has not."""
+    axes = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape)) if b == 1 and a != 1)
+    return xp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+def is_array_term(t: Any) -> bool:
+    return hasattr(t, "shape") or not callable(t)
+
+
+class TermGradient:
+    """The gradient of one bias term, accumulated over tiles.
+
+    - An array bias: ``d_bias`` = dZ summed over every axis the bias was broadcast along (masked
+      entries carry dZ = 0), shaped like the array.
+    - A *differentiable callable term* (see the package docstring): its ``vjp(rows, cols, d_value)``
+      on each tile, ``d_value`` = dZ reduced to the shape of ``term(rows, cols)``; the parameter
+      gradients it returns are summed over tiles.
+    - Any other callable: no gradient (``result()`` is ``None``).
+    """
+
+    def __init__(self, p: Prepared, term: Any) -> None:
+        self.term = term
+        self.xp = p.xp
+        self.array = is_array_term(term)
+        self.differentiable = self.array or callable(getattr(term, "vjp", None))
+        self.grouped = _group_term(p, term) if self.array else None
+        self.acc: Any = p.xp.zeros(self.grouped.shape, dtype=p.q.dtype, device=p.device) if self.array else None
+        self.params: dict[str, Any] = {}
+
+    def add_array(self, xp: Any, dz: Any, tile: tuple[int, int, int, int] | None) -> None:
+        """Add the grouped ``dz`` of a tile (``None`` = the whole score matrix) to an array bias."""
+        if tile is None:
+            self.acc = self.acc + reduce_to(xp, dz, tuple(self.acc.shape))
+            return
+        i0, i1, j0, j1 = tile
+        rows = slice(i0, i1) if self.acc.shape[-2] != 1 else slice(None)
+        cols = slice(j0, j1) if self.acc.shape[-1] != 1 else slice(None)
+        part = self.acc[..., rows, cols]
+        self.acc[..., rows, cols] = part + reduce_to(xp, dz, tuple(part.shape))
+
+    def add_callable(self, xp: Any, dz: Any, rows: Any, cols: Any, value_shape: tuple[int, ...]) -> None:
+        """Add ``term.vjp(rows, cols, d_value)``; ``dz`` is broadcast-compatible with the value, which
+        has ``value_shape`` (right-aligned)."""
+        lead = dz.ndim - len(value_shape)
+        d_value = reduce_to(xp, dz, (1,) * lead + tuple(value_shape))
+        d_value = xp.reshape(d_value, tuple(value_shape))
+        for name, g in self.term.vjp(rows, cols, d_value).items():
+            self.params[name] = g if name not in self.params else self.params[name] + g
+
+    def merge(self, other: "TermGradient") -> None:
+        """Add another accumulator of the same term (a parallel part), in a fixed order."""
+        if self.array and other.acc is not self.acc:
+            self.acc = self.acc + other.acc
+        for name, g in other.params.items():
+            self.params[name] = g if name not in self.params else self.params[name] + g
+
+    def result(self) -> Any:
+        """``d_bias`` shaped like the array; the summed parameter gradients of a differentiable callable; else None."""
+        if self.array:
+            return self.xp.reshape(self.acc, tuple(self.term.shape))
+        return dict(self.params) if self.differentiable else None
+
+
+@dataclass(frozen=True)
+class Gradients:
+    """A kernel's backward result: ``dq (..., H, L, D)``, ``dk (..., G, S, D)``, ``dv (..., G, S, E)``
+    and ``bias``, one entry per bias term in the order given (see :class:`TermGradient`)."""
+
+    dq: Any
+    dk: Any
+    dv: Any
+    bias: tuple[Any, ...]
+
+
+def zero_gradients(p: Prepared, bias: Any) -> Gradients:
+    """Gradients of a call with L = 0 or S = 0 (nothing attended: all zero)."""
+    xp = p.xp
+    z = [xp.zeros(x.shape, dtype=p.q.dtype, device=p.device) for x in (p.q, p.k, p.v)]
+    return Gradients(*z, tuple(TermGradient(p, t).result() for t in _as_tuple(bias)))
+
+
+def cotangents(p: Prepared, out: Any, d_out: Any, d_lse: Any) -> tuple[Any, Any]:
+    """Grouped ``dO (..., G, H/G, L, E)`` and ``D − dL (..., G, H/G, L, 1)`` with ``D = rowsum(dO∘O)``
+    (FA2 §3.1.2); rows whose output is 0 (nothing attended) have D = 0."""
+    xp = p.xp
+    d_out = xp.astype(d_out, p.q.dtype)
+    delta = xp.sum(d_out * xp.astype(out, p.q.dtype), axis=-1, keepdims=True)
+    if d_lse is not None:
+        delta = delta - xp.astype(d_lse, p.q.dtype)[..., None]
+    return _group_queries(p, d_out), _group_queries(p, delta)
+
+
+def guarded_backward(p: Prepared, out: Any, lse: Any, d_out: Any, d_lse: Any,
+                     forward: Callable[[Prepared], tuple[Any, Any]],
+                     backward: Callable[[Prepared, Any, Any, Any, Any], Gradients]) -> Gradients:
+    """``backward`` with NaN/±inf in K or V inert for the rows that do not attend them (as :func:`guarded`).
+
+    Careful path: the *hit* rows are those whose forward ``out`` or ``lse`` is not finite (they gave a
+    non-finite key or value a nonzero weight). The backward runs on zeroed non-finite entries with
+    those rows' cotangents set to 0, then ``dq`` of hit rows and ``dk``, ``dv`` of every key a hit row
+    weighs are NaN — the value rows get one extra zero column whose ``dv`` column is ``Σ_i P_ij·hit_i``.
+    Every other gradient is exact. Bias gradients are those of the zeroed inputs with the hit rows'
+    cotangents dropped.
+    """
+    if kv_finite(p):
+        return backward(p, out, lse, d_out, d_lse)
+    xp = p.xp
+    dtype = p.q.dtype
+    clean = replace(p, k=_zero_nonfinite(xp, p.k), v=_zero_nonfinite(xp, p.v))
+    out_c, lse_c = forward(clean)
+    hit = xp.any(xp.logical_not(xp.isfinite(out)), axis=-1) | xp.isnan(lse)
+    keep = xp.logical_not(hit)
+    d_out = xp.where(keep[..., None], xp.astype(d_out, dtype), 0.0)
+    if d_lse is not None:
+        d_lse = xp.where(keep, xp.astype(d_lse, dtype), 0.0)
+    zero_column = xp.zeros((*p.v.shape[:-1], 1), dtype=dtype, device=p.device)
+    extended = replace(clean, v=xp.concat([clean.v, zero_column], axis=-1), value_dim=p.value_dim + 1)
+    out_e = xp.concat([out_c, xp.zeros((*out_c.shape[:-1], 1), dtype=dtype, device=p.device)], axis=-1)
+    d_out_e = xp.concat([d_out, xp.astype(hit, dtype)[..., None]], axis=-1)
+    g = backward(extended, out_e, lse_c, d_out_e, d_lse)
+    weighed = g.dv[..., p.value_dim:] > 0
+    return Gradients(xp.where(hit[..., None], math.nan, g.dq), xp.where(weighed, math.nan, g.dk),
+                     xp.where(weighed, math.nan, g.dv[..., :p.value_dim]), g.bias)

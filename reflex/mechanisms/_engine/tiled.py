@@ -6,11 +6,20 @@ import math
 from typing import Any
 
 from reflex.backends import is_plain_numpy, parallel_map
-from reflex.mechanisms._engine.terms import (TileActive, _as_tuple, _evaluate, _grids, _group_queries, _safe_max,
-                                             _scores, _ungroup, empty_result, finish, guarded)
+from reflex.mechanisms._engine.dense import _group_sum_product
+from reflex.mechanisms._engine.record import record
+from reflex.mechanisms._engine.terms import (Gradients, TermGradient, TileActive, _as_tuple, _evaluate, _grids,
+                                             _group_queries, _group_term, _in_compute_dtype, _safe_max, _scores,
+                                             _slice_tile, _ungroup, capped_scores, cotangents, empty_result, finish,
+                                             guarded, guarded_backward, probabilities, zero_gradients)
 from reflex.mechanisms._inputs import Prepared
 
-__all__ = ["tiled"]
+__all__ = ["tiled", "tiled_backward", "BACKWARD_PARTS"]
+
+# The backward's query blocks are cut into at most this many contiguous parts, each with its own
+# dK, dV accumulators (O(S·D) each), summed in part order at the end: parallel on NumPy, and the
+# same bits on any machine (the parts do not depend on the core count).
+BACKWARD_PARTS = 8
 
 
 def tiled(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, softcap: float | None = None,
@@ -29,8 +38,11 @@ def tiled(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, soft
     """
     if block_q < 1 or block_k < 1:
         raise ValueError(f"block_q and block_k must be positive; got {block_q}, {block_k}")
-    return guarded(p, lambda c: _tiled(c, scale=scale, mask=mask, bias=bias, softcap=softcap, tile_active=tile_active,
-                                       block_q=block_q, block_k=block_k))
+    options = dict(scale=scale, mask=mask, bias=bias, softcap=softcap, tile_active=tile_active, block_q=block_q,
+                   block_k=block_k)
+    result = guarded(p, lambda c: _tiled(c, **options))
+    record("tiled", p, options, result)
+    return result
 
 
 def _tiled(p: Prepared, *, scale: float, mask: Any, bias: Any, softcap: float | None, tile_active: TileActive | None,
@@ -75,3 +87,112 @@ def _tiled(p: Prepared, *, scale: float, mask: Any, bias: Any, softcap: float | 
     out = xp.concat([b[0] for b in blocks], axis=-2) if len(blocks) != 1 else blocks[0][0]
     lse = xp.concat([b[1] for b in blocks], axis=-1) if len(blocks) != 1 else blocks[0][1]
     return _ungroup(p, out), _ungroup(p, lse[..., None])[..., 0]
+
+
+def tiled_backward(p: Prepared, out: Any, lse: Any, d_out: Any, d_lse: Any = None, *, scale: float, mask: Any = None,
+                   bias: Any = None, softcap: float | None = None, tile_active: TileActive | None = None,
+                   block_q: int | None = None, block_k: int | None = None) -> Gradients:
+    """The VJP of :func:`tiled` at its result ``(out, lse)``; same equations as
+    :func:`~reflex.mechanisms._engine.dense.dense_backward`, streamed (FlashAttention-2, Dao 2023,
+    Alg. 2): per (query block, key tile) the probabilities are recomputed from the saved lse,
+    ``P = exp(Z − lse)``, with ``D = rowsum(dO∘O) − dL`` computed once per row, so no ``L × S``
+    array exists: memory O(block_q · block_k) per head plus one ``dK``, ``dV`` accumulator per part
+    (:data:`BACKWARD_PARTS`). dQ of a query block is complete after its key tiles; dK, dV of a key
+    tile are summed over query blocks in a fixed order (deterministic). The tiles skipped forward
+    are skipped here. ``block_q``, ``block_k`` default to :func:`tiled`'s.
+    """
+    block_q = tiled.__kwdefaults__["block_q"] if block_q is None else block_q
+    block_k = tiled.__kwdefaults__["block_k"] if block_k is None else block_k
+    if block_q < 1 or block_k < 1:
+        raise ValueError(f"block_q and block_k must be positive; got {block_q}, {block_k}")
+    if p.length == 0 or p.key_length == 0:
+        return zero_gradients(p, bias)
+    options = dict(scale=scale, mask=mask, bias=bias, softcap=softcap, tile_active=tile_active, block_q=block_q,
+                   block_k=block_k)
+    return guarded_backward(p, out, lse, d_out, d_lse, lambda c: _tiled(c, **options),
+                            lambda c, o, l_, do, dl: _tiled_backward(c, o, l_, do, dl, **options))
+
+
+def _tiled_backward(p: Prepared, out: Any, lse: Any, d_out: Any, d_lse: Any, *, scale: float, mask: Any, bias: Any,
+                    softcap: float | None, tile_active: TileActive | None, block_q: int,
+                    block_k: int) -> Gradients:
+    xp = p.xp
+    masks, bias_terms = _as_tuple(mask), _as_tuple(bias)
+    q_all = _group_queries(p, p.q)
+    k = xp.expand_dims(p.k, axis=-3)
+    v = xp.expand_dims(p.v, axis=-3)
+    lse_all = _group_queries(p, lse[..., None])
+    d_o_all, delta_all = cotangents(p, out, d_out, d_lse)
+    host_masks = is_plain_numpy(p.q)
+    starts = list(range(0, p.length, block_q))
+    size = -(-len(starts) // min(BACKWARD_PARTS, len(starts)))
+    parts = [starts[n:n + size] for n in range(0, len(starts), size)]
+    key_starts = list(range(0, p.key_length, block_k))
+    # Array biases with a row axis are written in disjoint row slices by the parts: one accumulator.
+    shared = [TermGradient(p, t) for t in bias_terms]
+
+    def part(block_starts: list[int]) -> tuple[list[Any], list[Any], list[Any], list[TermGradient]]:
+        terms = [g if g.array and g.acc.shape[-2] != 1 else TermGradient(p, g.term) for g in shared]
+        dk: list[Any] = [None] * len(key_starts)
+        dv: list[Any] = [None] * len(key_starts)
+        dqs = []
+        for i0 in block_starts:
+            i1 = min(i0 + block_q, p.length)
+            q = q_all[..., i0:i1, :]
+            qs = q * scale
+            row_lse, d_o, delta = lse_all[..., i0:i1, :], d_o_all[..., i0:i1, :], delta_all[..., i0:i1, :]
+            dq = xp.zeros(q.shape, dtype=q.dtype, device=p.device)
+            for t, j0 in enumerate(key_starts):
+                j1 = min(j0 + block_k, p.key_length)
+                tile = (i0, i1, j0, j1)
+                if tile_active is not None and not tile_active(*tile):
+                    continue
+                rows, cols = _grids(p, *tile)
+                tile_masks = _evaluate(p, masks, rows, cols, tile)
+                if host_masks and any(not bool(xp.any(m)) for m in tile_masks):
+                    continue
+                values, shapes = [], []
+                for g in terms:
+                    if g.array:
+                        values.append(_slice_tile(g.grouped, *tile))
+                        shapes.append(None)
+                    else:
+                        raw_value = _in_compute_dtype(p, g.term(rows, cols))
+                        values.append(_group_term(p, raw_value))
+                        shapes.append(tuple(raw_value.shape))
+                k_tile, v_tile = k[..., j0:j1, :], v[..., j0:j1, :]
+                s, slope = capped_scores(p, qs @ xp.matrix_transpose(k_tile), softcap, values, tile_masks)
+                P = probabilities(xp, s, row_lse)
+                dz = P * (d_o @ xp.matrix_transpose(v_tile) - delta)
+                for g, shape in zip(terms, shapes):
+                    if g.array:
+                        g.add_array(xp, dz, tile)
+                    elif g.differentiable:
+                        g.add_callable(xp, dz, rows, cols, shape)
+                ds = dz if slope is None else dz * slope
+                dq = dq + ds @ k_tile
+                dk_t, dv_t = _group_sum_product(p, ds, q), _group_sum_product(p, P, d_o)
+                dk[t] = dk_t if dk[t] is None else dk[t] + dk_t
+                dv[t] = dv_t if dv[t] is None else dv[t] + dv_t
+            dqs.append(scale * dq)
+        return dqs, dk, dv, terms
+
+    results = parallel_map(part, parts, like=q_all)
+    dq = xp.concat([d for r in results for d in r[0]], axis=-2)
+    tiles_k, tiles_v = [], []
+    for t, j0 in enumerate(key_starts):
+        j1 = min(j0 + block_k, p.key_length)
+        for tiles, index, width in ((tiles_k, 1, p.dim), (tiles_v, 2, p.value_dim)):
+            found = [r[index][t] for r in results if r[index][t] is not None]
+            total = found[0] if found else xp.zeros((*p.batch, p.kv_heads, j1 - j0, width), dtype=p.q.dtype,
+                                                    device=p.device)
+            for x in found[1:]:
+                total = total + x
+            tiles.append(total)
+    dk = scale * (xp.concat(tiles_k, axis=-2) if len(tiles_k) != 1 else tiles_k[0])
+    dv = xp.concat(tiles_v, axis=-2) if len(tiles_v) != 1 else tiles_v[0]
+    terms = results[0][3]
+    for r in results[1:]:
+        for g, other in zip(terms, r[3]):
+            g.merge(other)
+    return Gradients(_ungroup(p, dq), dk, dv, tuple(g.result() for g in terms))
