@@ -15,7 +15,7 @@ from reflex import random
 from reflex.mechanisms import _grad
 from tests.helpers import assert_vjp_matches_finite_differences, max_abs, qkv_host
 
-FORMULA_KEYS = ["linear", "performer", "rfa", "cosformer", "nystrom"]
+FORMULA_KEYS = ["linear", "performer", "rfa", "cosformer", "nystrom", "talking_heads", "synthesizer"]
 
 
 def _case_ids(sizes):
@@ -206,3 +206,60 @@ def test_nystrom_with_every_position_a_landmark_has_the_full_gradient(pinv):
     want = _torch_softmax_attention_grads(q, k, v, d_out, 1 / numpy.sqrt(5))
     for name in want:
         assert max_abs(got[name], want[name]) <= 1e-12 * max(1.0, numpy.max(numpy.abs(want[name]))), name
+
+
+def _torch_attention_grads(q, k, v, d_out, scale, bias=None, causal=False):
+    """dq, dk, dv of softmax(scale·QKᵀ)V by torch autograd, kv heads repeated to q's (the `full` gradient)."""
+    torch = pytest.importorskip("torch")
+    tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
+    s = scale * tq @ tk.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3).transpose(-1, -2)
+    if causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), -torch.inf)
+    out = torch.softmax(s, dim=-1).matmul(tv.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3))
+    out.backward(torch.tensor(d_out))
+    return {"q": tq.grad.numpy(), "k": tk.grad.numpy(), "v": tv.grad.numpy()}
+
+
+def _close(got, want, tol=1e-12):
+    for name in want:
+        assert max_abs(got[name], want[name]) <= tol * max(1.0, numpy.max(numpy.abs(want[name]))), name
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_talking_heads_identity_mixing_has_the_full_gradient(causal):
+    q, k, _ = qkv_host(10, length=6, key_length=6)
+    v = random.normal((2, 4, 6, 3), seed=(10, 3))
+    d_out = random.normal((2, 4, 6, 3), seed=(10, 4))
+    eye = numpy.eye(4)
+    got = reflex.vjp("talking_heads", {"q": q, "k": k, "v": v, "p_logits": eye, "p_weights": eye}, d_out, causal=causal)
+    _close(got, _torch_attention_grads(q, k, v, d_out, 1 / numpy.sqrt(5), causal=causal))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_synthesizer_random_scaled_qk_has_the_full_gradient(causal):
+    """R = scale·QKᵀ: chaining dR through QKᵀ gives full attention's dq, dk; dv is full's dv."""
+    q, k, v = qkv_host(11, length=6, key_length=6)
+    d_out = random.normal((2, 4, 6, 3), seed=(11, 4))
+    scale = 1 / numpy.sqrt(5)
+    k_heads = numpy.repeat(k, 2, axis=-3)
+    r = scale * q @ numpy.swapaxes(k_heads, -1, -2)
+    got = reflex.vjp("synthesizer", {"v": v, "random_matrix": r}, d_out, variant="random", causal=causal)
+    d_r = got["random_matrix"]
+    d_k = (scale * numpy.swapaxes(d_r, -1, -2) @ q).reshape(2, 2, 2, 6, 5).sum(axis=2)
+    _close({"q": scale * d_r @ k_heads, "k": d_k, "v": got["v"]},
+           _torch_attention_grads(q, k, v, d_out, scale, causal=causal))
+
+
+def test_synthesizer_tiling_lse_and_mask():
+    """The 'tile' repeat functions, an lse cotangent and a mask with a fully masked row, by central differences."""
+    m, case = reflex.get("synthesizer"), _case("synthesizer", "tiny", "factorized_dense")
+    mask = numpy.ones((4, 4), dtype=bool)
+    mask[1] = False
+    mask[2, :2] = False
+    params = {"variant": "factorized_dense", "tiling": "tile", "mask": mask}
+    inputs = dict(case.inputs)
+    out, lse = m.function(inputs.pop("v"), **inputs, **params, return_lse=True)
+    d_lse = random.normal(numpy.asarray(lse).shape, seed=(12, 2))
+    grads = assert_vjp_matches_finite_differences("synthesizer", dict(case.inputs), _d_out(m, case), d_lse=d_lse,
+                                                  params=params)
+    assert numpy.any(grads["x"] != 0)

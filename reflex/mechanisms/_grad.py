@@ -28,6 +28,25 @@ def softmax_vjp(xp: Any, prob: Any, d_prob: Any, axis: int = -1) -> Any:
     return prob * (d_prob - xp.sum(prob * d_prob, axis=axis, keepdims=True))
 
 
+def attention_map_vjp(p: _kernels.Prepared, prob: Any, d_out: Any, d_lse: Any = None) -> tuple[Any, Any]:
+    """VJP of ``O = P V`` with ``P = softmax(Z)`` a masked probability map (``_kernels.weights``).
+
+    ``prob (..., H, L, S)`` (a fully masked row all 0), values ``p.v (..., G, S, E)``, ``d_out
+    (..., H, L, E)``, ``d_lse (..., H, L)`` or None. Returns ``dZ (..., H, L, S)`` and ``dV (..., G, S, E)``:
+    ``dP = dO Vᵀ``, ``dZ = P ∘ (dP − rowsum(P ∘ dP) + dL)`` (∂lse_i/∂Z_ij = P_ij), ``dV = Σ_group Pᵀ dO``.
+    Masked entries and fully masked rows get 0 (P is 0 there).
+    """
+    xp = p.xp
+    prob_g = group_queries(p, prob)
+    d_o = group_queries(p, xp.astype(d_out, p.q.dtype))
+    v = xp.expand_dims(p.v, axis=-3)
+    d_z = softmax_vjp(xp, prob_g, d_o @ xp.matrix_transpose(v))
+    if d_lse is not None:
+        d_z = d_z + prob_g * group_queries(p, xp.astype(d_lse, p.q.dtype)[..., None])
+    d_v = xp.sum(xp.matrix_transpose(prob_g) @ d_o, axis=-3)
+    return ungroup(p, d_z), d_v
+
+
 def matmul_vjp(xp: Any, a: Any, b: Any, d_c: Any) -> tuple[Any, Any]:
     """``C = A @ B`` → ``(dA, dB) = (dC Bᵀ, Aᵀ dC)``, before any reduction over broadcast axes."""
     return d_c @ xp.matrix_transpose(b), xp.matrix_transpose(a) @ d_c

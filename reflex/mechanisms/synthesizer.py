@@ -11,6 +11,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims
 from reflex.mechanisms._patterns import mask_and_causal
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["synthesizer_attention"]
 
@@ -34,6 +35,7 @@ def _linear(xp: Any, x: Any, w: Any, b: Any) -> Any:
     return y if b is None else y + b[:, None, :]
 
 
+@typed_options()
 def synthesizer_attention(v: Any, /, *, variant: str = "random", x: Any = None, random_matrix: Any = None,
                           r1: Any = None, r2: Any = None, w1: Any = None, b1: Any = None, w2: Any = None,
                           b2: Any = None, w_a: Any = None, w_b: Any = None, tiling: str = "outer",
@@ -117,6 +119,97 @@ def synthesizer_attention(v: Any, /, *, variant: str = "random", x: Any = None, 
                                       implementation=implementation, return_lse=return_lse)
 
 
+def _synthesizer_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, variant: str = "random", tiling: str = "outer",
+                     mask: Any = None, causal: bool | str = False, compute_dtype: Any = None,
+                     implementation: str = "auto") -> dict:
+    """VJP of :func:`synthesizer_attention`: ``dv`` and the gradient of every floating array of the variant.
+
+    The softmax map ``P`` of the synthetic scores B gives ``dB = P ∘ (dP − rowsum(P ∘ dP) + dL)``,
+    ``dP = dO Vᵀ``, ``dV = Σ_{heads of a value head} Pᵀ dO`` (masked entries and fully masked rows 0).
+    Then per variant (sums over every broadcast axis: batch, and L for biases):
+
+    - random: ``dR = dB``;  factorized random: ``dR₁ = dB R₂``, ``dR₂ = dBᵀ R₁``;
+    - dense, ``U = X W₁ + b₁``: ``dW₂ = relu(U)ᵀ dB``, ``db₂ = Σ_L dB``, ``dU = (dB W₂ᵀ) ∘ [U > 0]``
+      (subgradient 0 at the kink U = 0), ``dW₁ = Xᵀ dU``, ``db₁ = Σ_L dU``, ``dX = Σ_h dU W₁ᵀ``;
+    - factorized dense, ``C = H_A(A) ∘ H_B(B)``, ``A = X W_a``, ``B = X W_b``: ``dA[u] = Σ_{j: H_A(j) = u}
+      dC_j H_B(B)_j`` (and likewise ``dB``), ``dW_a = Xᵀ dA``, ``dW_b = Xᵀ dB``, ``dX = Σ_h dA W_aᵀ + dB W_bᵀ``.
+
+    The map P is materialised (L × S per head), as the synthetic scores already are.
+    """
+    from reflex.mechanisms import _grad
+
+    v = inputs["v"]
+    xp = namespace(v)
+    dev = device_of(v)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
+    if tiling not in TILINGS:
+        raise ValueError(f"tiling must be one of {', '.join(TILINGS)}; got {tiling!r}")
+    dtype = _kernels.resolve_dtype(xp, compute_dtype)
+    get = lambda name: None if inputs.get(name) is None else xp.astype(_array(xp, dev, name, inputs[name]), dtype)  # noqa: E731
+    t = xp.matrix_transpose
+    if variant == "dense":
+        x, w1, b1, w2, b2 = (get(n) for n in ("x", "w1", "b1", "w2", "b2"))
+        pre = _linear(xp, x, w1, b1)
+        hidden = xp.maximum(pre, 0.0)
+        scores = hidden @ w2 if b2 is None else hidden @ w2 + b2[:, None, :]
+    elif variant == "random":
+        scores = get("random_matrix")
+    elif variant == "factorized_random":
+        r1, r2 = get("r1"), get("r2")
+        scores = r1 @ t(r2)
+    else:
+        x, w_a, w_b = get("x"), get("w_a"), get("w_b")
+        a_part, b_part = _linear(xp, x, w_a, None), _linear(xp, x, w_b, None)
+        na, nb = int(a_part.shape[-1]), int(b_part.shape[-1])
+        if tiling == "outer":
+            a_wide = xp.reshape(xp.broadcast_to(a_part[..., :, None], (*a_part.shape, nb)), (*a_part.shape[:-1], na * nb))
+            b_wide = xp.reshape(xp.broadcast_to(b_part[..., None, :], (*b_part.shape[:-1], na, nb)), (*b_part.shape[:-1], na * nb))
+        else:
+            a_wide = xp.take(a_part, xp.arange(na * nb, dtype=xp.int64, device=dev) % na, axis=-1)
+            b_wide = xp.take(b_part, xp.arange(na * nb, dtype=xp.int64, device=dev) % nb, axis=-1)
+        scores = a_wide * b_wide
+    heads, length, key_length = (int(n) for n in scores.shape[-3:])
+    batch = tuple(v.shape[:-3])
+    zeros = lambda h, n: xp.zeros((*batch, h, n, 1), dtype=dtype, device=dev)  # noqa: E731
+    p = _kernels.prepare(zeros(heads, length), zeros(int(v.shape[-3]), key_length), v, compute_dtype=dtype)
+    bias = _kernels.check_term(p, "synthetic scores", scores, boolean=False)
+    masks, _ = mask_and_causal(p, mask, causal)
+    prob = _kernels.weights(p, scale=0.0, mask=masks, bias=bias)
+    d_scores, d_v = _grad.attention_map_vjp(p, prob, d_out, d_lse)
+    grads = {"v": d_v}
+    if variant == "random":
+        grads["random_matrix"] = _grad.reduce_to(xp, d_scores, tuple(scores.shape))
+        return grads
+    d_scores = _grad.reduce_to(xp, d_scores, tuple(scores.shape))  # (..., H, L, S) → the scores' own shape
+    if variant == "factorized_random":
+        return {**grads, "r1": d_scores @ r2, "r2": t(d_scores) @ r1}
+
+    def through_linear(name: str, d_y: Any, w: Any) -> Any:
+        """``y = x @ w[h]`` per head: ``dw = Σ_batch xᵀ dy``; returns ``dx`` summed over heads."""
+        grads[name] = _grad.reduce_to(xp, t(xp.expand_dims(x, axis=-3)) @ d_y, tuple(w.shape))
+        return xp.sum(d_y @ t(w), axis=-3)
+
+    if variant == "dense":
+        grads["w2"] = _grad.reduce_to(xp, t(hidden) @ d_scores, tuple(w2.shape))
+        if b2 is not None:
+            grads["b2"] = _grad.reduce_to(xp, xp.sum(d_scores, axis=-2), tuple(b2.shape))
+        d_pre = xp.where(pre > 0, d_scores @ t(w2), 0.0)
+        if b1 is not None:
+            grads["b1"] = _grad.reduce_to(xp, xp.sum(d_pre, axis=-2), tuple(b1.shape))
+        grads["x"] = through_linear("w1", d_pre, w1)
+        return grads
+    d_a_wide, d_b_wide = d_scores * b_wide, d_scores * a_wide
+    if tiling == "outer":  # C[u·b + w] = A[u]·B[w]
+        d_a = xp.sum(xp.reshape(d_a_wide, (*d_a_wide.shape[:-1], na, nb)), axis=-1)
+        d_b = xp.sum(xp.reshape(d_b_wide, (*d_b_wide.shape[:-1], na, nb)), axis=-2)
+    else:  # C[j] = A[j mod a]·B[j mod b]: j = r·a + u, and j = r·b + w
+        d_a = xp.sum(xp.reshape(d_a_wide, (*d_a_wide.shape[:-1], nb, na)), axis=-2)
+        d_b = xp.sum(xp.reshape(d_b_wide, (*d_b_wide.shape[:-1], na, nb)), axis=-2)
+    grads["x"] = through_linear("w_a", d_a, w_a) + through_linear("w_b", d_b, w_b)
+    return grads
+
+
 def _cases(size: str, seed: int) -> list[Case]:
     d = dims(size)
     h, g, length, e, n, f = d["H"], d["G"], d["L"], d["E"], 2 * d["D"], d["D"]
@@ -158,4 +251,5 @@ register(Mechanism(
     cases=_cases,
     returns_lse=True,
     example=_example,
+    vjp=_synthesizer_vjp,
 ))

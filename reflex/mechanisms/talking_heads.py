@@ -11,10 +11,12 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims
 from reflex.mechanisms._patterns import mask_and_causal
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["talking_heads_attention", "mix_heads"]
 
 
+@typed_options()
 def mix_heads(x: Any, mixing: Any, /) -> Any:
     """``y[..., m, i, j] = Σ_h x[..., h, i, j]·mixing[h, m]``: ``x (..., H, L, S)``, ``mixing (H, M)`` → ``(..., M, L, S)``."""
     xp = namespace(x, mixing)
@@ -33,6 +35,7 @@ def _check_mixing(p: _kernels.Prepared, name: str, m: Any, rows: int) -> Any:
     return xp.astype(m, p.q.dtype)
 
 
+@typed_options()
 def talking_heads_attention(q: Any, k: Any, v: Any, /, *, p_logits: Any, p_weights: Any, mask: Any = None,
                             causal: bool | str = False, scale: float | None = None, compute_dtype: Any = None) -> Any:
     """Talking-heads attention: mix the H logit maps into M heads, softmax, mix the M weight maps into H_v heads.
@@ -75,6 +78,62 @@ def talking_heads_attention(q: Any, k: Any, v: Any, /, *, p_logits: Any, p_weigh
     return mix_heads(weights, p_weights) @ xp.astype(v, p.q.dtype)
 
 
+def _mixing_gradient(xp: Any, x: Any, d_y: Any) -> Any:
+    """``d mixing[h, m] = Σ x[..., h, i, j]·d_y[..., m, i, j]`` for ``y = mix_heads(x, mixing)``."""
+    h, m = int(x.shape[-3]), int(d_y.shape[-3])
+    x_rows = xp.reshape(xp.matrix_transpose(xp.reshape(x, (-1, h, int(x.shape[-2]) * int(x.shape[-1])))), (-1, h))
+    d_rows = xp.reshape(xp.matrix_transpose(xp.reshape(d_y, (-1, m, int(d_y.shape[-2]) * int(d_y.shape[-1])))), (-1, m))
+    return xp.matrix_transpose(x_rows) @ d_rows
+
+
+def _talking_heads_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, mask: Any = None, causal: bool | str = False,
+                       scale: float | None = None, compute_dtype: Any = None) -> dict:
+    """VJP of :func:`talking_heads_attention`: ``dq``, ``dk``, ``dv``, ``d p_logits``, ``d p_weights``.
+
+    .. math::
+
+        dW' = dO\,V^\top,\; dV = W'^\top dO,\; dW_m = \sum_u dW'_u (P_w)_{mu},\;
+        d(P_w)_{mu} = \langle W_m, dW'_u\rangle,\; dJ'_m = W_m \circ (dW_m - \mathrm{rowsum}(W_m \circ dW_m)),
+
+        dJ_h = \sum_m dJ'_m (P_\ell)_{hm},\; d(P_\ell)_{hm} = \langle J_h, dJ'_m\rangle,\;
+        dQ_h = \mathrm{scale}\, dJ_h K_{g(h)},\; dK_g = \mathrm{scale} \sum_{h \to g} dJ_h^\top Q_h
+
+    (⟨·,·⟩ summed over batch, L and S). Masked logits and fully masked rows carry no gradient.
+    """
+    from reflex.mechanisms import _grad
+
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    xp = namespace(q, k, v)
+    p = _kernels.prepare(q, k, k, compute_dtype=compute_dtype)
+    p_logits = _check_mixing(p, "p_logits", inputs["p_logits"], p.heads)
+    mid = int(p_logits.shape[1])
+    p_weights = _check_mixing(p, "p_weights", inputs["p_weights"], mid)
+    scale = _kernels.resolve_scale(scale, p.dim)
+    logits_raw = _kernels.scores(p, scale=scale)
+    blank = _kernels.prepare(xp.zeros((*p.batch, mid, p.length, 1), dtype=p.q.dtype, device=p.device),
+                             xp.zeros((*p.batch, 1, p.key_length, 1), dtype=p.q.dtype, device=p.device),
+                             xp.zeros((*p.batch, 1, p.key_length, 1), dtype=p.q.dtype, device=p.device),
+                             compute_dtype=p.q.dtype)
+    masks, _ = mask_and_causal(blank, mask, causal)
+    weights = _kernels.weights(blank, scale=0.0, mask=masks, bias=mix_heads(logits_raw, p_logits))
+    mixed = mix_heads(weights, p_weights)
+    v64 = xp.astype(v, p.q.dtype)
+    d_o = xp.astype(d_out, p.q.dtype)
+    d_mixed = d_o @ xp.matrix_transpose(v64)
+    d_v = xp.matrix_transpose(mixed) @ d_o
+    d_weights = mix_heads(d_mixed, xp.matrix_transpose(p_weights))
+    d_logits = _grad.softmax_vjp(xp, weights, d_weights)
+    d_raw = _grad.group_queries(p, mix_heads(d_logits, xp.matrix_transpose(p_logits)))
+    qg, kg = _grad.group_queries(p, p.q), xp.expand_dims(p.k, axis=-3)
+    return {
+        "q": _grad.ungroup(p, scale * (d_raw @ kg)),
+        "k": scale * xp.sum(xp.matrix_transpose(d_raw) @ qg, axis=-3),
+        "v": d_v,
+        "p_logits": _mixing_gradient(xp, logits_raw, d_logits),
+        "p_weights": _mixing_gradient(xp, weights, d_mixed),
+    }
+
+
 def _cases(size: str, seed: int) -> list[Case]:
     d = dims(size)
     heads, mid, value_heads = d["H"], d["H"] + 2, d["H"] - 1
@@ -111,4 +170,5 @@ register(Mechanism(
     cases=_cases,
     row_separable=True,
     example=_example,
+    vjp=_talking_heads_vjp,
 ))
