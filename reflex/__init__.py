@@ -13,12 +13,13 @@ Every public function of every mechanism module (its ``__all__``) is available a
 import importlib as _importlib
 
 from reflex import mechanisms as _mechanisms
+from reflex.certify import Certificate, certify  # reflex.certify names the function; import names from the module
 from reflex.gradients import vjp
 from reflex.registry import Case, Mechanism, get, list_mechanisms
 
 __version__ = "0.1.0"
 
-__all__ = ["get", "list_mechanisms", "vjp", "Mechanism", "Case", "__version__"]
+__all__ = ["get", "list_mechanisms", "vjp", "certify", "Certificate", "Mechanism", "Case", "__version__"]
 
 for _module_name in _mechanisms.MODULES:
     _module = _importlib.import_module(f"reflex.mechanisms.{_module_name}")

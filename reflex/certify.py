@@ -691,3 +691,45 @@ def format_results(results: list[CaseCertificate]) -> str:
                      "-" if c.condition is None else f"{c.condition:.3g}", honoured, "; ".join(c.notes)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows).rstrip()
+
+
+# --- the command line: `reflex certify KEY... [--sizes] [--method] [--dps]` -----------------------
+
+def add_parser(sub: Any) -> None:
+    """Add ``certify`` to the ``reflex`` command's subparsers (called by :mod:`reflex.cli`)."""
+    parser = sub.add_parser("certify", help="float64 error against longdouble / mpmath, per registry case",
+                            description="Run each registry case in float64 and in higher precision and report the "
+                                        "error (docs/precision.md). Exit 1 when a case exceeds its bound, longdouble "
+                                        "is not honoured, or a mechanism fails.")
+    parser.add_argument("keys", nargs="*", metavar="KEY", help="mechanism keys (default: every registered mechanism)")
+    parser.add_argument("--sizes", default="tiny", help="comma-separated sizes: tiny, small, medium, large (default tiny)")
+    parser.add_argument("--method", choices=METHODS, help="default: mpmath where it has the formula for tiny, "
+                                                          "longdouble otherwise")
+    parser.add_argument("--dps", type=int, default=40, help="mpmath decimal digits (default 40, at least 30)")
+    parser.add_argument("--seed", type=int, default=0, help="case seed (default 0)")
+    parser.set_defaults(handler=_cmd_certify)
+
+
+def _cmd_certify(args: Any) -> int:
+    import sys
+    import time
+
+    sizes = [part.strip() for part in args.sizes.split(",") if part.strip()]
+    start = time.perf_counter()
+    try:
+        if args.dps < 30:
+            raise ValueError(f"--dps must be at least 30; got {args.dps}")
+        results = certify_registry(args.keys or None, sizes, method=args.method, dps=args.dps, seed=args.seed, progress=True)
+    except (KeyError, ValueError) as err:
+        print(f"reflex: {err.args[0]}", file=sys.stderr)
+        return 2
+    print(format_results(results))
+    certified = [r for r in results if r.certificate is not None]
+    flagged = [r for r in certified if r.certificate.flagged]
+    failed = [r for r in results if r.error and r.error.startswith("the mechanism failed")]
+    worst = max(certified, key=lambda r: r.certificate.max_rel, default=None)
+    worst_text = "" if worst is None else (f"; worst relative error {worst.certificate.max_rel:.1e} "
+                                           f"({worst.key} {worst.size} {worst.variant})")
+    print(f"certified {len(certified)} of {len(results)} cases of {len({r.key for r in results})} mechanism(s) in "
+          f"{time.perf_counter() - start:.1f} s{worst_text}; {len(flagged)} flagged, {len(failed)} failed")
+    return 1 if flagged or failed else 0

@@ -1,5 +1,5 @@
 """The ``reflex`` command line (also ``python -m reflex``): ``list``, ``run KEY``, ``info KEY``,
-``show KEY``, ``fixtures generate|verify|check``; ``reflex --version``.
+``show KEY``, ``fixtures generate|verify|check``, ``certify KEY...``; ``reflex --version``.
 
 Exit codes: 0 success; 1 a check or verification failed; 2 a usage error (unknown mechanism or
 size, bad option or input, a reader that closed the pipe early), with a "did you mean" hint for
@@ -220,62 +220,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _split(text: str | None) -> list[str] | None:
-    return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _cmd_fixtures_generate(args: argparse.Namespace) -> int:
-    from reflex import fixtures
-
-    start = time.perf_counter()
-    try:
-        manifest = fixtures.generate(args.out, _split(args.mechanisms), _split(args.sizes), args.seed, progress=True)
-    except KeyError as err:  # unknown mechanism, with close matches
-        print(f"reflex: {err.args[0]}", file=sys.stderr)
-        return 2
-    except fixtures.FixtureError as err:
-        print(f"reflex: {err}", file=sys.stderr)
-        return 1
-    except ValueError as err:
-        print(f"reflex: {err}", file=sys.stderr)
-        return 2
-    cases = manifest["cases"]
-    total = sum(case["bytes"] for case in cases)
-    print(f"wrote {len(cases)} cases of {len(manifest['mechanisms'])} mechanism(s) (sizes {', '.join(manifest['sizes'])}, "
-          f"seed {manifest['seed']}) to {args.out}: {total / 2**20:.2f} MiB in {time.perf_counter() - start:.1f} s")
-    return 0
-
-
-def _cmd_fixtures_verify(args: argparse.Namespace) -> int:
-    from reflex import fixtures
-
-    try:
-        results = fixtures.verify(args.dir, progress=True)
-    except fixtures.FixtureError as err:
-        print(f"reflex: verification failed: {err}", file=sys.stderr)
-        return 1
-    identical = sum(r.identical for r in results)
-    worst = max((r.max_abs for r in results), default=0.0)
-    print(f"verified {len(results)} cases in {args.dir}: hashes match, {identical} recomputed bitwise identical, "
-          f"max abs difference {worst:.2e}")
-    return 0
-
-
-def _cmd_fixtures_check(args: argparse.Namespace) -> int:
-    from reflex import fixtures
-
-    try:
-        report = fixtures.check(args.dir, args.exported, dtype=args.dtype, require_all=args.require_all)
-    except fixtures.FixtureError as err:
-        print(f"reflex: {err}", file=sys.stderr)
-        return 1
-    except ValueError as err:
-        print(f"reflex: {err}", file=sys.stderr)
-        return 2
-    print(report.table())
-    return 0 if report.passed else 1
-
-
 INPUT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 
@@ -324,28 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("key", help="mechanism key (see `reflex list`)")
     info.set_defaults(handler=_cmd_info)
 
-    fixtures = sub.add_parser("fixtures", help="golden fixture sets: generate, verify, check")
-    fixtures_sub = fixtures.add_subparsers(dest="fixtures_command", required=True)
-    generate = fixtures_sub.add_parser("generate", help="write a fixture set (deterministic)")
-    generate.add_argument("--out", required=True, help="folder to write (created if needed)")
-    generate.add_argument("--mechanisms", help="comma-separated keys (default: every registered mechanism)")
-    generate.add_argument("--sizes", default="tiny,small", help="comma-separated sizes: tiny, small, medium, large "
-                                                                "(default tiny,small)")
-    generate.add_argument("--seed", type=int, default=0, help="case seed (default 0)")
-    generate.set_defaults(handler=_cmd_fixtures_generate)
-    verify = fixtures_sub.add_parser("verify", help="check hashes and recompute every case")
-    verify.add_argument("dir", help="fixture folder")
-    verify.set_defaults(handler=_cmd_fixtures_verify)
-    check = fixtures_sub.add_parser("check", help="compare another implementation's exported outputs")
-    check.add_argument("dir", help="fixture folder")
-    check.add_argument("exported", help=".npz with one array per case id (and optionally <id>.lse)")
-    check.add_argument("--dtype", help="tolerance dtype (default: each array's dtype), e.g. bfloat16")
-    check.add_argument("--require-all", action="store_true", help="fail when a case is not exported")
-    check.set_defaults(handler=_cmd_fixtures_check)
+    from reflex.fixtures_cli import add_parser as add_fixtures_parser  # `reflex fixtures ...` (reflex/fixtures_cli.py)
+
+    add_fixtures_parser(sub)
 
     from reflex.show import add_parser as add_show_parser  # `reflex show KEY`: draw a pattern (reflex/show.py)
 
     add_show_parser(sub)
+    from reflex.certify import add_parser as add_certify_parser  # `reflex certify KEY...`: precision (reflex/certify.py)
+
+    add_certify_parser(sub)
     return parser
 
 
