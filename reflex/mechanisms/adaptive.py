@@ -154,4 +154,5 @@ register(Mechanism(
     returns_lse=True,
     example=_example,
     pattern=_pattern,
+    vjp=_kernels.engine_vjp(adaptive_attention, constants=("importance",)),
 ))

@@ -195,4 +195,5 @@ register(Mechanism(
     returns_lse=True,
     example=_example,
     pattern=_pattern,
+    vjp=_kernels.engine_vjp(bigbird_attention),
 ))

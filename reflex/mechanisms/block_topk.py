@@ -182,4 +182,5 @@ register(Mechanism(
     returns_lse=True,
     pattern=_pattern,
     example=_example,
+    vjp=_kernels.engine_vjp(block_topk_attention, selection_calls=True),
 ))

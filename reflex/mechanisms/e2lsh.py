@@ -172,4 +172,5 @@ register(Mechanism(
     returns_lse=True,
     pattern=_pattern,
     example=_example,
+    vjp=_kernels.engine_vjp(e2lsh_attention, constants=("projections", "offsets")),
 ))

@@ -95,4 +95,5 @@ register(Mechanism(
     cases=_cases,
     reference=_reference,
     returns_lse=True,
+    vjp=_kernels.engine_vjp(full_attention),
 ))

@@ -186,4 +186,5 @@ register(Mechanism(
     returns_lse=True,
     example=_example,
     pattern=_pattern,
+    vjp=_kernels.engine_vjp(indexer_topk_attention, constants=("index_q", "index_k", "index_w")),
 ))

@@ -140,4 +140,5 @@ register(Mechanism(
     returns_lse=True,
     pattern=_pattern,
     example=_example,
+    vjp=_kernels.engine_vjp(recurrent_memory_attention),
 ))

@@ -182,4 +182,5 @@ register(Mechanism(
     row_separable=False,
     pattern=_pattern,
     example=_example,
+    vjp=_kernels.engine_vjp(routing_attention, constants=("centroids",)),
 ))

@@ -197,4 +197,5 @@ register(Mechanism(
     returns_lse=True,
     example=_example,
     pattern=_pattern,
+    vjp=_kernels.engine_vjp(sparse_pattern_attention),
 ))

@@ -112,4 +112,5 @@ register(Mechanism(
     cases=_cases,
     returns_lse=True,
     pattern=_pattern,
+    vjp=_kernels.engine_vjp(star_attention),
 ))

@@ -132,4 +132,5 @@ register(Mechanism(
     returns_lse=True,
     example=_example,
     pattern=_pattern,
+    vjp=_kernels.engine_vjp(strided_attention),
 ))

@@ -152,4 +152,5 @@ register(Mechanism(
     returns_lse=True,
     pattern=_pattern,
     example=_example,
+    vjp=_kernels.engine_vjp(topk_attention, selection_calls=True),
 ))

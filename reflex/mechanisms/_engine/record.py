@@ -92,8 +92,14 @@ _BAND_CHOICES = ("auto", "numpy", "numba")
 
 
 def engine_vjp(function: Callable[..., Any], *, implementation: Callable[[int, int, Any], Any] | None = None,
+               constants: tuple[str, ...] = (), selection_calls: bool = False,
                name: str | None = None) -> Callable[..., dict[str, Any]]:
     """The VJP of a mechanism whose forward is one engine call (see the module docstring).
+
+    ``constants``: inputs that only *select* (importance scores, indexer projections, centroids,
+    hash projections): the selection is piecewise constant, so their gradient is 0 (returned as
+    zeros). ``selection_calls``: the forward may also call :func:`scores`/:func:`weights` to select
+    keys (top-k); those calls are constants too.
 
     ``implementation(L, S, requested)`` picks the ``implementation=`` the VJP's forward runs with
     (default: ``"dense"`` when one head's L·S fits :data:`AUTO_TILED_ELEMENTS`, else ``"tiled"``,
@@ -131,7 +137,8 @@ def engine_vjp(function: Callable[..., Any], *, implementation: Callable[[int, i
             result = function(*args, **kwargs, **params, **({"return_lse": True} if d_lse is not None else {}))
         out = result[0] if d_lse is not None else result
         found = [c for c in calls if c.out is out]
-        if len(calls) != 1 or not found or found[0].p is None:
+        engine = [c for c in calls if c.p is not None or not selection_calls]
+        if len(engine) != 1 or not found or found[0].p is None:
             kinds = ", ".join(c.kernel for c in calls) or "none"
             raise NotImplementedError(f"{label}: the shared engine VJP needs the output to be one engine call's "
                                       f"result; this forward made {len(calls)} engine call(s) ({kinds}) "
@@ -140,7 +147,7 @@ def engine_vjp(function: Callable[..., Any], *, implementation: Callable[[int, i
         if d_lse is not None and result[1] is not call.lse:
             raise NotImplementedError(f"{label}: the returned lse is not the engine call's")
         grads = call.backward(d_out, d_lse)
-        return _map_gradients(label, call, grads, inputs, positional)
+        return _map_gradients(label, call, grads, inputs, positional, constants)
 
     vjp.__doc__ = (f"VJP of :func:`{label}` through the engine's backward (shared, see "
                    f":func:`reflex.mechanisms._engine.record.engine_vjp`).")
@@ -162,7 +169,7 @@ def _same(xp: Any, a: Any, b: Any) -> bool:
 
 
 def _map_gradients(label: str, call: EngineCall, grads: Any, inputs: Mapping[str, Any],
-                   positional: list[str]) -> dict[str, Any]:
+                   positional: list[str], constants: tuple[str, ...]) -> dict[str, Any]:
     p = call.p
     xp = p.xp
     roles = {"q": (p.q, grads.dq), "k": (p.k, grads.dk), "v": (p.v, grads.dv)}
@@ -172,6 +179,9 @@ def _map_gradients(label: str, call: EngineCall, grads: Any, inputs: Mapping[str
     result: dict[str, Any] = {}
     for name, x in inputs.items():
         if not hasattr(x, "dtype") or not xp.isdtype(x.dtype, "real floating"):
+            continue
+        if name in constants:
+            result[name] = xp.zeros(x.shape, dtype=p.q.dtype, device=p.device)
             continue
         parts = []
         if name in roles:
