@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import numpy
@@ -56,7 +57,9 @@ def _scalar_loss(key: str, inputs: dict, d_out: Any, d_lse: Any, d_state: Any, p
         extra["return_lse"] = True
     if d_state is not None:
         extra["return_state"] = True
-    positional = [name for name in inputs if name in ("q", "k", "v")]
+    signature = inspect.signature(m.function)  # positional-only parameters: q, k, v, or x, w_gate, ...
+    positional = [name for name, prm in signature.parameters.items()
+                  if prm.kind is inspect.Parameter.POSITIONAL_ONLY and name in inputs]
     kwargs = {name: x for name, x in inputs.items() if name not in positional}
     result = m.function(*(inputs[name] for name in positional), **kwargs, **extra)
     parts = list(result) if isinstance(result, tuple) else [result]

@@ -15,7 +15,8 @@ from reflex import random
 from reflex.mechanisms import _grad
 from tests.helpers import assert_vjp_matches_finite_differences, max_abs, qkv_host
 
-FORMULA_KEYS = ["linear", "performer", "rfa", "cosformer", "nystrom", "talking_heads", "synthesizer"]
+FORMULA_KEYS = ["linear", "performer", "rfa", "cosformer", "nystrom", "talking_heads", "synthesizer", "linformer",
+                "average"]
 
 
 def _case_ids(sizes):
@@ -263,3 +264,24 @@ def test_synthesizer_tiling_lse_and_mask():
     grads = assert_vjp_matches_finite_differences("synthesizer", dict(case.inputs), _d_out(m, case), d_lse=d_lse,
                                                   params=params)
     assert numpy.any(grads["x"] != 0)
+
+
+@pytest.mark.parametrize("implementation", ["dense", "tiled"])
+def test_linformer_identity_projections_have_the_full_gradient(implementation):
+    """E = F = I (k = S): the engine's backward on (Q, K, V), chained through E and F, is full's."""
+    q, k, v = qkv_host(12, length=5, key_length=7)
+    d_out = random.normal((2, 4, 5, 3), seed=(12, 4))
+    got = reflex.vjp("linformer", {"q": q, "k": k, "v": v, "e_proj": numpy.eye(7)}, d_out, implementation=implementation)
+    _close(got, _torch_attention_grads(q, k, v, d_out, 1 / numpy.sqrt(5)))
+
+
+@pytest.mark.parametrize("length", [1, 2, 9])
+def test_average_recurrent_gradient_equals_parallel(length):
+    case = _case("average", "tiny", "causal_ffn")
+    inputs = {**case.inputs, "x": random.normal((2, length, int(case.inputs["x"].shape[-1])), seed=(13, 0))}
+    d_out = random.normal(inputs["x"].shape, seed=(13, 1))
+    grads = [reflex.vjp("average", inputs, d_out, implementation=form) for form in ("recurrent", "parallel")]
+    for name, g in grads[0].items():
+        assert max_abs(g, grads[1][name]) <= 1e-12 * max(1.0, numpy.max(numpy.abs(g))), name
+    with pytest.raises(ValueError, match="return_average"):
+        reflex.vjp("average", inputs, d_out, return_average=True)

@@ -47,6 +47,23 @@ def attention_map_vjp(p: _kernels.Prepared, prob: Any, d_out: Any, d_lse: Any = 
     return ungroup(p, d_z), d_v
 
 
+def softmax_attention_vjp(p: _kernels.Prepared, d_out: Any, d_lse: Any = None, *, scale: float, mask: Any = None,
+                          bias: Any = None, softcap: float | None = None, tile_active: Any = None,
+                          implementation: str = "auto") -> Any:
+    """The engine's backward of ``_kernels.softmax_attention(p, ...)`` (a mechanism that runs the engine on
+    derived q, k, v): re-runs the forward kernel ``implementation`` picks (dense, or tiled: FA2 Alg. 2,
+    never ``L × S``) and returns its :class:`~reflex.mechanisms._engine.terms.Gradients` (``dq``, ``dk``,
+    ``dv`` of the derived problem, ``bias`` per bias term)."""
+    if implementation == "auto":
+        implementation = _kernels.choose_implementation(p.length, p.key_length)
+    options = dict(scale=scale, mask=mask, bias=bias, softcap=softcap)
+    if implementation == "dense":
+        out, lse = _kernels.dense(p, **options)
+        return _kernels.dense_backward(p, out, lse, d_out, d_lse, **options)
+    out, lse = _kernels.tiled(p, **options, tile_active=tile_active)
+    return _kernels.tiled_backward(p, out, lse, d_out, d_lse, **options, tile_active=tile_active)
+
+
 def matmul_vjp(xp: Any, a: Any, b: Any, d_c: Any) -> tuple[Any, Any]:
     """``C = A @ B`` → ``(dA, dB) = (dC Bᵀ, Aᵀ dC)``, before any reduction over broadcast axes."""
     return d_c @ xp.matrix_transpose(b), xp.matrix_transpose(a) @ d_c

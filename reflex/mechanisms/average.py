@@ -10,6 +10,7 @@ from reflex.backends import namespace
 from reflex.mechanisms._cases import dims
 from reflex.mechanisms._kernels import resolve_dtype
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import Causal, typed_options
 
 __all__ = ["average_attention"]
 
@@ -20,6 +21,7 @@ def _sigmoid(xp: Any, z: Any) -> Any:
     return 1.0 / (1.0 + xp.exp(-z))
 
 
+@typed_options(causal=Causal(top_left_only=True))
 def average_attention(x: Any, w_gate: Any, /, *, b_gate: Any = None, w_ffn_in: Any = None, b_ffn_in: Any = None,
                       w_ffn_out: Any = None, b_ffn_out: Any = None, causal: bool = True, return_average: bool = False,
                       compute_dtype: Any = None, implementation: str = "auto") -> Any:
@@ -92,6 +94,76 @@ def average_attention(x: Any, w_gate: Any, /, *, b_gate: Any = None, w_ffn_in: A
     return (out, average) if return_average else out
 
 
+def _average_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, causal: bool = True, return_average: bool = False,
+                 compute_dtype: Any = None, implementation: str = "auto") -> dict:
+    """VJP of :func:`average_attention` (of ``out``): ``dx``, ``dw_gate`` and every given bias/FFN weight.
+
+    With ``z = [y; g]``, ``[i; f] = σ(zW + b)``, ``h = i∘y + f∘g``:
+    ``d(zW + b) = [dh∘y; dh∘g] ∘ σ'``, ``dW = Σ zᵀ d(zW + b)``, ``db = Σ d(zW + b)``,
+    ``dy = dh∘i + (d(zW + b) Wᵀ)_{:N}``, ``dg = dh∘f + (d(zW + b) Wᵀ)_{N:}``; FFN
+    ``g = relu(ȳW_in + b_in)W_out + b_out`` back to ``dȳ`` (subgradient 0 at the ReLU kink); the
+    cumulative average ``ȳ_j = (1/j)Σ_{k≤j} y_k`` gives ``dy_k += Σ_{j≥k} dȳ_j / j``, a reversed
+    prefix sum (``"recurrent"``: one position at a time, from the last; non-causal: ``Σ_j dȳ_j / L``).
+    Sums run over batch and positions. ``return_average=True`` is refused: the VJP differentiates ``out``.
+    """
+    if return_average:
+        raise ValueError("the VJP differentiates out only; call it with return_average=False")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)}; got {implementation!r}")
+    names = ("b_gate", "w_ffn_in", "b_ffn_in", "w_ffn_out", "b_ffn_out")
+    x, w_gate = inputs["x"], inputs["w_gate"]
+    xp = namespace(x, w_gate, *(inputs[n] for n in names if inputs.get(n) is not None))
+    dev = device_of(x)
+    dtype = resolve_dtype(xp, compute_dtype)
+    cast = {n: xp.astype(a, dtype) for n, a in inputs.items() if a is not None}
+    y = cast["x"]
+    length, width = int(y.shape[-2]), int(y.shape[-1])
+    counts = xp.reshape(xp.arange(1, length + 1, dtype=dtype, device=dev), (length, 1))
+    average = xp.broadcast_to(xp.mean(y, axis=-2, keepdims=True), y.shape) if not causal \
+        else xp.cumulative_sum(y, axis=-2) / counts
+    g = average
+    if "w_ffn_in" in cast:
+        pre = g @ cast["w_ffn_in"] + cast["b_ffn_in"] if "b_ffn_in" in cast else g @ cast["w_ffn_in"]
+        hidden = xp.maximum(pre, 0.0)
+        g = hidden @ cast["w_ffn_out"]
+        g = g + cast["b_ffn_out"] if "b_ffn_out" in cast else g
+    z = xp.concat([y, g], axis=-1)
+    logits = z @ cast["w_gate"]
+    gates = _sigmoid(xp, logits + cast["b_gate"] if "b_gate" in cast else logits)
+    d_h = xp.astype(d_out, dtype)
+    d_logits = xp.concat([d_h * y, d_h * g], axis=-1) * gates * (1.0 - gates)
+    flat = lambda a: xp.reshape(a, (-1, int(a.shape[-1])))  # noqa: E731  (rows over batch and positions)
+    grads = {"w_gate": xp.matrix_transpose(flat(z)) @ flat(d_logits)}
+    if "b_gate" in cast:
+        grads["b_gate"] = xp.sum(flat(d_logits), axis=0)
+    d_z = d_logits @ xp.matrix_transpose(cast["w_gate"])
+    d_y = d_h * gates[..., :width] + d_z[..., :width]
+    d_g = d_h * gates[..., width:] + d_z[..., width:]
+    if "w_ffn_in" in cast:
+        grads["w_ffn_out"] = xp.matrix_transpose(flat(hidden)) @ flat(d_g)
+        if "b_ffn_out" in cast:
+            grads["b_ffn_out"] = xp.sum(flat(d_g), axis=0)
+        d_pre = xp.where(pre > 0, d_g @ xp.matrix_transpose(cast["w_ffn_out"]), 0.0)
+        grads["w_ffn_in"] = xp.matrix_transpose(flat(average)) @ flat(d_pre)
+        if "b_ffn_in" in cast:
+            grads["b_ffn_in"] = xp.sum(flat(d_pre), axis=0)
+        d_g = d_pre @ xp.matrix_transpose(cast["w_ffn_in"])
+    if not causal:
+        d_y = d_y + xp.sum(d_g, axis=-2, keepdims=True) / length
+    elif implementation == "recurrent":
+        running = xp.zeros((*y.shape[:-2], width), dtype=dtype, device=dev)
+        steps = []
+        for j in reversed(range(length)):
+            running = running + d_g[..., j, :] / float(j + 1)
+            steps.append(running)
+        d_y = d_y + (xp.stack(steps[::-1], axis=-2) if steps else xp.zeros(y.shape, dtype=dtype, device=dev))
+    else:
+        scaled = d_g / counts
+        d_y = d_y + xp.flip(xp.cumulative_sum(xp.flip(scaled, axis=-2), axis=-2), axis=-2)
+    grads["x"] = d_y
+    return grads
+
+
 def _cases(size: str, seed: int) -> list[Case]:
     d = dims(size)
     n, f = 2 * d["D"], 3 * d["D"]
@@ -128,4 +200,5 @@ register(Mechanism(
     cases=_cases,
     row_separable=False,
     example=_example,
+    vjp=_average_vjp,
 ))

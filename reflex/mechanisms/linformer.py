@@ -10,6 +10,7 @@ from reflex.backends import namespace
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["linformer_attention"]
 
@@ -31,6 +32,7 @@ def _project(p: _kernels.Prepared, name: str, proj: Any, x: Any) -> Any:
     return xp.astype(proj, p.q.dtype) @ x
 
 
+@typed_options()
 def linformer_attention(q: Any, k: Any, v: Any, /, *, e_proj: Any, f_proj: Any = None, scale: float | None = None,
                         return_lse: bool = False, compute_dtype: Any = None, implementation: str = "auto") -> Any:
     """Linformer: softmax(Q (E K)ᵀ · scale) (F V) with explicit sequence projections E, F of shape (k, S).
@@ -67,6 +69,39 @@ def linformer_attention(q: Any, k: Any, v: Any, /, *, e_proj: Any, f_proj: Any =
                                       implementation=implementation, return_lse=return_lse)
 
 
+def _linformer_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, scale: float | None = None,
+                   compute_dtype: Any = None, implementation: str = "auto") -> dict:
+    """VJP of :func:`linformer_attention`: ``dq``, ``dk``, ``dv``, ``d e_proj`` and ``d f_proj`` (when given).
+
+    The engine's backward (dense, or tiled: FlashAttention-2 Alg. 2) on ``(Q, EK, FV)`` gives
+    ``dQ``, ``d(EK)``, ``d(FV)``; then ``dK = Eᵀ d(EK)``, ``dE = Σ d(EK) Kᵀ``, ``dV = Fᵀ d(FV)``,
+    ``dF = Σ d(FV) Vᵀ`` (sums over the axes E, F were broadcast along; a shared E = F receives both).
+    """
+    from reflex.mechanisms import _grad
+
+    p = _kernels.prepare(inputs["q"], inputs["k"], inputs["v"], compute_dtype=compute_dtype)
+    xp = p.xp
+    e_proj, f_proj = inputs["e_proj"], inputs.get("f_proj")
+    keys = _project(p, "e_proj", e_proj, p.k)
+    values = _project(p, "f_proj", e_proj if f_proj is None else f_proj, p.v)
+    if int(keys.shape[-2]) != int(values.shape[-2]):
+        raise ValueError(f"e_proj projects to {keys.shape[-2]} rows, f_proj to {values.shape[-2]}: they must match")
+    compressed = _kernels.prepare(p.q, keys, values, compute_dtype=p.q.dtype)
+    g = _grad.softmax_attention_vjp(compressed, d_out, d_lse, scale=_kernels.resolve_scale(scale, p.dim),
+                                    implementation=implementation)
+    e = xp.astype(e_proj, p.q.dtype)
+    f = e if f_proj is None else xp.astype(f_proj, p.q.dtype)
+    t = xp.matrix_transpose
+    d_e = _grad.reduce_to(xp, g.dk @ t(p.k), tuple(e.shape))
+    d_f = _grad.reduce_to(xp, g.dv @ t(p.v), tuple(f.shape))
+    grads = {"q": g.dq, "k": t(e) @ g.dk, "v": t(f) @ g.dv}
+    if f_proj is None:
+        grads["e_proj"] = d_e + d_f
+    else:
+        grads["e_proj"], grads["f_proj"] = d_e, d_f
+    return grads
+
+
 def _cases(size: str, seed: int) -> list[Case]:
     d = dims(size)
     shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
@@ -101,4 +136,5 @@ register(Mechanism(
     cases=_cases,
     returns_lse=True,
     example=_example,
+    vjp=_linformer_vjp,
 ))
