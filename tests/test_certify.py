@@ -272,3 +272,32 @@ def test_certify_case_matches_certify():
     mechanism = registry.get("linear")
     case = mechanism.cases("tiny", 0)[2]
     assert certify_case(mechanism, case).outputs == certify("linear", dict(case.inputs), **dict(case.params)).outputs
+
+
+def test_cli_certify(capsys):
+    from reflex.cli import main
+
+    assert main(["certify", "full", "linear", "--sizes", "tiny"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["mechanism", "size", "case", "method"]
+    assert sum(line.startswith("full ") for line in lines) == len(registry.get("full").cases("tiny", 0))
+    assert "mpmath" in out and lines[-1].startswith("certified 12 of 12 cases of 2 mechanism(s)") and "0 flagged" in lines[-1]
+    assert main(["certify", "fulll"]) == 2
+    assert "did you mean full" in capsys.readouterr().err
+    assert main(["certify", "full", "--sizes", "huge"]) == 2
+    assert main(["certify", "full", "--dps", "12"]) == 2
+    assert main(["certify", "sliding_window", "--method", "mpmath"]) == 0  # nothing certifiable: listed, not failed
+    assert "no mpmath formula" in capsys.readouterr().out
+
+
+def test_cli_certify_flags_a_mutant(monkeypatch, capsys):
+    from reflex.cli import main
+
+    def softmax(s, dtype):
+        w = numpy.exp(s - s.max(axis=-1, keepdims=True))
+        return (w / w.sum(axis=-1, keepdims=True)).astype(numpy.float16).astype(dtype)
+
+    _mutant_full(monkeypatch, softmax)
+    assert main(["certify", "full", "--method", "mpmath"]) == 1
+    assert "EXCEEDED" in capsys.readouterr().out
