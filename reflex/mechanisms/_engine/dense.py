@@ -116,7 +116,7 @@ def _dense_backward(p: Prepared, out: Any, lse: Any, d_out: Any, d_lse: Any, *, 
         if g.array:
             g.add_array(xp, dz, None)
         elif g.differentiable:
-            g.add_callable(xp, dz, rows, cols, shape)
+            g.add_callable(xp, _ungroup(p, dz), rows, cols, shape)  # the term's value is ungrouped (..., H, l, s)
     ds = dz if slope is None else dz * slope
     return Gradients(_ungroup(p, scale * (ds @ k)), scale * _group_sum_product(p, ds, q), _group_sum_product(p, P, d_o),
                      tuple(g.result() for g in terms))

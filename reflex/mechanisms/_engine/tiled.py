@@ -168,7 +168,7 @@ def _tiled_backward(p: Prepared, out: Any, lse: Any, d_out: Any, d_lse: Any, *, 
                     if g.array:
                         g.add_array(xp, dz, tile)
                     elif g.differentiable:
-                        g.add_callable(xp, dz, rows, cols, shape)
+                        g.add_callable(xp, _ungroup(p, dz), rows, cols, shape)  # value ungrouped (..., H, l, s)
                 ds = dz if slope is None else dz * slope
                 dq = dq + ds @ k_tile
                 dk_t, dv_t = _group_sum_product(p, ds, q), _group_sum_product(p, P, d_o)
