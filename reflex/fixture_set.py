@@ -2,16 +2,18 @@
 
 The format is described in ``docs/fixtures.md`` and written by :func:`reflex.fixtures.generate`;
 import everything from :mod:`reflex.fixtures`, which re-exports this module's public names.
-Loading is safe: file names cannot leave the folder, every file's sha256 is checked before it is
-parsed, ``.npz`` members are read by :mod:`reflex.backends.npz` (nothing is unpickled; object
-dtypes are refused before NumPy sees them), and any malformed input raises :class:`FixtureError`
-naming the case. Arrays are host NumPy arrays, read-only.
+Loading is safe: the manifest is size- and depth-bounded and validated field by field
+(:mod:`reflex.fixture_schema`), an optional pinned set digest is checked first, file names cannot
+leave the folder, every file's size and sha256 are checked before it is parsed, ``.npz`` members
+are read by :mod:`reflex.backends.npz` and ``.safetensors`` tensors by
+:mod:`reflex.backends.safetensors_file` (nothing is unpickled; object dtypes are refused before
+NumPy sees them), and any malformed input raises :class:`FixtureError` naming the case or field.
+Arrays are host NumPy arrays, read-only.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,24 +21,16 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from reflex import registry
-from reflex.backends import npz
+from reflex.backends import npz, safetensors_file
+from reflex.fixture_schema import (MANIFEST, SCHEMA_VERSION, FixtureError, check_digest, digest, parse_manifest,
+                                   validate)
 from reflex.testing import Tolerance, dtype_name
 
 __all__ = ["SCHEMA_VERSION", "MANIFEST", "FixtureError", "FixtureCase", "FixtureSet", "load"]
 
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
+_HostArray = Any  # a read-only host numpy.ndarray (this module leaves NumPy to reflex.backends)
 
-_HostArray = Any  # a read-only host numpy.ndarray (this module leaves NumPy to reflex.backends.npz)
-
-_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.npz")
-_MEMBER = re.compile(r"(input\.[A-Za-z_][A-Za-z0-9_]*|output|output\.[1-9][0-9]*|lse)")
-_CASE_FIELDS = ("id", "mechanism", "variant", "size", "seed", "params", "positional", "file", "sha256", "arrays",
-                "tolerances", "paper")
-
-
-class FixtureError(ValueError):
-    """A fixture set or exported file is missing, malformed, tampered with or inconsistent."""
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.(npz|safetensors)")
 
 
 def _read_members(data: bytes, what: str, *, expected: Mapping[str, Any] | None, stored_only: bool
@@ -48,9 +42,37 @@ def _read_members(data: bytes, what: str, *, expected: Mapping[str, Any] | None,
         raise FixtureError(str(err)) from None
 
 
+def _read_tensors(data: bytes, what: str, *, expected: Mapping[str, Any] | None
+                  ) -> tuple[dict[str, _HostArray], dict[str, str]]:
+    """:func:`reflex.backends.safetensors_file.read_tensors` (names, dtypes and shapes checked against
+    ``expected``), its errors raised as :class:`FixtureError`."""
+    try:
+        arrays, dtypes = safetensors_file.read_tensors(data, what)
+    except npz.NpzError as err:
+        raise FixtureError(str(err)) from None
+    if expected is not None:
+        for name, array in arrays.items():
+            spec = expected.get(name)
+            if spec is None:
+                raise FixtureError(f"{what}: tensor {name!r} is not listed in the manifest")
+            if dtypes[name] != spec["dtype"] or list(array.shape) != list(spec["shape"]):
+                raise FixtureError(f"{what}: tensor {name!r} is {dtypes[name]} {tuple(array.shape)}; the manifest "
+                                   f"says {spec['dtype']} {tuple(spec['shape'])}")
+        missing = sorted(set(expected) - set(arrays))
+        if missing:
+            raise FixtureError(f"{what}: members {', '.join(missing)} listed in the manifest are missing")
+    return arrays, dtypes
+
+
 @dataclass(frozen=True)
 class FixtureCase:
-    """One loaded case: ``inputs`` and ``outputs`` are read-only host NumPy arrays."""
+    """One loaded case: ``inputs``, ``outputs``, ``grads`` and ``cotangents`` are read-only host NumPy arrays.
+
+    ``outputs`` holds ``output``, ``output.<i>`` and ``lse``; for a mechanism with a VJP,
+    ``cotangents`` holds ``out`` (and ``lse``) — the seeded ``d_out``/``d_lse`` — and ``grads`` maps
+    each floating input's name to its gradient (empty otherwise). ``shape`` is the case's shape
+    override (``{"L": 128, "D": 64}``; empty at the named size's own shapes).
+    """
 
     id: str
     mechanism: str
@@ -65,6 +87,9 @@ class FixtureCase:
     paper: str
     file: str
     entry: Mapping[str, Any] = field(repr=False, default_factory=dict)
+    shape: Mapping[str, int] = field(default_factory=dict)
+    grads: Mapping[str, _HostArray] = field(default_factory=dict)
+    cotangents: Mapping[str, _HostArray] = field(default_factory=dict)
 
     @property
     def output(self) -> _HostArray:
@@ -98,6 +123,16 @@ class FixtureSet(Sequence[FixtureCase]):
         self.cases = cases
         self._by_id = {case.id: case for case in cases}
 
+    @property
+    def digest(self) -> str:
+        """The set digest: SHA-256 hex of the canonical manifest bytes (pin it with ``load(..., digest=)``)."""
+        return digest(self.manifest)
+
+    @property
+    def format(self) -> str:
+        """``"npz"`` or ``"safetensors"``: the case files' format."""
+        return self.manifest["format"]
+
     def __len__(self) -> int:
         return len(self.cases)
 
@@ -130,42 +165,21 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         raise FixtureError(f"{folder}: no such fixture folder")
     if not path.is_file():
         raise FixtureError(f"{folder}: no {MANIFEST}; not a fixture set")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FixtureError(f"{path}: not valid JSON: {err}") from None
-    if not isinstance(manifest, dict):
-        raise FixtureError(f"{path}: expected a JSON object at the top level")
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise FixtureError(f"{path}: schema version {version!r} is not supported; this reflex reads schema {SCHEMA_VERSION}")
-    cases = manifest.get("cases")
-    if not isinstance(cases, list) or not all(isinstance(c, dict) for c in cases):
-        raise FixtureError(f"{path}: 'cases' must be a list of objects")
-    seen: set[str] = set()
-    for position, entry in enumerate(cases):
-        cid = entry.get("id")
-        if not isinstance(cid, str) or not cid:
-            raise FixtureError(f"{path}: case #{position} has no id")
-        if cid in seen:
-            raise FixtureError(f"{path}: case {cid} is listed twice")
-        seen.add(cid)
-        missing = [name for name in _CASE_FIELDS if name not in entry]
-        if missing:
-            raise FixtureError(f"case {cid}: manifest entry lacks {', '.join(missing)}")
-        if not isinstance(entry["arrays"], dict) or "output" not in entry["arrays"]:
-            raise FixtureError(f"case {cid}: manifest 'arrays' must be an object listing at least 'output'")
-        bad = [name for name in entry["arrays"] if not _MEMBER.fullmatch(name)]
-        if bad:
-            raise FixtureError(f"case {cid}: manifest lists unexpected array names {', '.join(map(repr, bad))}")
+    from reflex.fixture_schema import MAX_MANIFEST_BYTES
+
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise FixtureError(f"{path}: {size} bytes; a manifest may hold at most {MAX_MANIFEST_BYTES}")
+    manifest = parse_manifest(path.read_bytes(), str(path))
+    validate(manifest, str(path))
     return manifest
 
 
 def _case_path(folder: Path, cid: str, name: Any) -> Path:
     """The case's file, refusing anything but a plain file name inside ``folder``."""
     if not isinstance(name, str) or not _FILE_NAME.fullmatch(name):
-        raise FixtureError(f"case {cid}: file name {name!r} refused: it must be a plain .npz file name inside the "
-                           f"fixture folder (no directories, '..' or absolute paths)")
+        raise FixtureError(f"case {cid}: file name {name!r} refused: it must be a plain .npz or .safetensors file "
+                           f"name inside the fixture folder (no directories, '..' or absolute paths)")
     path = folder / name
     if path.resolve().parent != folder.resolve():
         raise FixtureError(f"case {cid}: file {name!r} resolves outside the fixture folder (symlink?); refused")
@@ -174,34 +188,58 @@ def _case_path(folder: Path, cid: str, name: Any) -> Path:
     return path
 
 
-def _load_case(folder: Path, entry: Mapping[str, Any]) -> FixtureCase:
+def _load_case(folder: Path, entry: Mapping[str, Any], fmt: str) -> FixtureCase:
     cid = entry["id"]
     path = _case_path(folder, cid, entry["file"])
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != entry["sha256"]:
-        raise FixtureError(f"case {cid}: {entry['file']} has sha256 {digest}; the manifest records {entry['sha256']} "
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise FixtureError(f"case {cid}: {entry['file']} has {size} bytes; the manifest records {entry['bytes']} "
                            f"(the file was modified or corrupted)")
-    arrays = _read_members(data, f"case {cid} ({entry['file']})", expected=entry["arrays"], stored_only=True)
-    try:
-        tolerances = {name: Tolerance(float(t["atol"]), float(t["rtol"])) for name, t in entry["tolerances"].items()}
-    except (AttributeError, KeyError, TypeError, ValueError) as err:
-        raise FixtureError(f"case {cid}: malformed tolerances in the manifest: {err!r}") from None
+    data = path.read_bytes()
+    file_digest = hashlib.sha256(data).hexdigest()
+    if file_digest != entry["sha256"]:
+        raise FixtureError(f"case {cid}: {entry['file']} has sha256 {file_digest}; the manifest records "
+                           f"{entry['sha256']} (the file was modified or corrupted)")
+    what = f"case {cid} ({entry['file']})"
+    if fmt == "npz":
+        arrays = _read_members(data, what, expected=entry["arrays"], stored_only=True)
+    else:
+        arrays, _ = _read_tensors(data, what, expected=entry["arrays"])
+    tolerances = {name: Tolerance(float(t["atol"]), float(t["rtol"])) for name, t in entry["tolerances"].items()}
+    groups: dict[str, dict[str, _HostArray]] = {"input": {}, "grad": {}, "output": {}, "cotangent": {}}
+    for name in sorted(arrays):
+        if name.startswith(("input.", "grad.")):
+            kind, _, short = name.partition(".")
+            groups[kind][short] = arrays[name]
+        elif name in ("d_out", "d_lse"):
+            groups["cotangent"][name[2:]] = arrays[name]
+        else:
+            groups["output"][name] = arrays[name]
     return FixtureCase(
         id=cid, mechanism=entry["mechanism"], variant=entry["variant"], size=entry["size"], seed=entry["seed"],
-        params=entry["params"], positional=tuple(entry["positional"]),
-        inputs={name[len("input."):]: a for name, a in arrays.items() if name.startswith("input.")},
-        outputs={name: a for name, a in arrays.items() if not name.startswith("input.")},
-        tolerances=tolerances, paper=entry["paper"], file=entry["file"], entry=entry,
+        params=entry["params"], positional=tuple(entry["positional"]), inputs=groups["input"],
+        outputs=groups["output"], tolerances=tolerances, paper=entry["paper"], file=entry["file"], entry=entry,
+        shape=dict(entry["shape"]), grads=groups["grad"], cotangents=groups["cotangent"],
     )
 
 
-def load(path: str | os.PathLike[str]) -> FixtureSet:
-    """Load a fixture set, checking the schema, every file name and every file's sha256.
+def load(path: str | os.PathLike[str], *, digest: str | None = None) -> FixtureSet:
+    """Load a fixture set, checking the schema, the pinned digest, every file name, size and sha256.
+
+    ``digest``: the set digest you pinned (64 hex digits, as ``reflex fixtures generate`` printed it);
+    a set whose canonical manifest hashes to anything else is refused before any case file is read.
 
     Raises :class:`FixtureError` naming the case for a missing, tampered, corrupted or malformed
-    file, and naming the manifest for an unknown schema version.
+    file, naming the field for a malformed manifest (or an unknown schema version), and naming both
+    digests when the set digest differs from ``digest``; ``ValueError`` for a ``digest`` that is
+    not 64 hex digits.
     """
     folder = Path(path)
     manifest = _read_manifest(folder)
-    return FixtureSet(folder, manifest, [_load_case(folder, entry) for entry in manifest["cases"]])
+    if digest is not None:
+        check_digest(digest, _digest(manifest), str(folder / MANIFEST))
+    fmt = manifest["format"]
+    return FixtureSet(folder, manifest, [_load_case(folder, entry, fmt) for entry in manifest["cases"]])
+
+
+_digest = digest  # load's keyword shadows the function's name

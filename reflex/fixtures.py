@@ -1,30 +1,44 @@
 """Golden fixtures: write, load, verify and check sets of reference cases (format: ``docs/fixtures.md``).
 
-A *fixture set* is a folder holding one ``<case id>.npz`` per case and a ``manifest.json``. Cases
-come from the registry's case builders (``Mechanism.cases(size, seed)``), so every registered
+A *fixture set* is a folder holding one case file per case (``<id>.npz``, or ``<id>.safetensors``
+with ``format="safetensors"``) and a ``manifest.json`` (schema 2, :mod:`reflex.fixture_schema`).
+Cases come from the registry's case builders (``Mechanism.cases(size, seed)``), so every registered
 mechanism flows through without code here. Case id: ``<key>-<variant>-<n>`` with ``n`` the index
-of the size in :data:`reflex.registry.SIZES` (tiny 0, small 1, medium 2, large 3).
+of the size in :data:`reflex.registry.SIZES` (tiny 0, small 1, medium 2, large 3), followed by
+``-<shape>`` (e.g. ``-L128_D64``) for cases built at overridden shapes.
 
-Each ``.npz`` is an uncompressed zip of ``.npy`` members: ``input.<name>`` for every input (every
-random array included), ``output`` (the mechanism's output, or the first element of a returned
-tuple), ``output.<i>`` for further tuple elements, and ``lse`` for mechanisms that return it.
+Each case file holds ``input.<name>`` for every input (every random array included), ``output``
+(the mechanism's output, or the first element of a returned tuple), ``output.<i>`` for further
+tuple elements, ``lse`` for mechanisms that return it, and, for a mechanism with a VJP
+(``Mechanism.vjp``), the seeded cotangent ``d_out`` (and ``d_lse``) with ``grad.<name>``, the
+gradient of ``⟨d_out, output⟩ + ⟨d_lse, lse⟩`` for every floating input.
+
+Shape overrides (``shapes={"lengths": [127, 128], "head_dims": [64]}``) reach the case builders
+through :func:`reflex.mechanisms._cases.case_shape`; a case whose builder, call or shapes do not
+honour a requested shape is *skipped* (never adjusted) and listed with its reason in the manifest's
+``skipped``.
 
 Guarantees:
 
-- *Deterministic*: the same mechanisms, sizes and seed give byte-identical files (zip entries with a
-  fixed date, fixed attributes and no compression; the manifest is JSON with sorted keys).
-- *Safe to load*: nothing is unpickled (object dtypes are refused before NumPy sees them), file
-  names cannot leave the folder, every file's sha256 is checked before it is parsed, and any
-  malformed input raises :class:`FixtureError` naming the case.
+- *Deterministic*: the same mechanisms, sizes, shapes, dtypes, format and seed give byte-identical
+  files (fixed zip entry dates and attributes, no compression, canonical safetensors headers; the
+  manifest is canonical JSON). Gradients are seeded and computed like outputs: same seed → same bytes.
+- *Tamper-evident*: :func:`digest` (the *set digest*, SHA-256 of the canonical manifest) pins the
+  whole set; :func:`verify` rebuilds the manifest from the registry and reports every field that
+  differs.
+- *Safe to load*: nothing is unpickled, file names cannot leave the folder, sizes and nesting are
+  bounded before parsing, every file's sha256 is checked before it is parsed, and any malformed
+  input raises :class:`FixtureError` naming the case or field.
 
-This module writes (:func:`generate`), recomputes (:func:`verify`) and compares (:func:`check`);
-reading lives in :mod:`reflex.fixture_set` and the ``.npz`` bytes in :mod:`reflex.backends.npz`.
-Import everything from here: the public names of both are re-exported.
+This module writes (:func:`generate`) and recomputes (:func:`verify`); reading lives in
+:mod:`reflex.fixture_set`, the schema in :mod:`reflex.fixture_schema`, comparing exported outputs in
+:mod:`reflex.fixture_check`. Import everything from here: their public names are re-exported.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -37,89 +51,50 @@ import numpy
 
 import reflex
 from reflex import registry
-from reflex.backends import npz, to_numpy
-from reflex.fixture_set import MANIFEST, SCHEMA_VERSION, FixtureCase, FixtureError, FixtureSet, _read_members, load
-from reflex.testing import TOLERANCES, Tolerance, _outside, _worst, dtype_name
+from reflex.backends import npz, safetensors_file
+from reflex.fixture_check import CheckReport, CheckResult, check
+from reflex.fixture_schema import (FORMATS, MANIFEST, SCHEMA_VERSION, SHAPE_LETTERS, SHAPE_OPTIONS, canonical_bytes,
+                                   digest)
+from reflex.fixture_set import FixtureCase, FixtureError, FixtureSet, load
+from reflex.mechanisms._cases import case_shape
+from reflex.testing import TOLERANCES, Tolerance, _outside
 
 __all__ = [
-    "SCHEMA_VERSION", "MANIFEST", "DEFAULT_SIZES", "FixtureError", "FixtureCase", "FixtureSet",
-    "generate", "load", "verify", "check", "case_id", "CaseVerification", "CheckResult", "CheckReport",
+    "SCHEMA_VERSION", "MANIFEST", "DEFAULT_SIZES", "FORMATS", "DIGEST_FILE", "FixtureError", "FixtureCase",
+    "FixtureSet", "generate", "load", "verify", "check", "case_id", "digest", "CaseVerification", "VerifyReport",
+    "CheckResult", "CheckReport",
 ]
 
-
 DEFAULT_SIZES = ("tiny", "small")
+DIGEST_FILE = MANIFEST + ".sha256"  # the set digest in `sha256sum -c` format, written beside the manifest
+_COTANGENT_SEED = 7919  # d_out is drawn from stream (seed, 7919, 1), d_lse from (seed, 7919, 2)
 
 
-def case_id(key: str, variant: str, size: str) -> str:
-    """``<key>-<variant>-<n>``, n the index of ``size`` in ``SIZES``; characters outside [A-Za-z0-9_] → ``_``."""
-    return f"{key}-{re.sub(r'[^A-Za-z0-9_]', '_', variant)}-{registry.SIZES.index(size)}"
+def case_id(key: str, variant: str, size: str, shape: Mapping[str, int] | None = None) -> str:
+    """``<key>-<variant>-<n>[-<shape>]``: n the index of ``size`` in ``SIZES``, shape e.g. ``L128_D64``;
+    characters outside [A-Za-z0-9_] in the variant → ``_``."""
+    base = f"{key}-{re.sub(r'[^A-Za-z0-9_]', '_', variant)}-{registry.SIZES.index(size)}"
+    return f"{base}-{_shape_tag(shape)}" if shape else base
 
 
-# ----------------------------------------------------------------------------------------------- writing
+def _shape_tag(shape: Mapping[str, int]) -> str:
+    return "_".join(f"{letter}{shape[letter]}" for letter in SHAPE_LETTERS if letter in shape)
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, numpy.bool_):
-        return bool(value)
-    if isinstance(value, numpy.integer):
-        return int(value)
-    if isinstance(value, numpy.floating):
-        return float(value)
-    raise TypeError(f"{type(value).__name__} is not JSON-able")
+# ----------------------------------------------------------------------------------------------- arguments
 
 
 def _jsonable(value: Any, what: str) -> Any:
     """``value`` as it reads back from JSON (tuples → lists); non-JSON values raise FixtureError."""
+    def default(x: Any) -> Any:
+        if isinstance(x, (numpy.bool_, numpy.integer, numpy.floating)):
+            return x.item()
+        raise TypeError(f"{type(x).__name__} is not JSON-able")
+
     try:
-        return json.loads(json.dumps(value, default=_json_default, allow_nan=False, sort_keys=True))
+        return json.loads(json.dumps(value, default=default, allow_nan=False, sort_keys=True))
     except (TypeError, ValueError) as err:
         raise FixtureError(f"{what} must be JSON-able (finite numbers, strings, lists, dicts): {err}") from None
-
-
-def _canonical(array: Any, what: str) -> numpy.ndarray:
-    """:func:`reflex.backends.npz.canonical`, its refusal raised as :class:`FixtureError`."""
-    try:
-        return npz.canonical(array, what)
-    except npz.NpzError as err:
-        raise FixtureError(str(err)) from None
-
-
-_npz_bytes = npz.npz_bytes  # kept under its old name: tests build consistent but wrong case files with it
-
-
-def _case_inputs(case: registry.Case, cid: str) -> list[tuple[str, numpy.ndarray]]:
-    """The input members of one case file, sorted by name."""
-    members = []
-    for name in sorted(case.inputs):
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise FixtureError(f"case {cid}: input name {name!r} is not an identifier")
-        members.append((f"input.{name}", _canonical(case.inputs[name], f"case {cid}: input {name}")))
-    return members
-
-
-def _case_outputs(mechanism: registry.Mechanism, case: registry.Case, cid: str) -> list[tuple[str, numpy.ndarray]]:
-    """The output members of one case file: output, further outputs ``output.<i>``, lse."""
-    members = []
-    try:
-        result = case.call(mechanism, **({"return_lse": True} if mechanism.returns_lse else {}))
-    except Exception as err:
-        raise FixtureError(f"case {cid}: {mechanism.key} failed on its own case: {type(err).__name__}: {err}") from err
-    parts = list(result) if isinstance(result, tuple) else [result]
-    output = _canonical(parts[0], f"case {cid}: output")
-    members.append(("output", output))
-    lse = None
-    if mechanism.returns_lse:
-        if len(parts) < 2:
-            raise FixtureError(f"case {cid}: {mechanism.key} has returns_lse=True but return_lse=True gave no (out, lse) tuple")
-        lse = _canonical(parts[1], f"case {cid}: lse")
-        if lse.shape != output.shape[:-1]:
-            raise FixtureError(f"case {cid}: lse has shape {lse.shape}; expected the output's {output.shape[:-1]}")
-        parts = parts[:1] + parts[2:]
-    for i, extra in enumerate(parts[1:], start=1):
-        members.append((f"output.{i}", _canonical(extra, f"case {cid}: output {i}")))
-    if lse is not None:
-        members.append(("lse", lse))
-    return members
 
 
 def _select(mechanisms: Iterable[str] | None) -> list[registry.Mechanism]:
@@ -133,67 +108,279 @@ def _select(mechanisms: Iterable[str] | None) -> list[registry.Mechanism]:
     return [registry.get(key) for key in keys]  # an unknown key raises KeyError with close matches
 
 
-def generate(out_dir: str | os.PathLike[str], mechanisms: Iterable[str] | None = None,
-             sizes: Sequence[str] = DEFAULT_SIZES, seed: int = 0, *, progress: bool = False) -> dict[str, Any]:
-    """Write a fixture set for ``mechanisms`` (default: every registered one) at ``sizes`` into ``out_dir``.
-
-    Cases are ordered by mechanism key, then size, then the case builder's order. Files of the
-    same name are overwritten; nothing else in ``out_dir`` is touched. ``progress`` shows a tqdm bar
-    on stderr. Returns the manifest (also written as ``out_dir/manifest.json``).
-
-    Raises ``KeyError`` for an unknown mechanism (with close matches), ``ValueError`` for an
-    unknown size, and :class:`FixtureError` when a case cannot be written.
-    """
-    from tqdm import tqdm
-
-    chosen = _select(mechanisms)
+def _sizes(sizes: Sequence[str] | str) -> list[str]:
     sizes = list(dict.fromkeys([sizes] if isinstance(sizes, str) else sizes))
     if not sizes:
         raise ValueError("sizes is empty")
     sizes.sort(key=lambda s: (registry.size_scale(s), s))  # validates each size
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int; got {seed!r}")
+    return sizes
 
-    planned: list[tuple[str, str, registry.Mechanism, registry.Case]] = []
+
+def _shapes(shapes: Mapping[str, Iterable[int]] | None) -> dict[str, list[int]]:
+    """Validated shape options, each a sorted list of distinct positive ints (order-insensitive)."""
+    if shapes is None:
+        return {}
+    if not isinstance(shapes, Mapping):
+        raise TypeError(f"shapes must be a mapping of {', '.join(SHAPE_OPTIONS)} to lists of ints; "
+                        f"got {type(shapes).__name__}")
+    result = {}
+    for option, values in shapes.items():
+        if option not in SHAPE_OPTIONS:
+            raise ValueError(f"shapes: unknown option {option!r}; expected one of {', '.join(SHAPE_OPTIONS)}")
+        values = [values] if isinstance(values, int) else list(values)
+        if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+            raise ValueError(f"shapes[{option!r}] must be a non-empty list of positive ints; got {values!r}")
+        result[option] = sorted(set(values))
+    for heads, kv in itertools.product(result.get("heads", [4]), result.get("kv_heads", [])):
+        if heads % kv:
+            raise ValueError(f"kv heads {kv} do not divide query heads {heads} (shapes heads × kv_heads)")
+    return {option: result[option] for option in SHAPE_OPTIONS if option in result}
+
+
+def _grid(shapes: Mapping[str, list[int]]) -> list[dict[str, int]]:
+    """Every combination of the shape options as ``case_shape`` letters; ``[{}]`` without options."""
+    letters = [SHAPE_OPTIONS[option] for option in shapes]
+    return [dict(zip(letters, values)) for values in itertools.product(*shapes.values())]
+
+
+def _dtypes(dtypes: Iterable[str] | None) -> list[str]:
+    if dtypes is None:
+        return list(TOLERANCES)
+    chosen = [dtypes] if isinstance(dtypes, str) else list(dtypes)
+    unknown = [d for d in chosen if d not in TOLERANCES]
+    if unknown or not chosen:
+        raise ValueError(f"dtypes must be a non-empty list among {', '.join(TOLERANCES)}; got {chosen!r}")
+    return [d for d in TOLERANCES if d in chosen]
+
+
+# ----------------------------------------------------------------------------------------------- building
+
+
+def _canonical(array: Any, what: str) -> numpy.ndarray:
+    """:func:`reflex.backends.npz.canonical`, its refusal raised as :class:`FixtureError`."""
+    try:
+        return npz.canonical(array, what)
+    except npz.NpzError as err:
+        raise FixtureError(str(err)) from None
+
+
+_npz_bytes = npz.npz_bytes  # kept under its old name: tests build consistent but wrong case files with it
+
+
+def _file_bytes(members: Sequence[tuple[str, numpy.ndarray]], fmt: str) -> bytes:
+    return npz.npz_bytes(members) if fmt == "npz" else safetensors_file.safetensors_bytes(members)
+
+
+def _case_inputs(case: registry.Case, cid: str) -> list[tuple[str, numpy.ndarray]]:
+    """The input members of one case file, sorted by name."""
+    members = []
+    for name in sorted(case.inputs):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise FixtureError(f"case {cid}: input name {name!r} is not an identifier")
+        members.append((f"input.{name}", _canonical(case.inputs[name], f"case {cid}: input {name}")))
+    return members
+
+
+def _case_outputs(mechanism: registry.Mechanism, case: registry.Case, cid: str) -> list[tuple[str, numpy.ndarray]]:
+    """The output members of one case file: output, further outputs ``output.<i>``, lse, then (for a
+    mechanism with a VJP) d_out, d_lse and ``grad.<name>`` for every floating input, sorted by name."""
+    try:
+        result = case.call(mechanism, **({"return_lse": True} if mechanism.returns_lse else {}))
+    except Exception as err:
+        raise FixtureError(f"case {cid}: {mechanism.key} failed on its own case: {type(err).__name__}: {err}") from err
+    parts = list(result) if isinstance(result, tuple) else [result]
+    output = _canonical(parts[0], f"case {cid}: output")
+    members = [("output", output)]
+    lse = None
+    if mechanism.returns_lse:
+        if len(parts) < 2:
+            raise FixtureError(f"case {cid}: {mechanism.key} has returns_lse=True but return_lse=True gave no (out, lse) tuple")
+        lse = _canonical(parts[1], f"case {cid}: lse")
+        if lse.shape != output.shape[:-1]:
+            raise FixtureError(f"case {cid}: lse has shape {lse.shape}; expected the output's {output.shape[:-1]}")
+        parts = parts[:1] + parts[2:]
+    for i, extra in enumerate(parts[1:], start=1):
+        members.append((f"output.{i}", _canonical(extra, f"case {cid}: output {i}")))
+    if lse is not None:
+        members.append(("lse", lse))
+    if mechanism.vjp is not None:
+        members += _case_gradients(mechanism, case, cid, output, lse)
+    return members
+
+
+def _case_gradients(mechanism: registry.Mechanism, case: registry.Case, cid: str, output: numpy.ndarray,
+                    lse: numpy.ndarray | None) -> list[tuple[str, numpy.ndarray]]:
+    """Seeded cotangents and :func:`reflex.vjp`'s gradients for one case (host float64)."""
+    from reflex import random
+
+    d_out = random.normal(output.shape, seed=(case.seed, _COTANGENT_SEED, 1))
+    members = [("d_out", d_out)]
+    d_lse = None
+    if lse is not None:
+        d_lse = random.normal(lse.shape, seed=(case.seed, _COTANGENT_SEED, 2))
+        members.append(("d_lse", d_lse))
+    try:
+        grads = reflex.vjp(mechanism.key, dict(case.inputs), d_out, d_lse=d_lse, **case.params)
+    except Exception as err:
+        raise FixtureError(f"case {cid}: {mechanism.key}'s VJP failed on its own case: {type(err).__name__}: {err}") from err
+    for name in sorted(grads):
+        members.append((f"grad.{name}", _canonical(grads[name], f"case {cid}: gradient of {name}")))
+    return members
+
+
+def _shape_problem(case: registry.Case, shape: Mapping[str, int], output: numpy.ndarray | None) -> str | None:
+    """Why ``case`` does not have the requested ``shape`` (None when it has): q (or qk) must be
+    (B, H, L, D), k and v (…, G or H, L, D), and the output keep q's batch axes and length."""
+    q = case.inputs.get("q", case.inputs.get("qk"))
+    if q is None or getattr(q, "ndim", 0) < 3:
+        return "its case has no (…, H, L, D) query input q to shape"
+    want = {"B": (q.shape[:-3], (shape.get("B"),)), "H": (q.shape[-3], shape.get("H")),
+            "L": (q.shape[-2], shape.get("L")), "D": (q.shape[-1], shape.get("D"))}
+    for name in ("k", "v"):
+        x = case.inputs.get(name)
+        if x is not None and getattr(x, "ndim", 0) >= 3:
+            want[f"{name}.L"] = (x.shape[-2], shape.get("L"))
+            want[f"{name}.D"] = (x.shape[-1], shape.get("D"))
+            if "G" in shape:  # the requested kv heads, or one kv head per query head (MHA variants)
+                want[f"{name}.G"] = (x.shape[-3] in (shape["G"], q.shape[-3]), True)
+    for what, (got, expected) in want.items():
+        if expected is not None and expected != (None,) and got != expected:
+            shapes = ", ".join(f"{n} {tuple(a.shape)}" for n, a in sorted(case.inputs.items()) if n in ("q", "qk", "k", "v"))
+            return f"its case builder does not build the requested shape {_shape_tag(shape)} ({shapes})"
+    if output is not None and (output.ndim != q.ndim or output.shape[:-3] != q.shape[:-3]
+                               or output.shape[-2] != q.shape[-2]):
+        return f"its output {tuple(output.shape)} does not follow the query's batch and length {tuple(q.shape)}"
+    return None
+
+
+@dataclass
+class _Plan:
+    """Cases to compute in order, and the cases skipped (with the reason) at overridden shapes."""
+
+    cases: list[tuple[str, str, dict[str, int], registry.Mechanism, registry.Case]]
+    skipped: list[dict[str, Any]]
+
+
+def _skip(mechanism: str, size: str, shape: Mapping[str, int], variant: str | None, reason: str) -> dict[str, Any]:
+    return {"mechanism": mechanism, "size": size, "shape": dict(shape), "variant": variant, "reason": reason}
+
+
+def _plan(chosen: Sequence[registry.Mechanism], sizes: Sequence[str], seed: int, grid: Sequence[dict[str, int]]) -> _Plan:
+    plan = _Plan([], [])
+    seen: dict[str, str] = {}
     for mechanism in chosen:
         for size in sizes:
-            try:
-                cases = mechanism.cases(size, seed)
-            except Exception as err:
-                raise FixtureError(f"{mechanism.key}: its case builder failed at size {size}, seed {seed}: "
-                                   f"{type(err).__name__}: {err}") from err
-            for case in cases:
-                planned.append((case_id(mechanism.key, case.variant, size), size, mechanism, case))
-    seen: dict[str, str] = {}
-    for cid, _, _, case in planned:
-        if cid in seen:
-            raise FixtureError(f"case {cid}: two cases map to this id (variants {seen[cid]!r} and {case.variant!r})")
-        seen[cid] = case.variant
+            for shape in grid:
+                try:
+                    with case_shape(**shape):
+                        cases = mechanism.cases(size, seed)
+                except Exception as err:
+                    if not shape:
+                        raise FixtureError(f"{mechanism.key}: its case builder failed at size {size}, seed {seed}: "
+                                           f"{type(err).__name__}: {err}") from err
+                    plan.skipped.append(_skip(mechanism.key, size, shape, None, f"its case builder refused the shape: "
+                                                                               f"{type(err).__name__}: {err}"))
+                    continue
+                for case in cases:
+                    problem = _shape_problem(case, shape, None) if shape else None
+                    if problem:
+                        plan.skipped.append(_skip(mechanism.key, size, shape, case.variant, problem))
+                        continue
+                    cid = case_id(mechanism.key, case.variant, size, shape)
+                    if cid in seen:
+                        raise FixtureError(f"case {cid}: two cases map to this id (variants {seen[cid]!r} and "
+                                           f"{case.variant!r})")
+                    seen[cid] = case.variant
+                    plan.cases.append((cid, size, shape, mechanism, case))
+    return plan
+
+
+def _build(cid: str, size: str, shape: dict[str, int], mechanism: registry.Mechanism, case: registry.Case,
+           dtypes: Sequence[str], fmt: str) -> tuple[dict[str, Any], list[tuple[str, numpy.ndarray]]] | str:
+    """``(entry without bytes/sha256, members)`` of one case, or the reason to skip it (shapes only)."""
+    try:
+        members = _case_inputs(case, cid) + _case_outputs(mechanism, case, cid)
+    except FixtureError as err:
+        if not shape:
+            raise
+        cause = err.__cause__ if err.__cause__ is not None else err
+        return f"{type(cause).__name__}: {cause}"
+    if shape:
+        problem = _shape_problem(case, shape, dict(members)["output"])
+        if problem:
+            return problem
+    entry = {
+        "id": cid,
+        "mechanism": mechanism.key,
+        "variant": case.variant,
+        "size": size,
+        "shape": dict(shape),
+        "seed": case.seed,
+        "params": _jsonable(dict(case.params), f"case {cid}: params"),
+        "positional": list(case.positional),
+        "file": f"{cid}{FORMATS[fmt]}",
+        "arrays": {name: {"dtype": a.dtype.name, "shape": list(a.shape)} for name, a in members},
+        "tolerances": {name: {"atol": TOLERANCES[name].atol, "rtol": TOLERANCES[name].rtol} for name in dtypes},
+        "paper": mechanism.paper,
+    }
+    return entry, members
+
+
+def generate(out_dir: str | os.PathLike[str], mechanisms: Iterable[str] | None = None,
+             sizes: Sequence[str] = DEFAULT_SIZES, seed: int = 0, *, progress: bool = False,
+             shapes: Mapping[str, Iterable[int]] | None = None, dtypes: Iterable[str] | None = None,
+             format: str = "npz") -> dict[str, Any]:
+    """Write a fixture set for ``mechanisms`` (default: every registered one) at ``sizes`` into ``out_dir``.
+
+    Args:
+        shapes: shape overrides on top of each named size, option → list of values: ``lengths``
+            (L = S), ``head_dims`` (D = E), ``heads`` (H), ``kv_heads`` (G, dividing H), ``batch``
+            (B); every combination is generated. A case that cannot take a combination is skipped
+            (listed with its reason in the manifest's ``skipped``), never adjusted.
+        dtypes: the dtypes whose tolerances are recorded (default: every row of
+            :data:`reflex.testing.TOLERANCES`).
+        format: ``"npz"`` or ``"safetensors"``.
+        progress: show a tqdm bar on stderr.
+
+    Cases are ordered by mechanism key, size, shape, then the case builder's order. Files of the
+    same name are overwritten; nothing else in ``out_dir`` is touched. Returns the manifest (also
+    written as ``out_dir/manifest.json``, its digest as ``out_dir/manifest.json.sha256``).
+
+    Raises ``KeyError`` for an unknown mechanism (with close matches), ``ValueError`` for an
+    unknown size, format, dtype or shape option, and :class:`FixtureError` when a case cannot be
+    written or every case was skipped.
+    """
+    from tqdm import tqdm
+
+    chosen = _select(mechanisms)
+    sizes = _sizes(sizes)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int; got {seed!r}")
+    shapes = _shapes(shapes)
+    dtypes = _dtypes(dtypes)
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {format!r}")
+    plan = _plan(chosen, sizes, seed, _grid(shapes))
 
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    entries = []
-    bar = tqdm(planned, desc="fixtures", unit="case", file=sys.stderr, disable=not progress, leave=True)
-    for cid, size, mechanism, case in bar:
+    entries, skipped = [], list(plan.skipped)
+    bar = tqdm(plan.cases, desc="fixtures", unit="case", file=sys.stderr, disable=not progress, leave=True)
+    for cid, size, shape, mechanism, case in bar:
         bar.set_postfix_str(cid, refresh=False)
-        members = _case_inputs(case, cid) + _case_outputs(mechanism, case, cid)
-        data = npz.npz_bytes(members)
-        npz.write_atomic(folder / f"{cid}.npz", data)
-        entries.append({
-            "id": cid,
-            "mechanism": mechanism.key,
-            "variant": case.variant,
-            "size": size,
-            "seed": case.seed,
-            "params": _jsonable(dict(case.params), f"case {cid}: params"),
-            "positional": list(case.positional),
-            "file": f"{cid}.npz",
-            "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "arrays": {name: {"dtype": a.dtype.name, "shape": list(a.shape)} for name, a in members},
-            "tolerances": {name: {"atol": t.atol, "rtol": t.rtol} for name, t in TOLERANCES.items()},
-            "paper": mechanism.paper,
-        })
+        built = _build(cid, size, shape, mechanism, case, dtypes, format)
+        if isinstance(built, str):
+            skipped.append(_skip(mechanism.key, size, shape, case.variant, built))
+            continue
+        entry, members = built
+        data = _file_bytes(members, format)
+        npz.write_atomic(folder / entry["file"], data)
+        entries.append({**entry, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    if not entries:
+        reasons = "; ".join(f"{s['mechanism']} {_shape_tag(s['shape'])}: {s['reason']}" for s in skipped[:3])
+        raise FixtureError(f"every case was skipped at the requested shapes, nothing written ({reasons})")
+    order = {key: i for i, key in enumerate(_skip_order(chosen, sizes, _grid(shapes)))}
+    skipped.sort(key=lambda s: order[(s["mechanism"], s["size"], _shape_tag(s["shape"]))])  # stable
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "reflex_version": reflex.__version__,
@@ -201,14 +388,20 @@ def generate(out_dir: str | os.PathLike[str], mechanisms: Iterable[str] | None =
         "seed": seed,
         "sizes": sizes,
         "mechanisms": [m.key for m in chosen],
+        "format": format,
+        "dtypes": dtypes,
+        "shapes": shapes,
+        "skipped": skipped,
         "cases": entries,
     }
-    npz.write_atomic(folder / MANIFEST, _manifest_bytes(manifest))
+    npz.write_atomic(folder / MANIFEST, canonical_bytes(manifest))
+    npz.write_atomic(folder / DIGEST_FILE, f"{digest(manifest)}  {MANIFEST}\n".encode("ascii"))
     return manifest
 
 
-def _manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
-    return (json.dumps(manifest, sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+def _skip_order(chosen: Sequence[registry.Mechanism], sizes: Sequence[str], grid: Sequence[dict[str, int]]
+                ) -> list[tuple[str, str, str]]:
+    return [(m.key, size, _shape_tag(shape)) for m in chosen for size in sizes for shape in grid]
 
 
 # ----------------------------------------------------------------------------------------------- verify
@@ -216,7 +409,7 @@ def _manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
 
 @dataclass(frozen=True)
 class CaseVerification:
-    """One recomputed case: ``max_abs`` over its outputs, ``identical`` when bitwise equal."""
+    """One recomputed case: ``max_abs`` over its outputs and gradients, ``identical`` when bitwise equal."""
 
     id: str
     max_abs: float
@@ -225,198 +418,156 @@ class CaseVerification:
     message: str = ""
 
 
-def _errors(actual: numpy.ndarray, expected: numpy.ndarray, tol: Tolerance) -> tuple[numpy.ndarray, numpy.ndarray]:
-    """(|actual − expected|, outside tolerance) in float64, by :mod:`reflex.testing`'s rule."""
-    return _outside(actual, expected, tol.atol, tol.rtol)
+class VerifyReport(list):
+    """The :class:`CaseVerification` of every case (a list), with the set ``digest`` and the ``unlisted``
+    entries of the folder (names the manifest does not list: reported, not a failure)."""
+
+    def __init__(self, results: Iterable[CaseVerification], *, digest: str, unlisted: Sequence[str]):
+        super().__init__(results)
+        self.digest = digest
+        self.unlisted = list(unlisted)
 
 
-def _verify_case(case: FixtureCase) -> CaseVerification:
-    try:
-        mechanism = registry.get(case.mechanism)
-    except KeyError as err:
-        return CaseVerification(case.id, float("inf"), False, False, f"mechanism not registered: {err.args[0]}")
-    if case.size not in registry.SIZES:
-        return CaseVerification(case.id, float("inf"), False, False, f"unknown size {case.size!r}")
-    rebuilt = {c.variant: c for c in mechanism.cases(case.size, case.seed)}.get(case.variant)
-    if rebuilt is None:
-        return CaseVerification(case.id, float("inf"), False, False,
-                                f"{case.mechanism}'s case builder has no variant {case.variant!r} at size {case.size}")
-    if sorted(rebuilt.inputs) != sorted(case.inputs) or _jsonable(dict(rebuilt.params), case.id) != case.params:
-        return CaseVerification(case.id, float("inf"), False, False,
-                                "inputs or params differ from the case builder's (stale fixtures?)")
-    for name, stored in case.inputs.items():
-        if not numpy.array_equal(numpy.asarray(rebuilt.inputs[name]), stored, equal_nan=True):
-            return CaseVerification(case.id, float("inf"), False, False,
-                                    f"input {name} differs from the case builder's (stale fixtures?)")
-    fresh = dict(_case_outputs(mechanism, rebuilt, case.id))
+# Case entry fields that verify recomputes (bytes and sha256 are checked against the files at load).
+_RECOMPUTED = ("mechanism", "variant", "size", "shape", "seed", "params", "positional", "file", "arrays",
+               "tolerances", "paper")
+
+
+def _json_text(value: Any) -> str:
+    """Canonical JSON: tells ``1`` from ``1.0`` and ``true`` from ``1``, which ``==`` does not."""
+    return json.dumps(value, sort_keys=True, allow_nan=False)
+
+
+def _short(value: Any) -> str:
+    text = _json_text(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _compare_case(stored: FixtureCase, entry: Mapping[str, Any], members: Sequence[tuple[str, numpy.ndarray]]
+                  ) -> CaseVerification:
+    problems = [f"manifest field {name} is {_short(stored.entry[name])}; this reflex computes {_short(entry[name])}"
+                for name in _RECOMPUTED if _json_text(stored.entry[name]) != _json_text(entry[name])]
+    fresh = dict(members)
+    stored_arrays = {**{f"input.{n}": a for n, a in stored.inputs.items()}, **stored.outputs,
+                     **{f"d_{n}": a for n, a in stored.cotangents.items()},
+                     **{f"grad.{n}": a for n, a in stored.grads.items()}}
     tol = TOLERANCES["float64"]
-    worst, identical, problems = 0.0, True, []
-    for name, stored in case.outputs.items():
-        again = fresh.get(name)
-        if again is None or again.shape != stored.shape:
-            problems.append(f"{name} has shape {None if again is None else again.shape}; stored {stored.shape}")
+    worst, identical = 0.0, True
+    for name in sorted(set(fresh) | set(stored_arrays)):
+        again, kept = fresh.get(name), stored_arrays.get(name)
+        if again is None or kept is None:
+            problems.append(f"{name} is stored but not computed by this reflex" if again is None
+                            else f"{name} is computed by this reflex but not stored")
             continue
-        identical &= bool(numpy.array_equal(again, stored, equal_nan=True))
-        error, bad = _errors(again, stored, tol)
+        if again.shape != kept.shape or again.dtype != kept.dtype:
+            problems.append(f"{name} is {kept.dtype} {kept.shape}; this reflex computes {again.dtype} {again.shape}")
+            continue
+        same = bool(numpy.array_equal(again, kept, equal_nan=True))
+        if name.startswith(("input.", "d_")):
+            if not same:
+                what = f"input {name[6:]}" if name.startswith("input.") else f"cotangent {name}"
+                problems.append(f"{what} differs from the case builder's (stale fixtures?)")
+            continue
+        identical &= same
+        error, bad = _outside(again, kept, tol.atol, tol.rtol)
         largest = float(numpy.max(error)) if error.size else 0.0
         worst = max(worst, largest)
         if numpy.any(bad):
             problems.append(f"{name} differs by up to {largest:.3e} (float64 tolerance {tol.atol:.0e})")
-    extra = sorted(set(fresh) - set(case.outputs))
-    if extra:
-        problems.append(f"the mechanism now also returns {', '.join(extra)}")
-    return CaseVerification(case.id, worst, identical and not problems, not problems, "; ".join(problems))
+    return CaseVerification(stored.id, worst, identical and not problems, not problems, "; ".join(problems))
 
 
-def verify(path: str | os.PathLike[str], *, progress: bool = False) -> list[CaseVerification]:
-    """Check every file's hash and recompute every case with this reflex; raise on any difference.
+def _unlisted(folder: Path, manifest: Mapping[str, Any]) -> list[str]:
+    listed = {MANIFEST, DIGEST_FILE} | {entry["file"] for entry in manifest["cases"]}
+    return sorted(p.name for p in folder.iterdir() if p.name not in listed)
 
-    Integrity problems (hash, file names, corruption, schema) raise :class:`FixtureError` at load;
-    a case whose inputs no longer match its case builder, or whose recomputed outputs differ beyond
-    the float64 tolerance, raises :class:`FixtureError` listing every failing case. Returns one
-    :class:`CaseVerification` per case when all pass.
+
+def _normalised(manifest: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """(problems with the generation arguments as recorded, registered mechanisms' keys)."""
+    problems, keys = [], []
+    for key in manifest["mechanisms"]:
+        try:
+            keys.append(registry.get(key).key)
+        except KeyError as err:
+            problems.append(f"mechanism {key}: {err.args[0]} in this reflex")
+    checks = {"mechanisms": lambda v: sorted(set(v)), "sizes": _sizes, "shapes": _shapes, "dtypes": _dtypes}
+    for name, normalise in checks.items():
+        try:
+            again = normalise(manifest[name])
+        except (ValueError, TypeError) as err:
+            problems.append(f"manifest field {name}: {err}")
+            continue
+        if _json_text(again) != _json_text(manifest[name]):
+            problems.append(f"manifest field {name} is {_short(manifest[name])}; generate writes {_short(again)}")
+    return problems, keys
+
+
+def verify(path: str | os.PathLike[str], *, progress: bool = False, digest: str | None = None) -> VerifyReport:
+    """Check the set against its manifest and rebuild the manifest and every case with this reflex.
+
+    Loading checks the schema, the pinned ``digest`` (if given), file names, sizes and hashes.
+    Then the set is regenerated from the manifest's recorded arguments (mechanisms, sizes, seed,
+    shapes, dtypes, format): every recomputable manifest field — each case's params, positional,
+    tolerances, shape, array dtypes and shapes, id, file, paper, the list and order of cases and
+    of skipped cases — must equal what reflex computes, inputs and cotangents must be identical,
+    and outputs and gradients must agree within the float64 tolerance. Any difference is reported
+    as tampering (or a set written by another reflex version).
+
+    Returns a :class:`VerifyReport` (one :class:`CaseVerification` per case, the set digest, and
+    the folder's entries that the manifest does not list). Raises :class:`FixtureError` listing
+    every failing case and set-level difference.
     """
     from tqdm import tqdm
 
-    fixture_set = load(path)
-    results = [_verify_case(case) for case in tqdm(fixture_set, desc="verify", unit="case", file=sys.stderr,
-                                                   disable=not progress)]
-    failed = [r for r in results if not r.ok]
-    if failed:
-        raise FixtureError(f"{len(failed)} of {len(results)} cases fail verification: "
-                           + "; ".join(f"case {r.id}: {r.message}" for r in failed))
-    return results
-
-
-# ----------------------------------------------------------------------------------------------- check
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """One exported array against its fixture: status ``pass``, ``fail`` or ``missing``."""
-
-    id: str
-    array: str                 # "output" or "lse"
-    status: str
-    dtype: str = ""
-    max_abs: float = float("nan")
-    max_rel: float = float("nan")
-    atol: float = float("nan")
-    rtol: float = float("nan")
-    worst: tuple[int, ...] = ()
-    message: str = ""
-
-
-@dataclass(frozen=True)
-class CheckReport:
-    """Per-case results of :func:`check`; ``passed`` when nothing failed and something was checked."""
-
-    results: list[CheckResult]
-    require_all: bool = False
-
-    @property
-    def failed(self) -> list[CheckResult]:
-        return [r for r in self.results if r.status == "fail" or (self.require_all and r.status == "missing")]
-
-    @property
-    def checked(self) -> list[CheckResult]:
-        return [r for r in self.results if r.status != "missing"]
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.checked) and not self.failed
-
-    def table(self) -> str:
-        """The report as a text table, one row per case and array, then a summary line."""
-        head = ("case", "array", "dtype", "max abs", "max rel", "atol", "rtol", "status")
-        rows = [head]
-        for r in self.results:
-            if r.status == "missing":
-                rows.append((r.id, r.array, "-", "-", "-", "-", "-", "not exported"))
-                continue
-            numbers = [f"{x:.2e}" if x == x else "-" for x in (r.max_abs, r.max_rel, r.atol, r.rtol)]
-            rows.append((r.id, r.array, r.dtype or "-", *numbers, r.status.upper()))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(head) - 1)]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows]
-        lines += [f"FAIL {r.id} {r.array}: {r.message}" for r in self.results if r.status == "fail"]
-        passed = sum(r.status == "pass" for r in self.results)
-        failed = sum(r.status == "fail" for r in self.results)
-        missing = sum(r.status == "missing" for r in self.results)
-        summary = f"{passed} passed, {failed} failed, {missing} not exported"
-        if not self.checked:
-            summary += "; nothing was checked: no exported array is named by a case id"
-        lines.append(summary)
-        return "\n".join(lines)
-
-
-def _compare(cid: str, what: str, actual: numpy.ndarray, expected: numpy.ndarray, case: FixtureCase,
-             dtype: str | None) -> CheckResult:
-    name = dtype or actual.dtype.name
-    if name not in TOLERANCES:
-        return CheckResult(cid, what, "fail", name, message=f"dtype {name} is not a tested floating dtype "
-                                                             f"({', '.join(TOLERANCES)}); pass --dtype")
-    tol = case.tolerance(name)
-    if actual.shape != expected.shape:
-        return CheckResult(cid, what, "fail", name, atol=tol.atol, rtol=tol.rtol,
-                           message=f"shape {actual.shape}, expected {expected.shape}")
-    a, e = actual.astype(numpy.float64), expected.astype(numpy.float64)
-    error, bad = _errors(a, e, tol)
-    with numpy.errstate(invalid="ignore", divide="ignore"):
-        relative = numpy.where(error == 0, 0.0, error / numpy.abs(e))
-    if error.size == 0:
-        return CheckResult(cid, what, "pass", name, 0.0, 0.0, tol.atol, tol.rtol)
-    worst = _worst(error, bad, e, tol.atol, tol.rtol) if numpy.any(bad) else ()
-    message = ""
-    if numpy.any(bad):
-        message = (f"{int(numpy.sum(bad))} of {a.size} elements outside atol {tol.atol:.0e} + rtol {tol.rtol:.0e}·|expected|; "
-                   f"worst at {worst}: got {float(a[worst]):.9g}, expected {float(e[worst]):.9g}")
-    return CheckResult(cid, what, "fail" if numpy.any(bad) else "pass", name, float(numpy.max(error)),
-                       float(numpy.max(relative)), tol.atol, tol.rtol, worst, message)
-
-
-def check(path: str | os.PathLike[str], exported: str | os.PathLike[str] | Mapping[str, Any], *,
-          dtype: Any = None, require_all: bool = False) -> CheckReport:
-    """Compare outputs another implementation computed on the fixture inputs with the fixtures.
-
-    ``exported`` is an ``.npz`` (or a mapping) with one array per case named by case id, and
-    optionally ``<id>.lse``. Each is compared at the tolerance recorded for its dtype (or for
-    ``dtype``, e.g. ``"bfloat16"`` when bfloat16 results were saved as float32). Cases without an
-    exported array are reported as not exported (a failure with ``require_all``). An exported
-    name that matches no case raises :class:`FixtureError`, as does an unreadable file.
-    """
-    fixture_set = load(path)
-    dtype = None if dtype is None else dtype_name(dtype)
-    if dtype is not None and dtype not in TOLERANCES:
-        raise ValueError(f"dtype must be one of {', '.join(TOLERANCES)}; got {dtype!r}")
-    if isinstance(exported, Mapping):
-        arrays = {name: numpy.asarray(to_numpy(a) if not isinstance(a, numpy.ndarray) else a)
-                  for name, a in exported.items()}
-    else:
-        source = Path(exported)
-        try:
-            data = source.read_bytes()
-        except OSError as err:
-            raise FixtureError(f"{source}: cannot read the exported file: {err}") from None
-        arrays = _read_members(data, f"exported file {source}", expected=None, stored_only=False)
-    known = {name for case in fixture_set for name in (case.id, f"{case.id}.lse")}
-    unknown = sorted(set(arrays) - known)
-    if unknown:
-        import difflib
-
-        hints = []
-        for name in unknown[:5]:
-            close = difflib.get_close_matches(name, known, n=1)
-            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise FixtureError(f"exported arrays name no case of {fixture_set.path}: {', '.join(hints)}")
-    results = []
-    for case in fixture_set:
-        if case.id not in arrays:
-            results.append(CheckResult(case.id, "output", "missing"))
+    fixture_set = load(path, digest=digest)
+    manifest, folder = fixture_set.manifest, fixture_set.path
+    problems, keys = _normalised(manifest)
+    set_digest = fixture_set.digest
+    digest_file = folder / DIGEST_FILE
+    if digest_file.is_file() and digest_file.read_bytes() != f"{set_digest}  {MANIFEST}\n".encode("ascii"):
+        problems.append(f"{DIGEST_FILE} does not record the manifest's digest {set_digest}")
+    stored = {case.id: case for case in fixture_set}
+    chosen = [registry.get(key) for key in sorted(set(keys))]
+    try:
+        sizes, shapes, dtypes = _sizes(manifest["sizes"]), _shapes(manifest["shapes"]), _dtypes(manifest["dtypes"])
+    except (ValueError, TypeError):
+        sizes, shapes, dtypes = manifest["sizes"], {}, list(TOLERANCES)  # reported by _normalised
+    plan = _plan(chosen, sizes, manifest["seed"], _grid(shapes))
+    fresh_ids, results, skipped = [], {}, list(plan.skipped)
+    for cid, size, shape, mechanism, case in tqdm(plan.cases, desc="verify", unit="case", file=sys.stderr,
+                                                  disable=not progress):
+        if cid not in stored and not shape:
+            fresh_ids.append(cid)
             continue
-        results.append(_compare(case.id, "output", arrays[case.id], case.output, case, dtype))
-        if f"{case.id}.lse" in arrays:
-            if case.lse is None:
-                results.append(CheckResult(case.id, "lse", "fail", message="this case has no lse"))
-            else:
-                results.append(_compare(case.id, "lse", arrays[f"{case.id}.lse"], case.lse, case, dtype))
-    return CheckReport(results, require_all)
+        built = _build(cid, size, shape, mechanism, case, dtypes, manifest["format"])
+        if isinstance(built, str):
+            skipped.append(_skip(mechanism.key, size, shape, case.variant, built))
+            continue
+        fresh_ids.append(cid)
+        if cid in stored:
+            results[cid] = _compare_case(stored[cid], *built)
+    for cid in stored:
+        if cid not in results:
+            results[cid] = CaseVerification(cid, float("inf"), False, False,
+                                            "listed in the manifest, but its recorded arguments generate no such case "
+                                            "(added, renamed, or its mechanism is not registered)")
+    dropped = [cid for cid in fresh_ids if cid not in stored]
+    if dropped:
+        problems.append(f"{len(dropped)} case(s) that the recorded arguments generate are missing from the manifest: "
+                        + ", ".join(dropped[:10]) + (", ..." if len(dropped) > 10 else ""))
+    elif [cid for cid in stored if cid in set(fresh_ids)] != [cid for cid in fresh_ids if cid in stored]:
+        problems.append("the cases are not in the order generate writes them")
+    order = {k: i for i, k in enumerate(_skip_order(chosen, sizes, _grid(shapes)))}
+    skipped.sort(key=lambda s: order[(s["mechanism"], s["size"], _shape_tag(s["shape"]))])
+    recorded = [(s["mechanism"], s["size"], _shape_tag(s["shape"]), s["variant"]) for s in manifest["skipped"]]
+    if recorded != [(s["mechanism"], s["size"], _shape_tag(s["shape"]), s["variant"]) for s in skipped]:
+        problems.append("manifest field skipped does not list the cases that this reflex skips at the recorded shapes")
+    report = VerifyReport([results[case.id] for case in fixture_set], digest=set_digest,
+                          unlisted=_unlisted(folder, manifest))
+    failed = [r for r in report if not r.ok]
+    if failed or problems:
+        parts = [f"case {r.id}: {r.message}" for r in failed] + [f"set: {p}" for p in problems]
+        head = (f"{len(failed)} of {len(report)} cases fail verification" if failed
+                else "the set fails verification")
+        raise FixtureError(f"{head}: " + "; ".join(parts))
+    return report

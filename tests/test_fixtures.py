@@ -46,7 +46,7 @@ def _replace(folder: Path, cid: str, data: bytes, **entry_updates) -> None:
     manifest = _manifest(folder)
     entry = next(c for c in manifest["cases"] if c["id"] == cid)
     (folder / entry["file"]).write_bytes(data)
-    entry.update(sha256=hashlib.sha256(data).hexdigest(), **entry_updates)
+    entry.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), **entry_updates)
     (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
 
 
@@ -195,8 +195,10 @@ def test_verify_reports_stale_inputs(copy):
 
 
 def test_verify_names_an_unregistered_mechanism(copy):
+    _edit_manifest(copy, mechanisms=["full", "no_such_mechanism"])
     _edit_manifest(copy, CASE, mechanism="no_such_mechanism")
-    with pytest.raises(FixtureError, match=rf"case {CASE}: mechanism not registered"):
+    with pytest.raises(FixtureError, match=rf"case {CASE}: manifest field mechanism is \"no_such_mechanism\"; this reflex "
+                                           rf"computes \"full\".*set: mechanism no_such_mechanism: unknown mechanism"):
         fixtures.verify(copy)
 
 
@@ -215,7 +217,8 @@ class _Payload:
 def test_object_array_is_refused_and_never_unpickled(copy):
     hostile = numpy.array([_Payload(), None], dtype=object)
     data = _zip({"output.npy": _npy(hostile, allow_pickle=True)})
-    _replace(copy, CASE, data, arrays={"output": {"dtype": "object", "shape": [2]}})
+    arrays = next(c for c in _manifest(copy)["cases"] if c["id"] == CASE)["arrays"]
+    _replace(copy, CASE, data, arrays={**arrays, "output": {"dtype": "float64", "shape": [2]}})
     with pytest.raises(FixtureError, match=rf"case {CASE} .*member 'output' has dtype object; refused"):
         fixtures.load(copy)
     assert _PICKLED == []
@@ -282,7 +285,7 @@ def test_missing_case_file_names_the_case(copy):
 
 def test_unknown_schema_version_and_broken_manifests(copy, tmp_path):
     _edit_manifest(copy, schema_version=99)
-    with pytest.raises(FixtureError, match="schema version 99 is not supported; this reflex reads schema 1"):
+    with pytest.raises(FixtureError, match="schema version 99 is not supported; this reflex reads schema 2"):
         fixtures.load(copy)
     (copy / "manifest.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(FixtureError, match="manifest.json: not valid JSON"):
@@ -302,7 +305,7 @@ def test_manifest_entry_missing_fields_names_the_case(copy):
     manifest["cases"].pop()
     del manifest["cases"][1]["sha256"]
     (copy / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
-    with pytest.raises(FixtureError, match=rf"case {CASE}: manifest entry lacks sha256"):
+    with pytest.raises(FixtureError, match=rf"case {CASE}: lacks sha256"):
         fixtures.load(copy)
 
 
