@@ -187,7 +187,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"output          {tuple(host.shape)} {_dtype_of(out)}")
     print(f"backend         {args.backend} ({library_name(out)}, device {device})")
     print(f"implementation  {_describe_implementation(mechanism, overrides.get('implementation'), case)}")
-    print(f"first call      {first:.4f} s (warm-up: includes Numba compilation and caches)")
+    print(f"first call      {first:.4f} s (warm-up: pays any Numba compilation and first-call costs)")
     print(f"wall time       {min(times):.4f} s (best of {len(times)} after the warm-up"
           + (f"; median {statistics.median(times):.4f} s)" if len(times) > 1 else ")"))
     print(f"checksum        {summary}  (host float64; equal across backends up to round-off)")

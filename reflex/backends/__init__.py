@@ -6,7 +6,7 @@ only place that imports NumPy, CuPy or ``array_api_compat``; Numba lives in
 :mod:`reflex.backends.numba_kernels` and is imported lazily, only when a plain NumPy input takes a
 Numba path.
 
-Dispatch rule (DESIGN.md, "Backends"): an input that is *exactly* ``numpy.ndarray`` with a
+Dispatch rule: an input that is *exactly* ``numpy.ndarray`` with a
 floating dtype may take a Numba kernel; everything else (CuPy, torch, array-api-strict, NumPy
 subclasses such as masked arrays) takes the vectorised array-API path.
 """

@@ -73,7 +73,7 @@ def longformer_attention(q: Any, k: Any, v: Any, /, *, window: tuple[int, int], 
     Without separate projections the output equals ``full_attention`` with the registry pattern
     (band ∪ global columns ∪ global rows); with them, local rows equal it and global rows equal
     ``full_attention(q_global, k_global, v_global)``. Matches Hugging Face
-    ``LongformerSelfAttention`` (see shared/INTEROP.md; HF's softmax runs in float32).
+    ``LongformerSelfAttention`` (see ``docs/conventions.md``; HF's softmax runs in float32).
 
     Reference: Beltagy et al. 2020, "Longformer: The Long-Document Transformer", §3.1.
     """

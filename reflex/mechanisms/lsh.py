@@ -270,7 +270,7 @@ def lsh_attention(qk: Any, v: Any, /, *, n_buckets: int | tuple[int, ...], chunk
     ``out (..., H, L, E)`` (and ``lse (..., H, L)``). Self-attention only (S = L; no GQA: keys are
     the queries).
 
-    Semantics (Hugging Face ``LSHSelfAttention``, quirks included; ``INTEROP.md``):
+    Semantics (Hugging Face ``LSHSelfAttention``, quirks included; ``docs/conventions.md``):
 
     - Buckets per round: :func:`lsh_buckets` (argmax of ``[xR; −xR]``, first index on ties).
     - Sort: within each round by (bucket, position) (:func:`lsh_sort`); the sorted orders of all
