@@ -16,7 +16,7 @@ from reflex.mechanisms import _grad
 from tests.helpers import assert_vjp_matches_finite_differences, max_abs, qkv_host
 
 FORMULA_KEYS = ["linear", "performer", "rfa", "cosformer", "nystrom", "talking_heads", "synthesizer", "linformer",
-                "average"]
+                "average", "memory_compressed", "residual"]
 
 
 def _case_ids(sizes):
@@ -29,7 +29,8 @@ def _case(key, size, variant):
 
 
 def _d_out(mechanism, case, seed=13):
-    out = numpy.asarray(case.call(mechanism))
+    out = case.call(mechanism)
+    out = numpy.asarray(out[0] if isinstance(out, tuple) else out)
     return random.normal(out.shape, seed=(seed, 1))
 
 
@@ -285,3 +286,27 @@ def test_average_recurrent_gradient_equals_parallel(length):
         assert max_abs(g, grads[1][name]) <= 1e-12 * max(1.0, numpy.max(numpy.abs(g))), name
     with pytest.raises(ValueError, match="return_average"):
         reflex.vjp("average", inputs, d_out, return_average=True)
+
+
+def test_residual_scores_cotangent_by_central_differences():
+    """⟨d_out, out⟩ + ⟨d_scores, scores⟩ (the raw scores feed the next layer) against central differences."""
+    case = _case("residual", "tiny", "prev_scores_causal")
+    inputs = dict(case.inputs)
+    out, scores = reflex.residual_attention(inputs["q"], inputs["k"], inputs["v"], prev_scores=inputs["prev_scores"],
+                                            **case.params)
+    d_out, d_scores = random.normal(out.shape, seed=(14, 1)), random.normal(scores.shape, seed=(14, 2))
+
+    def loss(values):
+        o, s = reflex.residual_attention(values["q"], values["k"], values["v"], prev_scores=values["prev_scores"],
+                                         **case.params)
+        return float(numpy.sum(o * d_out) + numpy.sum(s * d_scores))
+
+    got = reflex.vjp("residual", inputs, d_out, d_scores=d_scores, **case.params)
+    for name, x in inputs.items():
+        fd = numpy.zeros(x.shape)
+        for index in numpy.ndindex(x.shape):
+            plus, minus = x.copy(), x.copy()
+            plus[index] += 6e-6
+            minus[index] -= 6e-6
+            fd[index] = (loss({**inputs, name: plus}) - loss({**inputs, name: minus})) / 1.2e-5
+        assert max_abs(got[name], fd) <= 1e-6 * numpy.max(numpy.abs(got[name])) + 1e-10, name

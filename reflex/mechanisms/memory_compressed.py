@@ -11,6 +11,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import Pattern, causal_offset, parse_causal
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["memory_compressed_attention"]
 
@@ -33,6 +34,7 @@ def _compress(p: _kernels.Prepared, name: str, weight: Any, x: Any, kernel_size:
     return blocks @ xp.reshape(xp.astype(weight, p.q.dtype), (*lead, kernel_size * width, shape[-1]))
 
 
+@typed_options()
 def memory_compressed_attention(q: Any, k: Any, v: Any, /, *, kernel_size: int, k_weight: Any, v_weight: Any,
                                 causal: bool | str = False, scale: float | None = None, return_lse: bool = False,
                                 compute_dtype: Any = None, implementation: str = "auto") -> Any:
@@ -83,6 +85,54 @@ def memory_compressed_attention(q: Any, k: Any, v: Any, /, *, kernel_size: int, 
                                       tile_active=tile_active, implementation=implementation, return_lse=return_lse)
 
 
+def _compress_vjp(p: _kernels.Prepared, weight: Any, x: Any, kernel_size: int, d_y: Any) -> tuple[Any, Any]:
+    """Adjoint of :func:`_compress`: ``(dx (..., G, S, in), d weight)`` from ``d_y (..., G, S/κ, out)``."""
+    xp = p.xp
+    from reflex.mechanisms import _grad
+
+    shape = tuple(int(n) for n in weight.shape)
+    width = int(x.shape[-1])
+    blocks = xp.reshape(x, (*x.shape[:-2], p.key_length // kernel_size, kernel_size * width))
+    flat = xp.reshape(xp.astype(weight, p.q.dtype), (*shape[:-3], kernel_size * width, shape[-1]))
+    d_x = xp.reshape(d_y @ xp.matrix_transpose(flat), tuple(x.shape))
+    d_w = _grad.reduce_to(xp, xp.matrix_transpose(blocks) @ d_y, tuple(flat.shape))
+    return d_x, xp.reshape(d_w, shape)
+
+
+def _memory_compressed_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, kernel_size: int, causal: bool | str = False,
+                           scale: float | None = None, compute_dtype: Any = None, implementation: str = "auto") -> dict:
+    """VJP of :func:`memory_compressed_attention`: ``dq``, ``dk``, ``dv``, ``d k_weight``, ``d v_weight``.
+
+    The engine's backward (dense, or tiled: FlashAttention-2 Alg. 2, causal tiles skipped) on the
+    compressed problem gives ``dQ``, ``dK̃``, ``dṼ``; the convolution ``k̃_t = Σ_r k_{tκ+r} W_r`` is a
+    matrix product of ``κ``-row blocks, so ``d k_{tκ+r} = W_r dk̃_t`` and ``dW_r = Σ_t k_{tκ+r} dk̃_tᵀ``
+    (summed over the axes the weight was broadcast along); values alike.
+    """
+    from reflex.mechanisms import _grad
+
+    p = _kernels.prepare(inputs["q"], inputs["k"], inputs["v"], compute_dtype=compute_dtype)
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
+        raise ValueError(f"kernel_size must be an int >= 1; got {kernel_size!r}")
+    if p.key_length % kernel_size:
+        raise ValueError(f"S = {p.key_length} keys is not a multiple of kernel_size = {kernel_size}: pad or trim the keys first")
+    k_weight, v_weight = inputs["k_weight"], inputs["v_weight"]
+    keys = _compress(p, "k_weight", k_weight, p.k, kernel_size)
+    values = _compress(p, "v_weight", v_weight, p.v, kernel_size)
+    compressed = _kernels.prepare(p.q, keys, values, compute_dtype=p.q.dtype)
+    alignment = parse_causal(causal)
+    mask = tile_active = None
+    if alignment is not None:
+        offset, last = causal_offset(alignment, p.length, p.key_length), kernel_size - 1
+        pattern = Pattern(allowed=lambda rows, cols: cols * kernel_size + last <= rows + offset,
+                          tile_active=lambda i0, i1, j0, j1: j0 * kernel_size + last <= i1 - 1 + offset)
+        mask, tile_active = pattern.allowed, pattern.tile_active
+    g = _grad.softmax_attention_vjp(compressed, d_out, d_lse, scale=_kernels.resolve_scale(scale, p.dim), mask=mask,
+                                    tile_active=tile_active, implementation=implementation)
+    d_k, d_kw = _compress_vjp(p, k_weight, p.k, kernel_size, g.dk)
+    d_v, d_vw = _compress_vjp(p, v_weight, p.v, kernel_size, g.dv)
+    return {"q": g.dq, "k": d_k, "v": d_v, "k_weight": d_kw, "v_weight": d_vw}
+
+
 def _cases(size: str, seed: int) -> list[Case]:
     d = dims(size)
     key_length = 3 * d["L"]
@@ -123,4 +173,5 @@ register(Mechanism(
     cases=_cases,
     returns_lse=True,
     example=_example,
+    vjp=_memory_compressed_vjp,
 ))
