@@ -16,7 +16,7 @@ from reflex.mechanisms import _grad
 from tests.helpers import assert_vjp_matches_finite_differences, max_abs, qkv_host
 
 FORMULA_KEYS = ["linear", "performer", "rfa", "cosformer", "nystrom", "talking_heads", "synthesizer", "linformer",
-                "average", "memory_compressed", "residual"]
+                "average", "memory_compressed", "residual", "poolingformer", "lowrank_band"]
 
 
 def _case_ids(sizes):

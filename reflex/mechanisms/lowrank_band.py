@@ -12,6 +12,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import example_qkv, standard
 from reflex.mechanisms._patterns import band_pattern, check_window
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["lowrank_band_attention"]
 
@@ -25,6 +26,7 @@ def _check_projection(prep: _kernels.Prepared, name: str, proj: Any) -> Any:
     return xp.astype(proj, prep.q.dtype)
 
 
+@typed_options()
 def lowrank_band_attention(q: Any, k: Any, v: Any, /, *, q_proj: Any, window: tuple[int, int], k_proj: Any = None,
                            scale: float | None = None, lowrank_scale: float | None = None, compute_dtype: Any = None,
                            implementation: str = "auto") -> Any:
@@ -67,6 +69,43 @@ def lowrank_band_attention(q: Any, k: Any, v: Any, /, *, q_proj: Any, window: tu
     return global_part + local
 
 
+def _lowrank_band_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, window: tuple[int, int], scale: float | None = None,
+                      lowrank_scale: float | None = None, compute_dtype: Any = None, implementation: str = "auto") -> dict:
+    """VJP of :func:`lowrank_band_attention`: ``dq``, ``dk``, ``dv``, ``d q_proj`` (and ``d k_proj`` when given).
+
+    ``dO`` reaches both terms. The engine's backward (dense, or tiled: FlashAttention-2 Alg. 2) of the
+    low-rank softmax on ``(QW_Q, KW_K, V)`` gives ``d(QW_Q)``, ``d(KW_K)``, ``dV``: ``dQ += d(QW_Q) W_Qᵀ``,
+    ``dW_Q = Σ Qᵀ d(QW_Q)``, ``dK += d(KW_K) W_Kᵀ``, ``dW_K = Σ Kᵀ d(KW_K)`` (a shared W_Q receives both);
+    the band term's backward (band tiles skipped when tiled) adds its ``dQ, dK, dV``.
+    """
+    from reflex.mechanisms import _grad
+
+    prep = _kernels.prepare(inputs["q"], inputs["k"], inputs["v"], compute_dtype=compute_dtype)
+    xp = prep.xp
+    left, right = check_window(window)
+    wq = _check_projection(prep, "q_proj", inputs["q_proj"])
+    shared = inputs.get("k_proj") is None
+    wk = wq if shared else _check_projection(prep, "k_proj", inputs["k_proj"])
+    rank = int(wq.shape[1])
+    if int(wk.shape[1]) != rank:
+        raise ValueError(f"k_proj has rank {wk.shape[1]}; q_proj has {rank}: they must match")
+    s_rank = 1.0 / math.sqrt(rank) if lowrank_scale is None else _kernels.resolve_scale(lowrank_scale, rank)
+    projected = _kernels.prepare(prep.q @ wq, prep.k @ wk, prep.v, compute_dtype=prep.q.dtype)
+    g = _grad.softmax_attention_vjp(projected, d_out, scale=s_rank, implementation=implementation)
+    band = band_pattern(left, right)
+    b = _grad.softmax_attention_vjp(prep, d_out, scale=_kernels.resolve_scale(scale, prep.dim), mask=band.allowed,
+                                    tile_active=band.tile_active, implementation=implementation)
+    t = xp.matrix_transpose
+    d_wq = _grad.sum_to_matrix(xp, t(prep.q) @ g.dq)
+    d_wk = _grad.sum_to_matrix(xp, t(prep.k) @ g.dk)
+    grads = {"q": b.dq + g.dq @ t(wq), "k": b.dk + g.dk @ t(wk), "v": b.dv + g.dv}
+    if shared:
+        grads["q_proj"] = d_wq + d_wk
+    else:
+        grads["q_proj"], grads["k_proj"] = d_wq, d_wk
+    return grads
+
+
 def _cases(size: str, seed: int) -> list[Case]:
     d, gqa = standard(size, seed)
     rank = max(1, d["D"] // 4)
@@ -99,4 +138,5 @@ register(Mechanism(
     },
     cases=_cases,
     example=_example,
+    vjp=_lowrank_band_vjp,
 ))
