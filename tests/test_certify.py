@@ -301,3 +301,15 @@ def test_cli_certify_flags_a_mutant(monkeypatch, capsys):
     _mutant_full(monkeypatch, softmax)
     assert main(["certify", "full", "--method", "mpmath"]) == 1
     assert "EXCEEDED" in capsys.readouterr().out
+
+
+@needs_longdouble
+def test_exactly_zero_gradient_is_measured_against_the_gradient_scale():
+    mechanism = registry.get("sliding_window")
+    if mechanism.vjp is None:
+        pytest.skip("sliding_window has no VJP yet")
+    case = next(c for c in mechanism.cases("tiny", 0) if c.variant == "self_only")  # each query sees only itself
+    cert = certify_case(mechanism, case)
+    named = {g.name: g for g in cert.gradients}
+    assert named["d_q"].scale == 0 and math.isfinite(named["d_q"].max_rel) and named["d_q"].max_rel < 1e-14
+    assert any("zero up to round-off in the reference" in note for note in cert.notes)
