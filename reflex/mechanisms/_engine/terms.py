@@ -269,7 +269,12 @@ class TermGradient:
         """``d_bias`` shaped like the array; the summed parameter gradients of a differentiable callable; else None."""
         if self.array:
             return self.xp.reshape(self.acc, tuple(self.term.shape))
-        return dict(self.params) if self.differentiable else None
+        if not self.differentiable:
+            return None
+        # parameters no tile reached (L = 0, S = 0, every tile skipped) get zeros, not a missing entry
+        unreached = {name: self.xp.zeros_like(value) for name, value in getattr(self.term, "params", {}).items()
+                     if name not in self.params}
+        return {**unreached, **self.params}
 
 
 @dataclass(frozen=True)
