@@ -11,6 +11,7 @@ from reflex.backends import namespace, numpy_namespace
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, qkv
 from reflex.mechanisms._patterns import causal_offset, causal_pattern
+from reflex.mechanisms._relative import sum_to
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["alibi_attention", "alibi_slopes", "alibi_bias"]
@@ -48,17 +49,31 @@ def alibi_slopes(num_heads: int, /, *, xp: Any = None, device: Any = None, dtype
     return xp.asarray(values, dtype=xp.float64 if dtype is None else dtype, device=device)
 
 
-def _alibi_term(slopes: Any, offset: int, symmetric: bool) -> Any:
-    """Index-grid bias ``−m_h·|i + δ − j|`` (or ``m_h·(j − i − δ)``) for slopes ``(..., H)``."""
-    xp_slopes = slopes[..., None, None]
+class _AlibiTerm:
+    """Index-grid bias ``−m_h·|j − i − δ|`` (or ``m_h·(j − i − δ)``) for slopes ``(..., H)``, with its
+    VJP (a differentiable callable term of the engine): ``∂b_hij/∂m_h = −|j − i − δ|`` (or
+    ``j − i − δ``), so ``d m_h = Σ_ij d b_hij · ∂b_hij/∂m_h`` (summed over broadcast batch axes)."""
 
-    xp = namespace(slopes)
+    def __init__(self, slopes: Any, offset: int, symmetric: bool) -> None:
+        self.slopes, self.offset, self.symmetric = slopes, offset, symmetric
+        self.xp = namespace(slopes)
+        self.params = {"slopes": slopes}
 
-    def bias(rows: Any, cols: Any) -> Any:
-        rel = xp.astype(cols - rows - offset, slopes.dtype)  # j − (i + δ)
-        return -xp_slopes * xp.abs(rel) if symmetric else xp_slopes * rel
+    def _distance(self, rows: Any, cols: Any) -> Any:
+        """``∂b/∂m``: −|j − (i + δ)| or j − (i + δ), in the slopes' dtype."""
+        rel = self.xp.astype(cols - rows - self.offset, self.slopes.dtype)
+        return -self.xp.abs(rel) if self.symmetric else rel
 
-    return bias
+    def __call__(self, rows: Any, cols: Any) -> Any:
+        return self.slopes[..., None, None] * self._distance(rows, cols)
+
+    def vjp(self, rows: Any, cols: Any, d_value: Any) -> dict[str, Any]:
+        grad = d_value * self._distance(rows, cols)
+        return {"slopes": sum_to(self.xp, grad, (*self.slopes.shape, 1, 1))[..., 0, 0]}
+
+
+def _alibi_term(slopes: Any, offset: int, symmetric: bool) -> _AlibiTerm:
+    return _AlibiTerm(slopes, offset, symmetric)
 
 
 def _check_slopes(p: _kernels.Prepared, slopes: Any) -> Any:
@@ -119,6 +134,11 @@ def alibi_attention(q: Any, k: Any, v: Any, /, *, slopes: Any = None, causal: bo
     The bias is an index-grid term, so the tiled kernel never materialises ``L × S``. The bias is
     added to the scaled scores (as FlexAttention's ``score_mod`` and flash-attn do).
 
+    Gradients (:func:`reflex.vjp`): q, k, v through the engine's backward (FlashAttention-2,
+    Dao 2023, Alg. 2); the slopes, when given, through the bias term,
+    ``d m_h = Σ_{i,j} dZ_{hij}·(−|i + δ − j|)`` (``symmetric=False``: ``(j − i − δ)``), summed over
+    the batch axes they broadcast along; ``dZ = P∘(dP − D)`` is the score cotangent.
+
     Reference: Press, Smith & Lewis 2022, "Train Short, Test Long: Attention with Linear Biases
     Enables Input Length Extrapolation", ICLR, §3 (bias −m·(i − j), slopes).
     """
@@ -178,4 +198,5 @@ register(Mechanism(
     cases=_cases,
     reference=_reference,
     returns_lse=True,
+    vjp=_kernels.engine_vjp(alibi_attention),
 ))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from reflex import random
@@ -76,10 +78,43 @@ def multi_head_attention(x: Any, w_q: Any, w_k: Any, w_v: Any, w_o: Any, /, *, n
         b_q, b_k, b_v, b_o: optional biases of shapes ``(H·D,)``, ``(G·D,)``, ``(G·E,)``, ``(P,)``.
         compute_dtype: arithmetic dtype (default float64) for the projections and the inner call.
 
+    Gradients (:func:`reflex.vjp`): with ``dY = d_out``: ``dW_O = Σ Concᵀ dY``, ``db_O = Σ dY``;
+    ``dConc = dY W_Oᵀ`` split into heads is the inner mechanism's output cotangent; its VJP
+    (:func:`reflex.vjp` of ``mechanism``) gives dQ, dK, dV, merged back to ``(..., L, heads·d)``;
+    then ``dW_Q = Σ Xᵀ dQ``, ``db_Q = Σ dQ``, ``dX = dQ W_Qᵀ (+ dK W_Kᵀ + dV W_Vᵀ`` without ``x_kv``,
+    else those go to ``dX_kv``), sums over batch and positions. Array options inside
+    ``mechanism_params`` (a mask, a bias) get no gradient.
+
     References: Vaswani et al. 2017, §3.2.2 (multi-head attention); Bhojanapalli et al. 2020,
     "Low-Rank Bottleneck in Multi-head Attention Models", §4 (head size independent of H);
     Ainslie et al. 2023 (GQA).
     """
+    return _forward(x, w_q, w_k, w_v, w_o, num_heads=num_heads, num_kv_heads=num_kv_heads, mechanism=mechanism,
+                    mechanism_params=mechanism_params, x_kv=x_kv, b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o,
+                    compute_dtype=compute_dtype).out
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """The forward's intermediates (compute dtype), kept for the VJP."""
+
+    xp: Any
+    x: Any
+    kv: Any
+    w_q: Any
+    w_k: Any
+    w_v: Any
+    w_o: Any
+    q: Any
+    k: Any
+    v: Any
+    concat: Any
+    out: Any
+
+
+def _forward(x: Any, w_q: Any, w_k: Any, w_v: Any, w_o: Any, /, *, num_heads: int, num_kv_heads: int | None,
+             mechanism: str, mechanism_params: Mapping[str, Any] | None, x_kv: Any, b_q: Any, b_k: Any, b_v: Any,
+             b_o: Any, compute_dtype: Any) -> _Layer:
     from reflex import registry
 
     kv_input = x if x_kv is None else x_kv
@@ -126,7 +161,60 @@ def multi_head_attention(x: Any, w_q: Any, w_k: Any, w_v: Any, w_o: Any, /, *, n
     concat = xp.reshape(concat, (*concat.shape[:-2], num_heads * value_dim))
     out = concat @ w_o
     b_o = _check_bias(xp, "b_o", b_o, int(w_o.shape[1]), dtype, dev)
-    return out if b_o is None else out + b_o
+    return _Layer(xp, x_c, kv_c, w_q, w_k, w_v, w_o, q, k, v, concat, out if b_o is None else out + b_o)
+
+
+def _merge_heads(xp: Any, y: Any) -> Any:
+    """``(..., heads, L, d)`` → ``(..., L, heads·d)`` (the inverse of :func:`_split_heads`)."""
+    nb = y.ndim - 3
+    y = xp.permute_dims(y, (*range(nb), nb + 1, nb, nb + 2))
+    return xp.reshape(y, (*y.shape[:-2], y.shape[-2] * y.shape[-1]))
+
+
+def _weight_grad(xp: Any, a: Any, d: Any) -> Any:
+    """``Σ_batch aᵀ d`` for ``a (..., L, m)``, ``d (..., L, n)`` → ``(m, n)``."""
+    g = xp.matrix_transpose(a) @ d
+    return xp.sum(xp.reshape(g, (-1, *g.shape[-2:])), axis=0)
+
+
+def _bias_grad(xp: Any, d: Any) -> Any:
+    """``Σ`` of ``d (..., n)`` over every axis but the last."""
+    return xp.sum(xp.reshape(d, (-1, d.shape[-1])), axis=0)
+
+
+def _vjp(inputs: Mapping[str, Any], d_out: Any, *, d_lse: Any = None, num_heads: int, num_kv_heads: int | None = None,
+         mechanism: str = "full", mechanism_params: Mapping[str, Any] | None = None,
+         compute_dtype: Any = None) -> dict[str, Any]:
+    """Gradients of ``⟨d_out, out⟩`` for x, x_kv, the weights and the biases (see the layer's docstring)."""
+    from reflex import registry
+    from reflex.gradients import vjp as reflex_vjp
+
+    if d_lse is not None:
+        raise ValueError("multi_head returns no lse; d_lse must be None")
+    arrays = {n: inputs.get(n) for n in ("x_kv", "b_q", "b_k", "b_v", "b_o")}
+    f = _forward(*(inputs[n] for n in _POSITIONAL), num_heads=num_heads, num_kv_heads=num_kv_heads,
+                 mechanism=mechanism, mechanism_params=mechanism_params, compute_dtype=compute_dtype, **arrays)
+    xp = f.xp
+    d_out = xp.astype(d_out, f.out.dtype)
+    d_heads = _split_heads(xp, d_out @ xp.matrix_transpose(f.w_o), num_heads)  # (..., H, L, E)
+    names = [n for n, prm in inspect.signature(registry.get(mechanism).function).parameters.items()
+             if prm.kind is inspect.Parameter.POSITIONAL_ONLY][:3]
+    inner = reflex_vjp(mechanism, dict(zip(names, (f.q, f.k, f.v))), d_heads, **dict(mechanism_params or {}),
+                       compute_dtype=f.out.dtype)
+    d_q, d_k, d_v = (_merge_heads(xp, inner[n]) for n in names)
+    grads = {"w_o": _weight_grad(xp, f.concat, d_out), "b_o": _bias_grad(xp, d_out),
+             "w_q": _weight_grad(xp, f.x, d_q), "b_q": _bias_grad(xp, d_q),
+             "w_k": _weight_grad(xp, f.kv, d_k), "b_k": _bias_grad(xp, d_k),
+             "w_v": _weight_grad(xp, f.kv, d_v), "b_v": _bias_grad(xp, d_v)}
+    d_x = d_q @ xp.matrix_transpose(f.w_q)
+    d_kv = d_k @ xp.matrix_transpose(f.w_k) + d_v @ xp.matrix_transpose(f.w_v)
+    if inputs.get("x_kv") is None:
+        grads["x"] = d_x + d_kv
+    else:
+        grads["x"], grads["x_kv"] = d_x, d_kv
+    return {n: g for n, g in grads.items() if inputs.get(n) is not None}
+
+
 
 
 def _weights(seed: int, width: int, heads: int, kv_heads: int, head_dim: int, value_dim: int, out_width: int,
@@ -189,4 +277,5 @@ register(Mechanism(
     },
     cases=_cases,
     example=_example,
+    vjp=_vjp,
 ))

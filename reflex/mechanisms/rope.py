@@ -126,23 +126,53 @@ def rope_attention(q: Any, k: Any, v: Any, /, *, positions: Any = None, key_posi
         causal, scale, return_lse, compute_dtype, implementation: as :func:`reflex.full_attention`
             (the mask is on indices, independent of ``positions``).
 
+    Gradients (:func:`reflex.vjp`): the softmax attention's VJP (FlashAttention-2, Dao 2023,
+    Alg. 2) at the rotated q̃, k̃, then ``dq = R(p)ᵀ dq̃``, ``dk = R(p')ᵀ dk̃`` (each 2 × 2 rotation
+    transposed, i.e. rotated by −pθ_t); dv unchanged.
+
     Reference: Su et al. 2021, "RoFormer", §3.4 (eq. 16, 34).
     """
+    p, _, _ = _rotated(q, k, v, positions, key_positions, base, convention, rotary_dim, compute_dtype)
+    masks, tile_active = mask_and_causal(p, None, causal)
+    return _kernels.softmax_attention(p, scale=_kernels.resolve_scale(scale, p.dim), mask=masks,
+                                      tile_active=tile_active, implementation=implementation, return_lse=return_lse)
+
+
+def _rotated(q: Any, k: Any, v: Any, positions: Any, key_positions: Any, base: float, convention: str,
+             rotary_dim: int | None, compute_dtype: Any) -> tuple[_kernels.Prepared, Any, Any]:
+    """Prepared (R(p)q, R(p')k, v) and the positions used (defaults filled in)."""
     p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
     xp = p.xp
     if positions is None:
         positions = xp.arange(p.key_length - p.length, p.key_length, dtype=xp.int64, device=p.device)
     else:
         positions = _check_positions(xp, positions, (*p.batch, p.heads), p.length, "positions")
-    if key_positions is not None:
+    if key_positions is None:
+        key_positions = xp.arange(p.key_length, dtype=xp.int64, device=p.device)
+    else:
         key_positions = _check_positions(xp, key_positions, (*p.batch, p.kv_heads), p.key_length, "key_positions")
     options = dict(base=base, convention=convention, rotary_dim=rotary_dim, compute_dtype=p.q.dtype)
     rq = apply_rope(p.q, positions=positions, **options)
     rk = apply_rope(p.k, positions=key_positions, **options)
-    p = _kernels.prepare(rq, rk, p.v, compute_dtype=p.q.dtype)
-    masks, tile_active = mask_and_causal(p, None, causal)
-    return _kernels.softmax_attention(p, scale=_kernels.resolve_scale(scale, p.dim), mask=masks,
-                                      tile_active=tile_active, implementation=implementation, return_lse=return_lse)
+    return _kernels.prepare(rq, rk, p.v, compute_dtype=p.q.dtype), positions, key_positions
+
+
+def _vjp(inputs: Any, d_out: Any, *, d_lse: Any = None, base: float = 10000.0, convention: str = "half",
+         rotary_dim: int | None = None, causal: bool | str = False, scale: float | None = None,
+         compute_dtype: Any = None, implementation: str = "auto", return_lse: bool = False) -> dict[str, Any]:
+    """Gradients of ``⟨d_out, O⟩ + ⟨d_lse, lse⟩``: the softmax attention's VJP on the rotated q̃ = R(p)q,
+    k̃ = R(p')k, then the cotangents rotated back, ``dq = R(p)ᵀ dq̃ = R(−p) dq̃`` and
+    ``dk = R(−p') dk̃`` (rotations are orthogonal; unrotated features pass through). Integer
+    positions get no gradient."""
+    from reflex.gradients import vjp as reflex_vjp
+
+    p, positions, key_positions = _rotated(inputs["q"], inputs["k"], inputs["v"], inputs.get("positions"),
+                                           inputs.get("key_positions"), base, convention, rotary_dim, compute_dtype)
+    grads = reflex_vjp("full", {"q": p.q, "k": p.k, "v": p.v}, d_out, d_lse=d_lse, causal=causal, scale=scale,
+                       compute_dtype=p.q.dtype, implementation=implementation)
+    options = dict(base=base, convention=convention, rotary_dim=rotary_dim, compute_dtype=p.q.dtype)
+    return {"q": apply_rope(grads["q"], positions=-positions, **options),
+            "k": apply_rope(grads["k"], positions=-key_positions, **options), "v": grads["v"]}
 
 
 def _cases(size: str, seed: int) -> list[Case]:
@@ -187,4 +217,5 @@ register(Mechanism(
     cases=_cases,
     reference=_reference,
     returns_lse=True,
+    vjp=_vjp,
 ))

@@ -11,6 +11,7 @@ from reflex.backends import namespace
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import mask_and_causal
+from reflex.mechanisms._relative import sum_to
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["t5_bias_attention", "t5_relative_position_bucket", "t5_bias"]
@@ -85,19 +86,41 @@ def t5_relative_position_bucket(relative_position: Any, /, *, bidirectional: boo
     return buckets + xp.where(small, n, large)
 
 
-def _table_term(table: Any, offset: int, bidirectional: bool, num_buckets: int, max_distance: int) -> Any:
-    """Index-grid bias ``table[bucket(j − i − offset), h]`` → ``(H, l, s)``."""
-    xp = namespace(table)
-    heads = int(table.shape[-1])
+class _TableTerm:
+    """Index-grid bias ``table[bucket(j − i − offset), h]`` → ``(H, l, s)``, with its VJP (a
+    differentiable callable term of the engine): ``d table[n, h] = Σ_{ij: bucket = n} d b_hij``,
+    a deterministic scatter-add done as a one-hot product."""
 
-    def bias(rows: Any, cols: Any) -> Any:
-        buckets = t5_relative_position_bucket(cols - rows - offset, bidirectional=bidirectional,
-                                              num_buckets=num_buckets, max_distance=max_distance)
-        values = xp.take(table, xp.reshape(buckets, (-1,)), axis=0)  # (l·s, H)
-        values = xp.reshape(values, (*buckets.shape, heads))
+    def __init__(self, table: Any, offset: int, bidirectional: bool, num_buckets: int, max_distance: int) -> None:
+        self.table, self.offset = table, offset
+        self.options = dict(bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance)
+        self.xp = namespace(table)
+        self.params = {"table": table}
+
+    def _buckets(self, rows: Any, cols: Any) -> Any:
+        return t5_relative_position_bucket(cols - rows - self.offset, **self.options)
+
+    def __call__(self, rows: Any, cols: Any) -> Any:
+        xp = self.xp
+        buckets = self._buckets(rows, cols)
+        values = xp.take(self.table, xp.reshape(buckets, (-1,)), axis=0)  # (l·s, H)
+        values = xp.reshape(values, (*buckets.shape, int(self.table.shape[-1])))
         return xp.permute_dims(values, (2, 0, 1))
 
-    return bias
+    def vjp(self, rows: Any, cols: Any, d_value: Any) -> dict[str, Any]:
+        xp = self.xp
+        heads, num_buckets = int(self.table.shape[-1]), int(self.table.shape[0])
+        buckets = xp.reshape(self._buckets(rows, cols), (-1, 1))  # (l·s, 1)
+        d_value = sum_to(xp, d_value, (heads, *d_value.shape[-2:]))  # (H, l, s)
+        ids = xp.reshape(xp.arange(num_buckets, dtype=buckets.dtype, device=device_of(buckets)), (1, num_buckets))
+        one_hot = xp.astype(buckets == ids, d_value.dtype)  # (l·s, N)
+        per_position = xp.reshape(xp.permute_dims(d_value, (1, 2, 0)), (-1, heads))  # (l·s, H)
+        return {"table": xp.matrix_transpose(one_hot) @ per_position}
+
+
+def _table_term(table: Any, offset: int, bidirectional: bool, num_buckets: int, max_distance: int) -> _TableTerm:
+    """Index-grid bias ``table[bucket(j − i − offset), h]`` → ``(H, l, s)``."""
+    return _TableTerm(table, offset, bidirectional, num_buckets, max_distance)
 
 
 def _check_table(table: Any, num_buckets: int | None) -> int:
@@ -149,6 +172,10 @@ def t5_bias_attention(q: Any, k: Any, v: Any, /, *, table: Any, bidirectional: b
 
     Buckets are bit-identical to Hugging Face T5 (see :func:`t5_relative_position_bucket`). The
     bias is an index-grid term: the tiled kernel computes buckets per tile, never ``L × S``.
+
+    Gradients (:func:`reflex.vjp`): q, k, v through the engine's backward (FlashAttention-2,
+    Dao 2023, Alg. 2); the table through the bias term, ``dT[n, h] = Σ_{b; i,j: bucket(j−i−offset)=n}
+    dZ_{bhij}`` (a deterministic one-hot product per tile, never a scatter with atomics).
 
     Reference: Raffel et al. 2020, JMLR, §2.1; Shaw et al. 2018 (relative positions).
     """
@@ -211,4 +238,5 @@ register(Mechanism(
     reference=_reference,
     returns_lse=True,
     example=_example,
+    vjp=_kernels.engine_vjp(t5_bias_attention),
 ))
