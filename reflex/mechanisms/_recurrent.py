@@ -50,7 +50,8 @@ from typing import Any
 from reflex.backends import is_plain_numpy, numba_kernels
 from reflex.mechanisms._inputs import check_array
 
-__all__ = ["Terms", "run", "vjp_terms", "check_log_decay", "check_shape", "FORMS"]
+__all__ = ["Terms", "run", "vjp_terms", "check_log_decay", "check_shape", "check_form", "initial_state", "sum_to",
+           "FORMS"]
 
 FORMS = ("auto", "recurrent", "chunked", "parallel")
 
@@ -100,6 +101,27 @@ def check_log_decay(xp: Any, device: Any, dtype: Any, name: str, x: Any) -> Any:
     if math.prod(x.shape) and not bool(xp.all(xp.isfinite(x))):
         raise ValueError(f"{name} must be finite (a multiplier of exactly 0 is log -inf, which is not allowed)")
     return x
+
+
+def initial_state(xp: Any, device: Any, dtype: Any, state: Any, want: tuple[int, ...], letters: str) -> Any:
+    """``initial_state`` checked against ``want`` (zeros if None), as ``(..., G, 1, D, E)``."""
+    if state is None:
+        return xp.zeros((*want[:-2], 1, *want[-2:]), dtype=dtype, device=device)
+    state = check_array(xp, device, dtype, "initial_state", state)
+    check_shape("initial_state", state, want, letters)
+    return xp.expand_dims(state, axis=-3)
+
+
+def check_form(form: Any) -> str:
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {', '.join(FORMS)}; got {form!r}")
+    return form
+
+
+def sum_to(xp: Any, x: Any, shape: tuple[int, ...]) -> Any:
+    """``x`` summed over the leading axes it has beyond ``shape`` (the gradient of a broadcast)."""
+    extra = x.ndim - len(shape)
+    return xp.sum(x, axis=tuple(range(extra))) if extra > 0 else x
 
 
 # --- forms ----------------------------------------------------------------------------------------

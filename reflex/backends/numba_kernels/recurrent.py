@@ -108,7 +108,8 @@ def recurrent_scan(q, k, v, *, decay=None, beta=None, a=None, b=None, bonus=None
         flat(decay, decay.shape[-1]) if decay is not None else dummy,
         flat(beta, 1)[..., 0] if beta is not None else dummy[..., 0],
         flat(a, dim) if a is not None else dummy, flat(b, dim) if b is not None else dummy,
-        numpy.ascontiguousarray(numpy.reshape(bonus, (n, kv_heads, dim)), dtype=numpy.float64)
+        numpy.ascontiguousarray(numpy.reshape(numpy.broadcast_to(bonus, (*lead, kv_heads, 1, 1, dim)),
+                                              (n, kv_heads, dim)), dtype=numpy.float64)
         if bonus is not None else numpy.zeros((n, kv_heads, 1)),
     )
     s = numpy.array(numpy.reshape(state, (n, kv_heads, dim, value_dim)), dtype=numpy.float64, copy=True)
