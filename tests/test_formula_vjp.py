@@ -16,7 +16,8 @@ from reflex.mechanisms import _grad
 from tests.helpers import assert_vjp_matches_finite_differences, max_abs, qkv_host
 
 FORMULA_KEYS = ["linear", "performer", "rfa", "cosformer", "nystrom", "talking_heads", "synthesizer", "linformer",
-                "average", "memory_compressed", "residual", "poolingformer", "lowrank_band"]
+                "average", "memory_compressed", "residual", "poolingformer", "lowrank_band",
+                "adaptive_span", "multi_scale", "hard_gaussian"]
 
 
 def _case_ids(sizes):
@@ -310,3 +311,24 @@ def test_residual_scores_cotangent_by_central_differences():
             minus[index] -= 6e-6
             fd[index] = (loss({**inputs, name: plus}) - loss({**inputs, name: minus})) / 1.2e-5
         assert max_abs(got[name], fd) <= 1e-6 * numpy.max(numpy.abs(got[name])) + 1e-10, name
+
+
+@pytest.mark.parametrize("implementation", ["dense", "tiled"])
+def test_adaptive_span_gradient_of_the_span(implementation, small_tiles):
+    """d spans (the paper's learnt z) by central differences, dense and tile by tile; it is nonzero."""
+    q, k, v = qkv_host(15, length=6, key_length=8)
+    inputs = {"q": q, "k": k, "v": v, "spans": numpy.array([0.4, 1.7, 3.2, 6.5])}
+    params = {"ramp": 2.5, "implementation": implementation}
+    grads = assert_vjp_matches_finite_differences("adaptive_span", inputs, random.normal((2, 4, 6, 3), seed=(15, 1)),
+                                                  params=params)
+    assert numpy.all(grads["spans"] != 0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_hard_gaussian_offset_and_width_gradients(causal):
+    q, k, v = qkv_host(16, length=5, key_length=7)
+    inputs = {"q": q, "k": k, "v": v, "offsets": numpy.array([-1.0, 0.5, 1.0, 2.0]),
+              "sigmas": numpy.array([1.0, 0.7, 2.0, 1.5])}
+    grads = assert_vjp_matches_finite_differences("hard_gaussian", inputs, random.normal((2, 4, 5, 3), seed=(16, 1)),
+                                                  params={"causal": causal})
+    assert numpy.all(grads["q"] == 0) and numpy.all(grads["k"] == 0) and numpy.all(grads["sigmas"] != 0)

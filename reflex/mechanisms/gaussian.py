@@ -163,6 +163,62 @@ def hard_gaussian_attention(q: Any, k: Any, v: Any, /, *, offsets: int | Sequenc
     return _run(p, prior, mask=mask, causal=causal, scale=0.0, return_lse=return_lse, implementation=implementation)
 
 
+class _HardGaussianPrior:
+    """The bias ``−(j − i − o_h)²/(2σ_h²)`` as a differentiable callable term of the engine:
+    ``∂/∂o_h = (j − i − o_h)/σ_h²``, ``∂/∂σ_h = (j − i − o_h)²/σ_h³``, summed over the pairs (and batch)."""
+
+    def __init__(self, p: _kernels.Prepared, offsets: Any, sigmas: Any, o_h: Any, s_h: Any) -> None:
+        self.xp, self.dtype, self.o_h, self.s_h = p.xp, p.q.dtype, o_h, s_h
+        self.params = {name: a for name, a in (("offsets", offsets), ("sigmas", sigmas))
+                       if hasattr(a, "shape") and p.xp.isdtype(a.dtype, "real floating")}
+
+    def _gap(self, rows: Any, cols: Any) -> Any:
+        return self.xp.astype(cols - rows, self.dtype) - self.o_h
+
+    def __call__(self, rows: Any, cols: Any) -> Any:
+        d = self._gap(rows, cols)
+        return -(d * d) / (2.0 * self.s_h * self.s_h)
+
+    def vjp(self, rows: Any, cols: Any, d_value: Any) -> dict[str, Any]:
+        xp = self.xp
+        d = self._gap(rows, cols)
+        out = {}
+        for name, partial in (("offsets", d / (self.s_h * self.s_h)), ("sigmas", d * d / (self.s_h * self.s_h * self.s_h))):
+            if name in self.params:
+                g = xp.sum(d_value * partial, axis=(-2, -1))
+                g = xp.sum(g, axis=tuple(range(g.ndim - 1))) if g.ndim > 1 else g  # (H,)
+                out[name] = xp.sum(g, axis=0, keepdims=True) if int(self.params[name].shape[0]) == 1 else g
+        return out
+
+
+def _hard_gaussian_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, offsets: Any = 0, sigmas: Any = 1.0,
+                       mask: Any = None, causal: bool | str = False, compute_dtype: Any = None,
+                       implementation: str = "auto") -> dict:
+    """VJP of :func:`hard_gaussian_attention`: ``dv``, ``d offsets`` and ``d sigmas`` (floating arrays in
+    ``inputs``); ``dq = dk = 0`` (their values are never read).
+
+    The engine's backward (dense, or tiled: FlashAttention-2 Alg. 2) with the prior as a bias gives
+    ``dV = Pᵀ dO`` and ``dZ = P ∘ (dP − rowsum(P ∘ dP) + dL)``; then ``d o_h = Σ dZ_hij (j − i − o_h)/σ_h²``
+    and ``d σ_h = Σ dZ_hij (j − i − o_h)²/σ_h³`` (see :class:`_HardGaussianPrior`).
+    """
+    from reflex.mechanisms import _grad
+
+    p = _kernels.prepare(inputs["q"], inputs["k"], inputs["v"], compute_dtype=compute_dtype)
+    p = replace(p, q=p.xp.zeros_like(p.q), k=p.xp.zeros_like(p.k))
+    offsets, sigmas = inputs.get("offsets", offsets), inputs.get("sigmas", sigmas)
+    o_h, s_h = _per_head(p, "offsets", offsets), _per_head(p, "sigmas", sigmas)
+    _check_widths(p, "sigmas", s_h)
+    term = _HardGaussianPrior(p, offsets, sigmas, o_h, s_h)
+    masks, tile_active = mask_and_causal(p, mask, causal)
+    g = _grad.softmax_attention_vjp(p, d_out, d_lse, scale=0.0, mask=masks, bias=term, tile_active=tile_active,
+                                    implementation=implementation)
+    grads = {"q": p.xp.zeros(p.q.shape, dtype=p.q.dtype, device=p.device),
+             "k": p.xp.zeros(p.k.shape, dtype=p.q.dtype, device=p.device), "v": g.dv}
+    for name in term.params:
+        grads[name] = g.bias[0][name]
+    return grads
+
+
 # --- registry ------------------------------------------------------------------------------------
 
 def _shapes(size: str) -> dict[str, int]:
@@ -236,5 +292,5 @@ register(Mechanism(
     paper="You, Sun & Iyyer 2020, Hard-Coded Gaussian Attention for NMT, ACL, §3",
     params={"offsets": "centre offset o per head (number or length H)", "sigmas": "σ per head, default 1",
             "mask": "as full", "causal": "as full"},
-    cases=_hard_cases, returns_lse=True,
+    cases=_hard_cases, returns_lse=True, vjp=_hard_gaussian_vjp,
 ))

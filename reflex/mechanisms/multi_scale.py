@@ -111,4 +111,6 @@ register(Mechanism(
     returns_lse=True,
     pattern=_pattern,
     example=_example,
+    # one engine call with mask terms only: the engine's backward is the VJP (dq, dk, dv)
+    vjp=_kernels.engine_vjp(multi_scale_attention),
 ))
