@@ -138,7 +138,7 @@ def test_errors():
     q, k, v = qkv_host(7)
     with pytest.raises(ValueError, match="slopes must have shape"):
         reflex.alibi_attention(q, k, v, slopes=numpy.ones(3))
-    with pytest.raises(ValueError, match="num_heads must be a positive int"):
+    with pytest.raises(ValueError, match="num_heads must be an int >= 1"):
         reflex.alibi_slopes(0)
     with pytest.raises(ValueError, match="alignment must be one of"):
         reflex.alibi_attention(q, k, v, alignment="center")

@@ -28,6 +28,7 @@ __all__ = [
     "device",
     "is_plain_numpy",
     "is_array",
+    "is_real_floating_dtype",
     "to_numpy",
     "from_numpy",
     "from_dlpack",
@@ -44,7 +45,21 @@ BACKENDS = ("numpy", "array_api_strict", "torch", "cupy")
 
 def is_array(x: Any) -> bool:
     """Whether ``x`` is an array of a library that array-api-compat supports."""
-    return array_api_compat.is_array_api_obj(x) and not isinstance(x, (bool, int, float, complex))
+    return (array_api_compat.is_array_api_obj(x) and not isinstance(x, (bool, int, float, complex, type))
+            and not isinstance(x, numpy.generic))
+
+
+def is_real_floating_dtype(dtype: Any) -> bool:
+    """Whether ``dtype`` (a NumPy/CuPy dtype or scalar type, a torch dtype, an array-API dtype, or a
+    name) is a real floating dtype. ``numpy.longdouble`` is; integer, bool and complex types are not."""
+    if isinstance(dtype, numpy.dtype) or (isinstance(dtype, type) and issubclass(dtype, numpy.generic)):
+        return numpy.dtype(dtype).kind == "f"
+    if type(dtype).__module__ == "torch":
+        return bool(dtype.is_floating_point) and not bool(dtype.is_complex)
+    if isinstance(dtype, type):
+        return False
+    name = str(dtype).rsplit(".", 1)[-1].lower()
+    return name.startswith(("float", "bfloat")) and "complex" not in name
 
 
 def namespace(*arrays: Any) -> ModuleType:

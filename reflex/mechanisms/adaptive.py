@@ -11,6 +11,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import standard
 from reflex.mechanisms._patterns import band_pattern, causal_offset, causal_pattern, check_window, mask_and_causal, parse_causal, top_indices
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["adaptive_attention", "adaptive_keys"]
 
@@ -52,12 +53,14 @@ def _allowed(p: _kernels.Prepared, kept: Any, window: Any, alignment: str | None
     return allowed
 
 
+@typed_options()
 def adaptive_keys(q: Any, k: Any, importance: Any, /, *, keep: float, compute_dtype: Any = None) -> Any:
     """Boolean ``(..., 1 or H, S)``: the keys kept by importance gating (True = kept)."""
     p = _kernels.prepare(q, k, k, compute_dtype=compute_dtype)
     return _kept(p, importance, keep)
 
 
+@typed_options()
 def adaptive_attention(q: Any, k: Any, v: Any, importance: Any, /, *, keep: float, window: tuple[int, int] | None = None,
                        causal: bool | str = False, scale: float | None = None, return_lse: bool = False,
                        compute_dtype: Any = None, implementation: str = "auto") -> Any:

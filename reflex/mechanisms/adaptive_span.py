@@ -10,10 +10,12 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import standard
 from reflex.mechanisms._patterns import band_pattern, causal_offset, parse_causal
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["adaptive_span_attention"]
 
 
+@typed_options()
 def adaptive_span_attention(q: Any, k: Any, v: Any, /, *, spans: float | Sequence[float] | Any, ramp: float = 32.0,
                             causal: bool | str = "bottom_right", mask: Any = None, scale: float | None = None,
                             return_lse: bool = False, compute_dtype: Any = None, implementation: str = "auto") -> Any:

@@ -13,6 +13,7 @@ from reflex.mechanisms._cases import dims, qkv
 from reflex.mechanisms._patterns import causal_offset, causal_pattern
 from reflex.mechanisms._relative import sum_to
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["alibi_attention", "alibi_slopes", "alibi_bias"]
 
@@ -26,6 +27,7 @@ def _slope_exponents(num_heads: int) -> list[float]:
     return [(h + 1) / closest for h in range(closest)] + extra
 
 
+@typed_options()
 def alibi_slopes(num_heads: int, /, *, xp: Any = None, device: Any = None, dtype: Any = None) -> Any:
     """The paper's per-head ALiBi slopes m_h as a float64 array of shape ``(H,)``.
 
@@ -85,6 +87,7 @@ def _check_slopes(p: _kernels.Prepared, slopes: Any) -> Any:
     return _kernels.check_array(p.xp, p.device, p.q.dtype, "slopes", slopes)
 
 
+@typed_options()
 def alibi_bias(slopes: Any, /, length: int, key_length: int, *, alignment: str = "bottom_right",
                symmetric: bool = True) -> Any:
     """The ALiBi bias ``(..., H, L, S)`` for ``slopes (..., H)`` (e.g. from :func:`alibi_slopes`).
@@ -108,6 +111,7 @@ def alibi_bias(slopes: Any, /, length: int, key_length: int, *, alignment: str =
     return _alibi_term(slopes, offset, symmetric)(rows, cols)
 
 
+@typed_options()
 def alibi_attention(q: Any, k: Any, v: Any, /, *, slopes: Any = None, causal: bool = False,
                     alignment: str = "bottom_right", symmetric: bool = True, scale: float | None = None,
                     return_lse: bool = False, compute_dtype: Any = None, implementation: str = "auto") -> Any:

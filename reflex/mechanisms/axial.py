@@ -8,6 +8,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import example_qkv, qkv
 from reflex.mechanisms._patterns import Pattern, explicit_mask
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["axial_attention"]
 
@@ -34,6 +35,7 @@ def _check(p: _kernels.Prepared, shape: Any, axis: Any) -> tuple[int, int, Any]:
     return rows, cols, axis
 
 
+@typed_options()
 def axial_attention(q: Any, k: Any, v: Any, /, *, shape: tuple[int, int], axis: str | None = None,
                     scale: float | None = None, return_lse: bool = False, compute_dtype: Any = None,
                     implementation: str = "auto") -> Any:

@@ -10,6 +10,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import example_qkv, qkv
 from reflex.mechanisms._patterns import check_positive_int
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["bigbird_attention"]
 
@@ -100,6 +101,7 @@ def _lookup(xp: Any, table: Any, block_size: int, blocks: int) -> Any:
     return term
 
 
+@typed_options()
 def bigbird_attention(q: Any, k: Any, v: Any, /, *, block_size: int, num_random_blocks: int | None = None,
                       plan: Any = None, seed: Any = None, scale: float | None = None, return_lse: bool = False,
                       compute_dtype: Any = None, implementation: str = "auto") -> Any:

@@ -9,6 +9,7 @@ from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import (Pattern, causal_offset, check_alignment, check_positive_int, explicit_mask)
 from reflex.mechanisms.sliding_window import check_band_implementation, band_module
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["block_local_attention"]
 
@@ -38,6 +39,7 @@ def _check(block_size: Any, look_back: Any, causal: Any, alignment: Any) -> tupl
             causal, check_alignment(alignment))
 
 
+@typed_options()
 def block_local_attention(q: Any, k: Any, v: Any, /, *, block_size: int, look_back: int = 0, causal: bool = False,
                           alignment: str = "top_left", scale: float | None = None, return_lse: bool = False,
                           compute_dtype: Any = None, implementation: str = "auto") -> Any:

@@ -11,6 +11,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import causal_offset, check_positive_int, index_counts, parse_causal, top_indices
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["block_topk_attention", "block_topk_indices"]
 
@@ -57,6 +58,7 @@ def _indices(p: _kernels.Prepared, block_size: int, top_k: int, scale: float, al
     return xp.reshape(keys, (*keys.shape[:-2], int(blocks.shape[-1]) * block_size))
 
 
+@typed_options()
 def block_topk_indices(q: Any, k: Any, /, *, block_size: int, top_k: int, causal: bool | str = False,
                        scale: float | None = None, compute_dtype: Any = None) -> Any:
     """Key positions of each query's selected blocks: int64 ``(..., H, L, min(top_k, ⌈S/b⌉)·b)``, −1 = padding.
@@ -69,6 +71,7 @@ def block_topk_indices(q: Any, k: Any, /, *, block_size: int, top_k: int, causal
                     _kernels.resolve_scale(scale, p.dim), parse_causal(causal))
 
 
+@typed_options()
 def block_topk_attention(q: Any, k: Any, v: Any, /, *, block_size: int, top_k: int, causal: bool | str = False,
                          scale: float | None = None, return_lse: bool = False, compute_dtype: Any = None,
                          implementation: str = "auto") -> Any:

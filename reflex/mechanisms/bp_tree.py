@@ -9,6 +9,7 @@ from reflex.mechanisms._cases import example_qkv, standard
 from reflex.mechanisms._patterns import (Pattern, causal_offset, check_alignment, check_positive_int, explicit_mask,
                                          lookup_flags)
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["bp_tree_attention"]
 
@@ -157,6 +158,7 @@ def _extended(q: Any, k: Any, v: Any, compute_dtype: Any) -> _kernels.Prepared:
                             compute_dtype=p.q.dtype)
 
 
+@typed_options()
 def bp_tree_attention(q: Any, k: Any, v: Any, /, *, neighbours: int, causal: bool = False, include_self: bool = True,
                       alignment: str = "top_left", scale: float | None = None, return_lse: bool = False,
                       compute_dtype: Any = None, implementation: str = "auto") -> Any:

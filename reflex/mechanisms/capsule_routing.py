@@ -11,6 +11,7 @@ from reflex.backends import namespace
 from reflex.mechanisms._cases import dims
 from reflex.mechanisms._kernels import resolve_dtype
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["capsule_routing_attention"]
 
@@ -29,6 +30,7 @@ def _squash(xp: Any, s: Any) -> Any:
     return s * xp.sqrt(sq) / (1.0 + sq)
 
 
+@typed_options()
 def capsule_routing_attention(heads_out: Any, transforms: Any, /, *, iterations: int = 3, variant: str = "dynamic",
                               activations: Any = None, beta_a: float = 0.0, beta_v: float = 0.0,
                               inverse_temperature: float = 1.0, eps: float = 1e-9, return_coefficients: bool = False,

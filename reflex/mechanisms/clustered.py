@@ -10,6 +10,7 @@ from reflex.backends import namespace
 from reflex.mechanisms import _kernels, _kmeans
 from reflex.mechanisms._cases import dims, example_qkv, standard
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["clustered_attention", "improved_clustered_attention", "cluster_queries"]
 
@@ -20,6 +21,7 @@ def _check_count(name: str, value: Any, low: int, high: int) -> int:
     return int(value)
 
 
+@typed_options()
 def cluster_queries(p: _kernels.Prepared, *, num_clusters: Any, assignment: Any, iterations: int, seed: Any) -> tuple[Any, int]:
     """The cluster of every query ``(..., H, L)`` int64 and the cluster count C.
 
@@ -67,6 +69,7 @@ def _rows_of_cluster(xp: Any, per_cluster: Any, assignment: Any) -> Any:
     return xp.take_along_axis(per_cluster, idx, axis=-2)
 
 
+@typed_options()
 def clustered_attention(q: Any, k: Any, v: Any, /, *, num_clusters: int | None = None, assignment: Any = None,
                         iterations: int = 10, seed: Any = None, scale: float | None = None, compute_dtype: Any = None,
                         implementation: str = "auto") -> Any:
@@ -100,6 +103,7 @@ def clustered_attention(q: Any, k: Any, v: Any, /, *, num_clusters: int | None =
     return _rows_of_cluster(xp, centroid_out, labels)
 
 
+@typed_options()
 def improved_clustered_attention(q: Any, k: Any, v: Any, /, *, topk: int, num_clusters: int | None = None,
                                  assignment: Any = None, iterations: int = 10, seed: Any = None,
                                  scale: float | None = None, compute_dtype: Any = None) -> Any:

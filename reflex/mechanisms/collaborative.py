@@ -11,10 +11,12 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims
 from reflex.mechanisms._patterns import mask_and_causal
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["collaborative_attention"]
 
 
+@typed_options()
 def collaborative_attention(q: Any, k: Any, v: Any, /, *, mixing: Any, mask: Any = None, causal: bool | str = False,
                             scale: float | None = None, return_lse: bool = False, compute_dtype: Any = None,
                             implementation: str = "auto") -> Any:
@@ -57,6 +59,33 @@ def collaborative_attention(q: Any, k: Any, v: Any, /, *, mixing: Any, mask: Any
                                       tile_active=tile_active, implementation=implementation, return_lse=return_lse)
 
 
+def _collaborative_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, mask: Any = None, causal: bool | str = False,
+                       scale: float | None = None, compute_dtype: Any = None, implementation: str = "auto") -> dict:
+    """VJP of :func:`collaborative_attention`: ``dq``, ``dk``, ``dv`` and ``d mixing``.
+
+    The engine's backward (dense, or tiled: FlashAttention-2 Alg. 2) on ``(Q̃ ⊙ m_h, K̃, V)`` gives
+    ``dQ_h`` per head, ``dK`` per kv head and ``dV``; then ``dQ̃ = Σ_h dQ_h ⊙ m_h``,
+    ``d m_h = Σ_{batch, L} dQ_h ⊙ Q̃`` and ``dK̃ = Σ_g dK_g`` (the shared keys serve every kv head).
+    """
+    from reflex.mechanisms import _grad
+
+    q, k, v, mixing = inputs["q"], inputs["k"], inputs["v"], inputs["mixing"]
+    xp = namespace(q, k, v, mixing)
+    dtype = _kernels.resolve_dtype(xp, compute_dtype)
+    q64, m64 = xp.astype(q, dtype), xp.astype(mixing, dtype)
+    heads_q = xp.expand_dims(q64, axis=-3) * m64[:, None, :]
+    kv_heads = int(v.shape[-3])
+    shared_k = xp.broadcast_to(xp.expand_dims(k, axis=-3), (*k.shape[:-2], kv_heads, *k.shape[-2:]))
+    p = _kernels.prepare(heads_q, shared_k, v, compute_dtype=compute_dtype)
+    masks, tile_active = mask_and_causal(p, mask, causal)
+    g = _grad.softmax_attention_vjp(p, d_out, d_lse, scale=_kernels.resolve_scale(scale, p.dim), mask=masks,
+                                    tile_active=tile_active, implementation=implementation)
+    d_mixing = g.dq * xp.expand_dims(q64, axis=-3)  # (..., H, L, D~)
+    d_mixing = xp.sum(d_mixing, axis=-2)
+    d_mixing = xp.sum(d_mixing, axis=tuple(range(d_mixing.ndim - 2))) if d_mixing.ndim > 2 else d_mixing
+    return {"q": xp.sum(g.dq * m64[:, None, :], axis=-3), "k": xp.sum(g.dk, axis=-3), "v": g.dv, "mixing": d_mixing}
+
+
 def _cases(size: str, seed: int) -> list[Case]:
     d = dims(size)
     shared = 2 * d["D"]
@@ -89,4 +118,5 @@ register(Mechanism(
     cases=_cases,
     returns_lse=True,
     example=_example,
+    vjp=_collaborative_vjp,
 ))

@@ -9,6 +9,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import causal_pattern, check_positive_int
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["compressive_attention"]
 
@@ -35,6 +36,7 @@ def _check_conv(xp: Any, device: Any, name: str, weights: Any, rate: int, featur
     return _kernels.check_array(xp, device, dtype, name, weights)
 
 
+@typed_options()
 def compressive_attention(q: Any, k: Any, v: Any, /, *, segment_length: int, memory_length: int,
                           compressed_length: int, rate: int, compression: str = "mean", conv_k: Any = None,
                           conv_v: Any = None, scale: float | None = None, return_lse: bool = False,

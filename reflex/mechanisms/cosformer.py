@@ -9,10 +9,12 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import standard
 from reflex.mechanisms.linear import _kernelized, causal_shift, check_form, grouped
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["cosformer_attention"]
 
 
+@typed_options()
 def cosformer_attention(q: Any, k: Any, v: Any, /, *, causal: bool | str = False, eps: float = 1e-6,
                         compute_dtype: Any = None, implementation: str = "auto") -> Any:
     """cosFormer: relu(q)·relu(k) re-weighted by cos(π/2·(i − j)/M), in linear time.

@@ -11,10 +11,12 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, qkv
 from reflex.mechanisms._patterns import mask_and_causal
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["differential_attention", "differential_lambda_init"]
 
 
+@typed_options()
 def differential_lambda_init(depth: int) -> float:
     """λ_init = 0.8 − 0.6·exp(−0.3·depth) for the layer at index ``depth`` (0-based, as the paper's code)."""
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
@@ -61,6 +63,7 @@ def _resolve_lambda_init(depth: Any, lambda_init: Any) -> float:
     return float(lambda_init)
 
 
+@typed_options()
 def differential_attention(q: Any, k: Any, v: Any, /, *, lambda_q1: Any, lambda_k1: Any, lambda_q2: Any,
                            lambda_k2: Any, depth: int | None = None, lambda_init: float | None = None,
                            norm_weight: Any = None, eps: float = 1e-5, mask: Any = None, causal: bool | str = False,

@@ -10,10 +10,12 @@ from reflex.mechanisms._patterns import (causal_offset, check_alignment, check_p
                                          dilated_band_pattern, explicit_mask)
 from reflex.mechanisms.sliding_window import band_indices, check_band_implementation, band_module
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["dilated_attention"]
 
 
+@typed_options()
 def dilated_attention(q: Any, k: Any, v: Any, /, *, window: tuple[int, int], dilation: int, alignment: str = "top_left",
                       scale: float | None = None, return_lse: bool = False, compute_dtype: Any = None,
                       implementation: str = "auto") -> Any:

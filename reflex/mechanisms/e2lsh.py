@@ -11,6 +11,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import example_qkv, standard
 from reflex.mechanisms._patterns import causal_pattern, explicit_mask, mask_and_causal, parse_causal
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["e2lsh_attention", "e2lsh_hash"]
 
@@ -52,6 +53,7 @@ def _codes(xp: Any, x: Any, r: Any, b: Any, width: float) -> Any:
     return xp.astype(xp.floor((proj + b) / width), xp.int64)
 
 
+@typed_options()
 def e2lsh_hash(x: Any, /, *, num_projections: int, bucket_width: float, projections: Any = None, offsets: Any = None,
                seed: Any = None, compute_dtype: Any = None) -> Any:
     """Hash codes ``h(x) = ⌊(x·r_p + b_p)/w⌋`` of ``x (..., n, D)`` → int64 ``(..., n, P)``."""
@@ -75,6 +77,7 @@ def _same_bucket(p: _kernels.Prepared, r: Any, b: Any, width: float) -> Any:
     return same
 
 
+@typed_options()
 def e2lsh_attention(q: Any, k: Any, v: Any, /, *, num_projections: int, bucket_width: float, projections: Any = None,
                     offsets: Any = None, seed: Any = None, causal: bool | str = False, scale: float | None = None,
                     return_lse: bool = False, compute_dtype: Any = None, implementation: str = "auto") -> Any:

@@ -9,10 +9,12 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, qkv
 from reflex.mechanisms._patterns import mask_and_causal
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["full_attention"]
 
 
+@typed_options()
 def full_attention(q: Any, k: Any, v: Any, /, *, mask: Any = None, bias: Any = None, causal: bool | str = False,
                    scale: float | None = None, softcap: float | None = None, return_lse: bool = False,
                    compute_dtype: Any = None, implementation: str = "auto") -> Any:

@@ -12,6 +12,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, qkv
 from reflex.mechanisms._patterns import mask_and_causal
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["gaussian_prior_attention", "gaussian_transformer_attention", "hard_gaussian_attention"]
 
@@ -63,6 +64,7 @@ def _run(p: _kernels.Prepared, bias_fn: Any, *, mask: Any, causal: Any, scale: f
                                       implementation=implementation, return_lse=return_lse)
 
 
+@typed_options()
 def gaussian_prior_attention(q: Any, k: Any, v: Any, /, *, centers: Any, sigmas: Any = None, windows: Any = None,
                              sigma_per_window: float = 0.5, mask: Any = None, causal: bool | str = False,
                              scale: float | None = None, return_lse: bool = False, compute_dtype: Any = None,
@@ -101,6 +103,7 @@ def gaussian_prior_attention(q: Any, k: Any, v: Any, /, *, centers: Any, sigmas:
                 return_lse=return_lse, implementation=implementation)
 
 
+@typed_options()
 def gaussian_transformer_attention(q: Any, k: Any, v: Any, /, *, w: Any, b: Any, mask: Any = None,
                                    causal: bool | str = False, scale: float | None = None, return_lse: bool = False,
                                    compute_dtype: Any = None, implementation: str = "auto") -> Any:
@@ -130,6 +133,7 @@ def gaussian_transformer_attention(q: Any, k: Any, v: Any, /, *, w: Any, b: Any,
                 return_lse=return_lse, implementation=implementation)
 
 
+@typed_options()
 def hard_gaussian_attention(q: Any, k: Any, v: Any, /, *, offsets: int | Sequence[int] | Any = 0,
                             sigmas: float | Sequence[float] | Any = 1.0, mask: Any = None, causal: bool | str = False,
                             return_lse: bool = False, compute_dtype: Any = None, implementation: str = "auto") -> Any:

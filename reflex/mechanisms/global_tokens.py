@@ -11,6 +11,7 @@ from reflex.mechanisms._patterns import (Pattern, causal_offset, check_alignment
                                          lookup_flags, position_flags)
 from reflex.mechanisms.sliding_window import check_band_implementation, band_module
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["global_attention"]
 
@@ -36,6 +37,7 @@ def global_pattern(xp: Any, device: Any, positions: tuple[int, ...], key_length:
     return Pattern(allowed=allowed, tile_active=tile_active)
 
 
+@typed_options()
 def global_attention(q: Any, k: Any, v: Any, /, *, global_indices: Any, alignment: str = "top_left",
                      scale: float | None = None, return_lse: bool = False, compute_dtype: Any = None,
                      implementation: str = "auto") -> Any:

@@ -11,6 +11,7 @@ from reflex.backends import namespace
 from reflex.mechanisms._cases import dims
 from reflex.mechanisms._kernels import resolve_dtype
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["head_diversity"]
 
@@ -32,6 +33,7 @@ def _mean_pairwise_cosine(xp: Any, x: Any, reduce: str) -> Any:
     return xp.mean(per_row, axis=-1)
 
 
+@typed_options()
 def head_diversity(maps: Any, /, *, kind: str, patterns: Any = None, reduce: str = "flatten",
                    compute_dtype: Any = None) -> Any:
     """Multi-head disagreement regularisers (subspace, position, output) and the pattern-guidance loss.

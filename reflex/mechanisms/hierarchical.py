@@ -10,6 +10,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import Pattern, check_positive_int
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["hierarchical_attention"]
 
@@ -35,6 +36,7 @@ def mean_pool(xp: Any, x: Any, span: int) -> Any:
     return sums / xp.asarray(sizes, dtype=x.dtype, device=device_of(x))[:, None]
 
 
+@typed_options()
 def hierarchical_attention(q: Any, k: Any, v: Any, /, *, block_size: int, levels: int = 2, combine: str = "sum",
                            w_o: Any = None, scale: float | None = None, compute_dtype: Any = None,
                            implementation: str = "auto") -> Any:

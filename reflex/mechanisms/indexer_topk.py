@@ -12,6 +12,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import standard
 from reflex.mechanisms._patterns import causal_offset, index_counts, parse_causal, top_indices
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["indexer_topk_attention", "indexer_scores", "indexer_topk_indices"]
 
@@ -30,6 +31,7 @@ def _scores(xp: Any, iq: Any, ik: Any, iw: Any, rows: slice) -> Any:
     return xp.sum(xp.expand_dims(iw[..., rows], axis=-1) * xp.maximum(dots, 0.0), axis=-3)
 
 
+@typed_options()
 def indexer_scores(index_q: Any, index_k: Any, index_w: Any, /, *, compute_dtype: Any = None) -> Any:
     """The lightning indexer's scores ``I (..., L, S)``: ``I(t, s) = Σ_j w_tj·ReLU(qᴵ_tj·kᴵ_s)``.
 
@@ -79,6 +81,7 @@ def _top_k(top_k: Any) -> int:
     return top_k
 
 
+@typed_options()
 def indexer_topk_indices(q: Any, k: Any, index_q: Any, index_k: Any, index_w: Any, /, *, top_k: int,
                          causal: bool | str = False, compute_dtype: Any = None) -> Any:
     """Selected keys ``(..., 1, L, min(top_k, S))`` int64 (shared by all heads), best first, −1 = padding."""
@@ -87,6 +90,7 @@ def indexer_topk_indices(q: Any, k: Any, index_q: Any, index_k: Any, index_w: An
     return _indices(p, iq, ik, iw, _top_k(top_k), parse_causal(causal))
 
 
+@typed_options()
 def indexer_topk_attention(q: Any, k: Any, v: Any, index_q: Any, index_k: Any, index_w: Any, /, *, top_k: int,
                            causal: bool | str = False, scale: float | None = None, return_lse: bool = False,
                            compute_dtype: Any = None, implementation: str = "auto") -> Any:

@@ -10,6 +10,7 @@ from reflex.backends import namespace
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import example_qkv, standard
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["isab_attention", "luna_attention"]
 
@@ -41,6 +42,7 @@ def _unpack(prep: _kernels.Prepared, packed_k: Any, packed_v: Any, scale: float,
                                       scale=scale, implementation=implementation, return_lse=return_lse)
 
 
+@typed_options()
 def isab_attention(q: Any, k: Any, v: Any, /, *, inducing: Any, scale: float | None = None, return_lse: bool = False,
                    compute_dtype: Any = None, implementation: str = "auto") -> Any:
     """Induced set attention (Set Transformer ISAB): m inducing points attend the keys, the queries attend them.
@@ -70,6 +72,7 @@ def isab_attention(q: Any, k: Any, v: Any, /, *, inducing: Any, scale: float | N
     return _unpack(prep, packed_k, packed_v, s, implementation, return_lse)
 
 
+@typed_options()
 def luna_attention(q: Any, k: Any, v: Any, /, *, p: Any, scale: float | None = None, return_packed: bool = False,
                    compute_dtype: Any = None, implementation: str = "auto") -> Any:
     """Luna: pack the sequence into the m-row P by attention, then unpack by attending the packed rows.

@@ -31,6 +31,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import standard
 from reflex.mechanisms._patterns import causal_offset, parse_causal
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["linear_attention"]
 
@@ -220,6 +221,7 @@ def _feature_map(xp: Any, feature_map: Any) -> Callable[[Any], Any]:
     raise ValueError(f"feature_map must be one of {', '.join(FEATURE_MAPS)} or a callable; got {feature_map!r}")
 
 
+@typed_options()
 def linear_attention(q: Any, k: Any, v: Any, /, *, feature_map: Any = "elu", causal: bool | str = False,
                      eps: float = 1e-6, compute_dtype: Any = None, implementation: str = "auto") -> Any:
     """Linear attention: φ(Q)(φ(K)ᵀV) / (φ(Q)·Σφ(K) + eps), causal by prefix sums or as an RNN.

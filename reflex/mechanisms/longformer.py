@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, example_qkv, qkv
+from reflex.mechanisms._inputs import check_padding_mask
 from reflex.mechanisms._patterns import (Pattern, any_pattern, causal_offset, check_alignment, check_positive_int,
                                          check_positions, check_window, dilated_band_pattern, explicit_mask,
                                          lookup_flags, position_flags)
 from reflex.mechanisms.sliding_window import check_band_implementation, band_module
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["longformer_attention"]
 
@@ -37,8 +40,10 @@ def _check(p: _kernels.Prepared, window: Any, global_indices: Any, dilation: Any
     return left, right, positions, dilation, causal_offset(check_alignment(alignment), p.length, p.key_length)
 
 
+@typed_options()
 def longformer_attention(q: Any, k: Any, v: Any, /, *, window: tuple[int, int], global_indices: Any = (),
                          dilation: int = 1, q_global: Any = None, k_global: Any = None, v_global: Any = None,
+                         attention_mask: Any = None, global_mask: Any = None,
                          alignment: str = "top_left", scale: float | None = None, return_lse: bool = False,
                          compute_dtype: Any = None, implementation: str = "auto") -> Any:
     """Longformer attention: a (dilated) sliding window plus symmetric global attention.
@@ -64,6 +69,12 @@ def longformer_attention(q: Any, k: Any, v: Any, /, *, window: tuple[int, int], 
         dilation: d ≥ 1 for the window (Longformer §3.1; the HF implementation has d = 1).
         q_global, k_global, v_global: the separate projections of global tokens (§3.1, "Linear
             projections for global attention"); all three or none.
+        attention_mask: boolean ``(..., S)`` padding mask, True = real token (Hugging Face's
+            extended mask ≥ 0). As Hugging Face: padded keys leave every window and every global
+            query's keys; a padded query (token ``i + δ``) outputs 0 with lse −∞.
+        global_mask: boolean ``(..., S)``, True = global token, per batch item (HF's
+            ``is_index_global_attn``, i.e. extended mask > 0); instead of ``global_indices``, which
+            every item shares. Each item's local queries attend its own global tokens once.
         alignment: ``"top_left"`` (δ = 0) or ``"bottom_right"`` (δ = S − L).
         scale: default 1/√D for both branches (HF divides q by √D). return_lse, compute_dtype as
             :func:`full_attention`.
@@ -81,6 +92,10 @@ def longformer_attention(q: Any, k: Any, v: Any, /, *, window: tuple[int, int], 
     if any(given) and not all(given):
         raise ValueError("pass all of q_global, k_global, v_global or none of them")
     p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
+    if attention_mask is not None or global_mask is not None:
+        return _padded(p, q, k, v, (q_global, k_global, v_global), window=window, global_indices=global_indices,
+                       dilation=dilation, attention_mask=attention_mask, global_mask=global_mask, alignment=alignment,
+                       scale=scale, return_lse=return_lse, compute_dtype=compute_dtype, implementation=implementation)
     left, right, positions, dilation, offset = _check(p, window, global_indices, dilation, alignment)
     implementation = check_band_implementation(implementation)
     if implementation == "gather":
@@ -114,6 +129,72 @@ def longformer_attention(q: Any, k: Any, v: Any, /, *, window: tuple[int, int], 
         rank = xp.asarray(rank, dtype=xp.int64, device=p.device)
         out = xp.where(xp.reshape(row_flags, (p.length, 1)), xp.take(g_out, rank, axis=g_out.ndim - 2), out)
         lse = xp.where(row_flags, xp.take(g_lse, rank, axis=g_lse.ndim - 1), lse)
+    return (out, lse) if return_lse else out
+
+
+def _batch_flags(p: _kernels.Prepared, attention_mask: Any, global_mask: Any, positions: tuple[int, ...]) -> tuple[Any, Any]:
+    """``(real, glob)``: boolean ``(..., S)`` flags per batch item (all real; globals from ``global_mask``
+    or, shared by every item, ``global_indices``)."""
+    xp = p.xp
+    real = check_padding_mask(p, attention_mask)
+    if real is None:
+        real = xp.ones((*p.batch, p.key_length), dtype=xp.bool, device=p.device)
+    if global_mask is not None:
+        if positions:
+            raise ValueError("pass global_indices (shared by the batch) or global_mask (per item), not both")
+        glob = check_padding_mask(p, global_mask, "global_mask")
+    else:
+        glob = xp.broadcast_to(position_flags(xp, p.device, positions, p.key_length), (*p.batch, p.key_length))
+    return real, glob
+
+
+def _padded(p: _kernels.Prepared, q: Any, k: Any, v: Any, projections: tuple[Any, Any, Any], *, window: Any,
+            global_indices: Any, dilation: Any, attention_mask: Any, global_mask: Any, alignment: Any, scale: Any,
+            return_lse: bool, compute_dtype: Any, implementation: str) -> Any:
+    """Longformer with per-item padding and global tokens, on the engine (Hugging Face's semantics)."""
+    left, right, positions, dilation, offset = _check(p, window, global_indices, dilation, alignment)
+    implementation = check_band_implementation(implementation)
+    if implementation not in ("auto", "dense", "tiled"):
+        raise ValueError(f"attention_mask/global_mask run on the dense or tiled kernel; got implementation={implementation!r}")
+    if offset < 0 or offset + p.length > p.key_length:
+        raise ValueError(f"attention_mask needs every query to be a token: 0 <= δ and δ + L <= S; got δ = {offset}, "
+                         f"L = {p.length}, S = {p.key_length}")
+    xp = p.xp
+    scale = _kernels.resolve_scale(scale, p.dim)
+    real, glob = _batch_flags(p, attention_mask, global_mask, positions)
+    local_keys = xp.reshape(real & ~glob, (*p.batch, 1, 1, p.key_length))
+    global_keys = xp.reshape(glob, (*p.batch, 1, 1, p.key_length))
+    band = dilated_band_pattern(left, right, dilation, offset)
+
+    def local(rows: Any, cols: Any) -> Any:  # a window key that is real and not global, or any global key
+        flat = xp.reshape(cols, (-1,))
+        return ((band.allowed(rows, cols) & xp.take(local_keys, flat, axis=local_keys.ndim - 1))
+                | xp.take(global_keys, flat, axis=global_keys.ndim - 1))
+
+    out, lse = _kernels.softmax_attention(p, scale=scale, mask=local, implementation=implementation, return_lse=True)
+    query_real = xp.reshape(real[..., offset:offset + p.length], (*p.batch, 1, p.length))
+    out = xp.where(query_real[..., None], out, 0.0)  # padded queries output 0 (HF zeroes their probabilities)
+    lse = xp.where(query_real, lse, -math.inf)
+    query_global = glob[..., offset:offset + p.length]  # (..., L)
+    any_global = query_global
+    for _ in p.batch:
+        any_global = xp.any(any_global, axis=0)
+    rows = xp.nonzero(any_global)[0]
+    if int(rows.shape[0]):
+        gq, gk, gv = (q, k, v) if projections[0] is None else projections
+        if tuple(gq.shape) != tuple(q.shape):
+            raise ValueError(f"q_global has shape {tuple(gq.shape)}; q has {tuple(q.shape)}: they must match")
+        if tuple(gk.shape) != tuple(k.shape) or tuple(gv.shape) != tuple(v.shape):
+            raise ValueError(f"k_global, v_global must match k, v: got {tuple(gk.shape)}, {tuple(gv.shape)}")
+        g = _kernels.prepare(xp.take(gq, rows, axis=gq.ndim - 2), gk, gv, compute_dtype=compute_dtype)
+        g_out, g_lse = _kernels.softmax_attention(g, scale=scale, mask=xp.reshape(real, (*p.batch, 1, 1, p.key_length)),
+                                                  implementation="auto", return_lse=True)
+        # row i's rank among the global rows (0 for the others, unused there)
+        rank = xp.cumulative_sum(xp.astype(any_global, xp.int64)) - 1
+        rank = xp.where(rank < 0, 0, rank)
+        flags = xp.reshape(query_global, (*p.batch, 1, p.length))
+        out = xp.where(flags[..., None], xp.take(g_out, rank, axis=g_out.ndim - 2), out)
+        lse = xp.where(flags, xp.take(g_lse, rank, axis=g_lse.ndim - 1), lse)
     return (out, lse) if return_lse else out
 
 

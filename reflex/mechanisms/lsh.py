@@ -13,6 +13,7 @@ from reflex.backends import is_plain_numpy, namespace
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._patterns import check_positive_int, index_counts, parse_causal
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["lsh_attention", "lsh_buckets", "lsh_sort", "lsh_keys", "lsh_pattern"]
 
@@ -80,6 +81,7 @@ def _hash(xp: Any, x: Any, rot: Any, factors: tuple[int, ...]) -> Any:
     return buckets
 
 
+@typed_options()
 def lsh_keys(qk: Any, /, *, compute_dtype: Any = None) -> Any:
     """The shared keys of LSH attention: ``k̂ = x / sqrt(mean_d(x²) + 1e-6)``, shape ``(..., H, L, D)``.
 
@@ -93,6 +95,7 @@ def _unit_keys(xp: Any, x: Any) -> Any:
     return x / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + NORM_EPSILON)
 
 
+@typed_options()
 def lsh_buckets(qk: Any, /, *, n_buckets: int | tuple[int, ...], n_hashes: int = 1, rotations: Any = None,
                 seed: Any = None, compute_dtype: Any = None, implementation: str = "auto") -> Any:
     """Angular LSH buckets of ``qk (..., H, L, D)`` → int64 ``(..., H, n_hashes, L)`` in ``[0, n_buckets)``.
@@ -122,6 +125,7 @@ def lsh_buckets(qk: Any, /, *, n_buckets: int | tuple[int, ...], n_hashes: int =
     return _hash(p.xp, p.q, rot, factors)
 
 
+@typed_options()
 def lsh_sort(buckets: Any, /) -> Any:
     """Positions stably sorted by bucket along the last axis: ``order[..., t]`` is the t-th position.
 
@@ -251,6 +255,7 @@ def _combine(xp: Any, out: Any, lse: Any) -> tuple[Any, Any]:
     return xp.sum(out * xp.expand_dims(weights, axis=-1), axis=-3), total[..., 0, :]
 
 
+@typed_options()
 def lsh_attention(qk: Any, v: Any, /, *, n_buckets: int | tuple[int, ...], chunk_length: int, n_hashes: int = 1,
                   rotations: Any = None, seed: Any = None, causal: bool | str = False, num_chunks_before: int = 1,
                   num_chunks_after: int = 0, scale: float | None = None, return_lse: bool = False,
@@ -323,6 +328,7 @@ def lsh_attention(qk: Any, v: Any, /, *, n_buckets: int | tuple[int, ...], chunk
     return (out, lse) if return_lse else out
 
 
+@typed_options()
 def lsh_pattern(qk: Any, /, *, n_buckets: int | tuple[int, ...], chunk_length: int, n_hashes: int = 1,
                 rotations: Any = None, seed: Any = None, causal: bool | str = False, num_chunks_before: int = 1,
                 num_chunks_after: int = 0, per_round: bool = False, compute_dtype: Any = None) -> Any:

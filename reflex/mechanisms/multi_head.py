@@ -11,6 +11,7 @@ from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms._kernels import resolve_dtype
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["multi_head_attention"]
 
@@ -44,6 +45,7 @@ def _split_heads(xp: Any, y: Any, heads: int) -> Any:
     return xp.permute_dims(y, (*range(len(lead)), len(lead) + 1, len(lead), len(lead) + 2))
 
 
+@typed_options()
 def multi_head_attention(x: Any, w_q: Any, w_k: Any, w_v: Any, w_o: Any, /, *, num_heads: int,
                          num_kv_heads: int | None = None, mechanism: str = "full",
                          mechanism_params: Mapping[str, Any] | None = None, x_kv: Any = None,

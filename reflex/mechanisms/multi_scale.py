@@ -9,6 +9,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import standard
 from reflex.mechanisms._patterns import band_pattern, causal_offset, check_window
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["multi_scale_attention"]
 
@@ -24,6 +25,7 @@ def _head_windows(head_windows: Any, heads: int) -> list[tuple[int, int]]:
     return windows
 
 
+@typed_options()
 def multi_scale_attention(q: Any, k: Any, v: Any, /, *, head_windows: Sequence[int | tuple[int, int]],
                           alignment: str = "top_left", mask: Any = None, scale: float | None = None,
                           return_lse: bool = False, compute_dtype: Any = None, implementation: str = "auto") -> Any:

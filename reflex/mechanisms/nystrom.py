@@ -7,6 +7,7 @@ from typing import Any
 
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import example_qkv, standard
+from reflex.mechanisms._inputs import check_padding_mask
 from reflex.registry import Case, Mechanism, register
 from reflex.mechanisms._options import typed_options
 
@@ -71,8 +72,8 @@ def _check_options(p: _kernels.Prepared, num_landmarks: Any, pinv: Any, pinv_ini
 
 
 def nystrom_attention(q: Any, k: Any, v: Any, /, *, num_landmarks: int, pinv: str = "iterative", iterations: int = 6,
-                      pinv_init: str = "matrix", eps: float = 1e-6, scale: float | None = None,
-                      compute_dtype: Any = None, implementation: str = "auto") -> Any:
+                      pinv_init: str = "matrix", eps: float = 1e-6, attention_mask: Any = None,
+                      scale: float | None = None, compute_dtype: Any = None, implementation: str = "auto") -> Any:
     """Nyströmformer: F·A⁺·(B·V) with landmark queries/keys that are segment means.
 
     .. math::
@@ -98,6 +99,11 @@ def nystrom_attention(q: Any, k: Any, v: Any, /, *, num_landmarks: int, pinv: st
         pinv_init: ``"matrix"`` (Z₀ scaled per (batch, head) matrix: items independent) or
             ``"batch"`` (one scalar over the whole batch, as Hugging Face's default "original" init:
             an item's output then depends on the rest of the batch).
+        attention_mask: boolean ``(..., S)`` key padding mask, True = real token (Hugging Face's
+            ``attention_mask == 1``). As Hugging Face, it enters only the third kernel B (padded keys
+            get weight 0 there); landmarks still average every position, padded ones included, and
+            padded queries get outputs. HF adds ``finfo.min`` rather than −∞: the same weights, except
+            for an item with no real key (HF: uniform B; here B = 0).
         scale: default 1/√D; q and k are each multiplied by √scale (Hugging Face divides by D^¼).
         implementation: kernel of the two engine softmaxes over S or L (``"auto"|"dense"|"tiled"``).
 
@@ -112,13 +118,15 @@ def nystrom_attention(q: Any, k: Any, v: Any, /, *, num_landmarks: int, pinv: st
     p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
     xp = p.xp
     _check_options(p, num_landmarks, pinv, pinv_init, iterations, eps)
+    padding = check_padding_mask(p, attention_mask)
     m = num_landmarks
     root = math.sqrt(_kernels.resolve_scale(scale, p.dim))
     q_scaled, k_scaled = p.q * root, p.k * root
     q_land, k_land = segment_means(xp, q_scaled, m), segment_means(xp, k_scaled, m)  # (..., H|G, m, D)
     dtype = p.q.dtype
-    # B·V: the landmark queries attend every key (engine softmax over S).
+    # B·V: the landmark queries attend every (real) key (engine softmax over S).
     bv = _kernels.softmax_attention(_kernels.prepare(q_land, k_scaled, p.v, compute_dtype=dtype), scale=1.0,
+                                    mask=None if padding is None else padding[..., None, None, :],
                                     implementation=implementation)
     a = _kernels.weights(_kernels.prepare(q_land, k_land, k_land, compute_dtype=dtype), scale=1.0)  # (..., H, m, m)
     if pinv == "iterative":
@@ -193,6 +201,16 @@ def _newton_schulz_vjp(xp: Any, a: Any, d_z: Any, *, iterations: int, init: str)
     return d_a + xp.where(hit[..., None, :], d_top, 0.0)
 
 
+def _masked_softmax(xp: Any, scores: Any, mask: Any) -> Any:
+    """Max-shifted softmax along the last axis; ``mask`` False → weight 0; a row with no True is all 0."""
+    if mask is not None:
+        scores = xp.where(mask, scores, -math.inf)
+    top = xp.max(scores, axis=-1, keepdims=True)
+    e = xp.exp(scores - xp.where(top == -math.inf, 0.0, top))
+    total = xp.sum(e, axis=-1, keepdims=True)
+    return e / xp.where(total == 0, 1.0, total)
+
+
 def _pinv_vjp(xp: Any, a: Any, a_pinv: Any, d_pinv: Any) -> Any:
     """``dA`` of the Moore–Penrose inverse ``Z = A⁺`` (constant rank; Golub & Pereyra 1973, Thm 4.3):
     ``dA = −Zᵀ dZ Zᵀ + Z Zᵀ dZ (I − A Z)ᵀ + (I − Z A)ᵀ dZ Zᵀ Z``."""
@@ -231,7 +249,8 @@ def _nystrom_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, num_landmarks: 
     q_land, k_land = segment_means(xp, x, m), segment_means(xp, y, m)
     f = _grad.softmax(xp, x @ t(k_land))  # (..., G, H/G, L, m)
     a = _grad.softmax(xp, q_land @ t(k_land))  # (..., G, H/G, m, m)
-    b = _grad.softmax(xp, q_land @ t(y))  # (..., G, H/G, m, S)
+    padding = check_padding_mask(p, inputs.get("attention_mask"))
+    b = _masked_softmax(xp, q_land @ t(y), None if padding is None else padding[..., None, None, None, :])  # (..., G, H/G, m, S)
     bv = b @ v
     if pinv == "regularized":
         shifted = a + float(eps) * xp.eye(m, dtype=a.dtype, device=p.device)
@@ -271,7 +290,8 @@ def _cases(size: str, seed: int) -> list[Case]:
 
 
 def _reference(q: Any, k: Any, v: Any, /, *, num_landmarks: int, pinv: str = "iterative", iterations: int = 6,
-               pinv_init: str = "matrix", eps: float = 1e-6, scale: float | None = None, **_: Any) -> Any:
+               pinv_init: str = "matrix", eps: float = 1e-6, attention_mask: Any = None, scale: float | None = None,
+               **_: Any) -> Any:
     """Hugging Face's order: the three softmax matrices materialised, ``(F·A⁺)·(B·V)``."""
     p = _kernels.prepare(q, k, v)
     xp = p.xp
@@ -282,7 +302,8 @@ def _reference(q: Any, k: Any, v: Any, /, *, num_landmarks: int, pinv: str = "it
                               (*p.batch, p.heads, num_landmarks, p.dim))
     f = _kernels.weights(_kernels.prepare(q_scaled, k_land_heads, k_land_heads), scale=1.0)
     a = _kernels.weights(_kernels.prepare(q_land, k_land, k_land), scale=1.0)
-    b = _kernels.weights(_kernels.prepare(q_land, k_scaled, p.v), scale=1.0)
+    b = _kernels.weights(_kernels.prepare(q_land, k_scaled, p.v), scale=1.0,
+                         mask=None if attention_mask is None else attention_mask[..., None, None, :])
     if pinv == "iterative":
         a_pinv = newton_schulz_pinv(xp, a, iterations=iterations, init=pinv_init)
     elif pinv == "exact":

@@ -13,10 +13,12 @@ from reflex.mechanisms._cases import standard
 from reflex.mechanisms._patterns import mask_and_causal
 from reflex.mechanisms.shared_map import shared_map_attention
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["predictive_attention", "attention_map_conv2d"]
 
 
+@typed_options()
 def attention_map_conv2d(maps: Any, kernel: Any, /, *, bias: Any = None) -> Any:
     """2-D convolution over attention maps, heads as channels, zero "same" padding (torch ``conv2d`` semantics).
 
@@ -53,6 +55,7 @@ def attention_map_conv2d(maps: Any, kernel: Any, /, *, bias: Any = None) -> Any:
     return xp.permute_dims(out, (*range(nb), nb + 2, nb, nb + 1))
 
 
+@typed_options()
 def predictive_attention(q: Any, k: Any, v: Any, /, *, prev_weights: Any, kernel: Any, alpha: float = 0.5,
                          kernel_bias: Any = None, mask: Any = None, causal: bool | str = False,
                          scale: float | None = None, return_weights: bool = False, compute_dtype: Any = None) -> Any:

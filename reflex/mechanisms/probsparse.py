@@ -12,6 +12,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import causal_offset, parse_causal
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["probsparse_attention", "probsparse_sparsity"]
 
@@ -36,6 +37,7 @@ def _check_samples(p: _kernels.Prepared, sample_indices: Any) -> Any:
     return xp.astype(sample_indices, xp.int64)
 
 
+@typed_options()
 def probsparse_sparsity(p: _kernels.Prepared, sample_indices: Any, scale: float, block: int = 4096) -> Any:
     """``M(q_i) = max_j s_ij − mean_j s_ij`` over each query's sampled keys ``(L, n)`` → ``(..., H, L)``.
 
@@ -55,6 +57,7 @@ def probsparse_sparsity(p: _kernels.Prepared, sample_indices: Any, scale: float,
     return xp.reshape(sparsity, (*p.batch, p.heads, p.length))
 
 
+@typed_options()
 def probsparse_attention(q: Any, k: Any, v: Any, /, *, factor: int = 5, top_u: int | None = None,
                          sample_indices: Any = None, num_samples: int | None = None, seed: Any = None,
                          causal: bool | str = False, scale: float | None = None, compute_dtype: Any = None,

@@ -9,6 +9,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import check_positive_int, index_counts
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["random_attention"]
 
@@ -38,6 +39,7 @@ def random_indices(p: _kernels.Prepared, num_random: Any, indices: Any, seed: An
     return indices
 
 
+@typed_options()
 def random_attention(q: Any, k: Any, v: Any, /, *, num_random: int | None = None, indices: Any = None,
                      seed: Any = None, scale: float | None = None, return_lse: bool = False,
                      compute_dtype: Any = None, implementation: str = "auto") -> Any:

@@ -8,6 +8,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import Pattern, causal_pattern, check_positive_int, explicit_mask
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["recurrent_memory_attention"]
 
@@ -32,6 +33,7 @@ def _check(segment_length: Any, memory_length: Any) -> tuple[int, int]:
             check_positive_int("memory_length", memory_length, minimum=0))
 
 
+@typed_options()
 def recurrent_memory_attention(q: Any, k: Any, v: Any, /, *, segment_length: int, memory_length: int,
                                scale: float | None = None, return_lse: bool = False, compute_dtype: Any = None,
                                implementation: str = "auto") -> Any:

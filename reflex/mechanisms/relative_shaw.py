@@ -10,6 +10,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import mask_and_causal, relative_logits_term
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["relative_shaw_attention"]
 
@@ -23,6 +24,7 @@ def _check_table(p: _kernels.Prepared, name: str, table: Any, width: int, featur
     return _kernels.check_array(p.xp, p.device, p.q.dtype, name, table)
 
 
+@typed_options()
 def relative_shaw_attention(q: Any, k: Any, v: Any, /, *, rel_k: Any, rel_v: Any = None, max_distance: int | None = None,
                             query_offset: int = 0, causal: bool | str = False, scale: float | None = None,
                             return_lse: bool = False, compute_dtype: Any = None, implementation: str = "auto") -> Any:

@@ -11,6 +11,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, qkv
 from reflex.mechanisms._patterns import mask_and_causal
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["rope_attention", "apply_rope"]
 
@@ -30,6 +31,7 @@ def _check_positions(xp: Any, positions: Any, lead: tuple[int, ...], length: int
     return positions
 
 
+@typed_options()
 def apply_rope(x: Any, /, *, positions: Any = None, base: float = 10000.0, convention: str = "half",
                rotary_dim: int | None = None, compute_dtype: Any = None) -> Any:
     """Rotate ``x (..., L, D)`` by the rotary position embedding of its token positions.
@@ -105,6 +107,7 @@ def apply_rope(x: Any, /, *, positions: Any = None, base: float = 10000.0, conve
     return xp.concat([rotated, rest], axis=-1) if rotary < dim else rotated
 
 
+@typed_options()
 def rope_attention(q: Any, k: Any, v: Any, /, *, positions: Any = None, key_positions: Any = None,
                    base: float = 10000.0, convention: str = "half", rotary_dim: int | None = None,
                    causal: bool | str = False, scale: float | None = None, return_lse: bool = False,

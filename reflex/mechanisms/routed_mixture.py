@@ -9,10 +9,12 @@ from reflex.backends import namespace
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import example_qkv, standard
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["routed_mixture_attention", "routing_gates"]
 
 
+@typed_options()
 def routing_gates(x: Any, w_r: Any, /, *, compute_dtype: Any = None) -> Any:
     """Gates ``softmax(x W_r)`` over pathways: ``x (..., L, N)``, ``w_r (N, P)`` → ``(..., L, P)``.
 
@@ -36,6 +38,7 @@ def _pathway(spec: Any) -> tuple[Any, dict[str, Any]]:
     return get(spec["mechanism"]).function, params
 
 
+@typed_options()
 def routed_mixture_attention(q: Any, k: Any, v: Any, /, *, pathways: Sequence[Mapping[str, Any]], x: Any = None,
                              w_r: Any = None, gates: Any = None, compute_dtype: Any = None) -> Any:
     """Routed mixture: out = Σ_p g_p · Attn_p(q, k, v), gates g = softmax(x W_r) per token (or given).

@@ -11,6 +11,7 @@ from reflex.mechanisms._cases import example_qkv, standard
 from reflex.mechanisms._kmeans import initial_centroids, kmeans
 from reflex.mechanisms._patterns import causal_pattern, explicit_mask, mask_and_causal, parse_causal, top_indices
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["routing_attention", "routing_clusters", "routing_pattern"]
 
@@ -64,6 +65,7 @@ def _routing(p: _kernels.Prepared, num_clusters: Any, centroids: Any, iterations
     return _membership(xp, _unit(xp, p.q), mu, window), _membership(xp, keys, mu, window)
 
 
+@typed_options()
 def routing_clusters(q: Any, k: Any, /, *, num_clusters: int, centroids: Any = None, iterations: int | None = None,
                      seed: Any = None, window: int | None = None, compute_dtype: Any = None) -> tuple[Any, Any]:
     """Cluster membership of queries ``(..., H, C, L)`` and keys ``(..., H, C, S)`` (bool; keys per query head)."""
@@ -77,6 +79,7 @@ def _allowed(p: _kernels.Prepared, member_q: Any, member_k: Any) -> Any:
     return shared > 0  # (..., H, L, S): some cluster holds both
 
 
+@typed_options()
 def routing_pattern(q: Any, k: Any, /, *, num_clusters: int, centroids: Any = None, iterations: int | None = None,
                     seed: Any = None, window: int | None = None, causal: bool | str = False,
                     compute_dtype: Any = None) -> Any:
@@ -89,6 +92,7 @@ def routing_pattern(q: Any, k: Any, /, *, num_clusters: int, centroids: Any = No
     return allowed
 
 
+@typed_options()
 def routing_attention(q: Any, k: Any, v: Any, /, *, num_clusters: int, centroids: Any = None,
                       iterations: int | None = None, seed: Any = None, window: int | None = None,
                       causal: bool | str = False, scale: float | None = None, return_lse: bool = False,

@@ -11,10 +11,12 @@ from reflex.backends import namespace
 from reflex.mechanisms._cases import dims
 from reflex.mechanisms._kernels import resolve_dtype
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["shared_map_attention"]
 
 
+@typed_options()
 def shared_map_attention(weights: Any, v: Any, /, *, compute_dtype: Any = None) -> Any:
     """Shared attention map: multiply a previously computed attention map by this layer's values.
 
@@ -49,6 +51,20 @@ def shared_map_attention(weights: Any, v: Any, /, *, compute_dtype: Any = None) 
     return xp.reshape(out, (*weights.shape[:-3], heads, length, int(v.shape[-1])))
 
 
+def _shared_map_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, compute_dtype: Any = None) -> dict:
+    """VJP of :func:`shared_map_attention`: ``dA_h = dO_h V_{g(h)}ᵀ`` and ``dV_g = Σ_{h → g} A_hᵀ dO_h``."""
+    weights, v = inputs["weights"], inputs["v"]
+    xp = namespace(weights, v)
+    dtype = resolve_dtype(xp, compute_dtype)
+    heads, length, key_length = (int(n) for n in weights.shape[-3:])
+    kv_heads, lead = int(v.shape[-3]), tuple(weights.shape[:-3])
+    grouped = (*lead, kv_heads, heads // kv_heads)
+    a = xp.reshape(xp.astype(weights, dtype), (*grouped, length, key_length))
+    d_o = xp.reshape(xp.astype(d_out, dtype), (*grouped, length, int(v.shape[-1])))
+    d_a = d_o @ xp.matrix_transpose(xp.expand_dims(xp.astype(v, dtype), axis=-3))
+    return {"weights": xp.reshape(d_a, tuple(weights.shape)), "v": xp.sum(xp.matrix_transpose(a) @ d_o, axis=-3)}
+
+
 def _cases(size: str, seed: int) -> list[Case]:
     d = dims(size)
     logits = random.normal((2, d["H"], d["L"], d["S"]), seed=(seed, 0))
@@ -77,4 +93,5 @@ register(Mechanism(
     params={"weights": "A (..., H, L, S): the attention map to reuse", "v": "(..., G, S, E) values"},
     cases=_cases,
     example=_example,
+    vjp=_shared_map_vjp,
 ))

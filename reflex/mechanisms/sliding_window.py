@@ -11,6 +11,7 @@ from reflex.mechanisms._cases import qkv, standard
 from reflex.mechanisms._patterns import (band_pattern, causal_offset, check_alignment, check_window,
                                          dilated_band_pattern, explicit_mask)
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["sliding_window_attention"]
 
@@ -70,6 +71,7 @@ def band_indices(p: _kernels.Prepared, left: int, right: int, offset: int, dilat
     return xp.where(keep, cols, -1)
 
 
+@typed_options()
 def sliding_window_attention(q: Any, k: Any, v: Any, /, *, window: tuple[int, int], alignment: str = "top_left",
                              scale: float | None = None, return_lse: bool = False, compute_dtype: Any = None,
                              implementation: str = "auto") -> Any:

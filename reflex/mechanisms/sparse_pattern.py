@@ -9,6 +9,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import example_qkv, standard
 from reflex.mechanisms._patterns import explicit_mask, index_counts
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import IntOrPair, typed_options
 
 __all__ = ["sparse_pattern_attention"]
 
@@ -95,6 +96,7 @@ def _resolve(p: _kernels.Prepared, mask: Any, indptr: Any, indices: Any, block_m
     return "block", block_term(p, block_mask, _check_block_size(block_size))
 
 
+@typed_options(block_size=IntOrPair(minimum=1, optional=True))
 def sparse_pattern_attention(q: Any, k: Any, v: Any, /, *, mask: Any = None, indptr: Any = None, indices: Any = None,
                              block_mask: Any = None,
                              block_size: Any = None, scale: float | None = None, return_lse: bool = False,

@@ -8,6 +8,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, qkv
 from reflex.mechanisms._patterns import (Pattern, causal_offset, check_alignment, check_positive_int, explicit_mask)
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["star_attention"]
 
@@ -42,6 +43,7 @@ def _check(relay: Any, ring: Any, alignment: Any, key_length: int) -> tuple[int,
     return relay, ring, check_alignment(alignment)
 
 
+@typed_options()
 def star_attention(q: Any, k: Any, v: Any, /, *, relay: int = 0, ring: bool = True, alignment: str = "top_left",
                    scale: float | None = None, return_lse: bool = False, compute_dtype: Any = None,
                    implementation: str = "auto") -> Any:

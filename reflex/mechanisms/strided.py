@@ -8,6 +8,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import (Pattern, causal_offset, check_alignment, check_positive_int, explicit_mask)
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["strided_attention"]
 
@@ -49,6 +50,7 @@ def _check(stride: Any, variant: Any, summary: Any, causal: Any, alignment: Any)
     return stride, variant, summary, causal, check_alignment(alignment)
 
 
+@typed_options()
 def strided_attention(q: Any, k: Any, v: Any, /, *, stride: int, variant: str = "strided", summary: int = 1,
                       causal: bool = True, alignment: str = "top_left", scale: float | None = None,
                       return_lse: bool = False, compute_dtype: Any = None, implementation: str = "auto") -> Any:

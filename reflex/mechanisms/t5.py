@@ -13,6 +13,7 @@ from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import mask_and_causal
 from reflex.mechanisms._relative import sum_to
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["t5_bias_attention", "t5_relative_position_bucket", "t5_bias"]
 
@@ -31,6 +32,7 @@ def _check_buckets(bidirectional: bool, num_buckets: int, max_distance: int) -> 
     return per_direction, max_exact
 
 
+@typed_options()
 def t5_relative_position_bucket(relative_position: Any, /, *, bidirectional: bool = True, num_buckets: int = 32,
                                 max_distance: int = 128) -> Any:
     """T5 bucket ids (int64) of integer relative positions ``j − i``, bit for bit as Hugging Face T5.
@@ -131,6 +133,7 @@ def _check_table(table: Any, num_buckets: int | None) -> int:
     return int(table.shape[0])
 
 
+@typed_options()
 def t5_bias(table: Any, /, length: int, key_length: int, *, bidirectional: bool = True, num_buckets: int | None = None,
             max_distance: int = 128, query_offset: int = 0) -> Any:
     """The T5 position bias ``(H, L, S)``: ``table[bucket(j − (i + query_offset)), h]``.
@@ -147,6 +150,7 @@ def t5_bias(table: Any, /, length: int, key_length: int, *, bidirectional: bool 
     return _table_term(table, query_offset, bidirectional, num_buckets, max_distance)(rows, cols)
 
 
+@typed_options()
 def t5_bias_attention(q: Any, k: Any, v: Any, /, *, table: Any, bidirectional: bool = True, max_distance: int = 128,
                       query_offset: int = 0, causal: bool | str = False, scale: float | None = None,
                       return_lse: bool = False, compute_dtype: Any = None, implementation: str = "auto") -> Any:

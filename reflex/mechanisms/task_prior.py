@@ -11,10 +11,12 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, qkv
 from reflex.mechanisms._patterns import mask_and_causal
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["task_prior_attention", "block_diagonal_prior"]
 
 
+@typed_options()
 def block_diagonal_prior(blocks: Any, /, *, gamma: Any = None, beta: Any = None) -> Any:
     """The prior M = ⊕ₙ (Aₙ·γ + β): ``blocks (..., n, b_L, b_S)`` → ``(..., n·b_L, n·b_S)``, 0 off the blocks.
 
@@ -34,6 +36,7 @@ def block_diagonal_prior(blocks: Any, /, *, gamma: Any = None, beta: Any = None)
     return xp.reshape(spread, (*blocks.shape[:-3], n * bl, n * bs))
 
 
+@typed_options()
 def task_prior_attention(q: Any, k: Any, v: Any, /, *, blocks: Any, gamma: Any = None, beta: Any = None,
                          mask: Any = None, causal: bool | str = False, scale: float | None = None,
                          return_lse: bool = False, compute_dtype: Any = None, implementation: str = "auto") -> Any:

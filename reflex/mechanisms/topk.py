@@ -12,6 +12,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import example_qkv, standard
 from reflex.mechanisms._patterns import check_positive_int, index_counts, parse_causal, top_indices
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["topk_attention", "topk_indices"]
 
@@ -44,6 +45,7 @@ def _indices(p: _kernels.Prepared, top_k: int, scale: float, mask: Any, alignmen
     return blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=-2)
 
 
+@typed_options()
 def topk_indices(q: Any, k: Any, /, *, top_k: int, causal: bool | str = False, mask: Any = None,
                  scale: float | None = None, compute_dtype: Any = None) -> Any:
     """The keys each query attends in :func:`topk_attention`: int64 ``(..., H, L, min(top_k, S))``.
@@ -57,6 +59,7 @@ def topk_indices(q: Any, k: Any, /, *, top_k: int, causal: bool | str = False, m
     return _indices(p, check_positive_int("top_k", top_k), _kernels.resolve_scale(scale, p.dim), mask, parse_causal(causal))
 
 
+@typed_options()
 def topk_attention(q: Any, k: Any, v: Any, /, *, top_k: int, causal: bool | str = False, mask: Any = None,
                    scale: float | None = None, return_lse: bool = False, compute_dtype: Any = None,
                    implementation: str = "auto") -> Any:

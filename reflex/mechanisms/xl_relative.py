@@ -9,12 +9,15 @@ from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, example_qkv, qkv
-from reflex.mechanisms._patterns import causal_offset, causal_pattern, parse_causal, relative_logits_term
+from reflex.mechanisms._patterns import causal_offset, causal_pattern, parse_causal
+from reflex.mechanisms._relative import RelativeLogits, assemble_rows, sum_to
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._options import typed_options
 
 __all__ = ["xl_relative_attention", "relative_sinusoid"]
 
 
+@typed_options()
 def relative_sinusoid(distances: Any, dim: int, /, *, base: float = 10000.0) -> Any:
     """Transformer-XL's sinusoidal embedding R_Δ ``(..., dim)`` of (integer or float) distances ``(...)``.
 
@@ -43,6 +46,7 @@ def _check(p: _kernels.Prepared, name: str, x: Any, shape: tuple[int, ...], what
     return _kernels.check_array(p.xp, p.device, p.q.dtype, name, x)
 
 
+@typed_options()
 def xl_relative_attention(q: Any, k: Any, v: Any, /, *, w_r: Any, content_bias: Any, position_bias: Any,
                           causal: bool | str = "bottom_right", scale: float | None = None, return_lse: bool = False,
                           compute_dtype: Any = None, implementation: str = "auto") -> Any:
@@ -74,6 +78,12 @@ def xl_relative_attention(q: Any, k: Any, v: Any, /, *, w_r: Any, content_bias: 
     is an index-grid term computed per tile from the tile's distinct distances (the relative shift
     of the paper's App. B without the padding trick), so the tiled kernel never builds ``L × S``.
 
+    Gradients (:func:`reflex.vjp`): the engine's backward (FlashAttention-2, Dao 2023, Alg. 2) gives
+    dq, dk, dv from (a) and the score cotangent dZ; then (c): ``du_h = scale·Σ_{j} dZ^{(c)}_{hj} k_j``
+    and ``dk_j += scale·Σ_{h∈g} dZ^{(c)}_{hj} u_h`` with ``dZ^{(c)}_{hj} = Σ_i dZ_{hij}``;
+    (b)+(d): per tile, ``dΛ`` (dZ shifted back onto distances), ``d(q_i + v) = scale·Σ_Δ dΛ_{iΔ} r_Δ``
+    gives dq and ``dv = Σ_i``, and ``dW_R = Σ_Δ (dΛᵀ(q + v)·scale)_Δ R_Δᵀ``.
+
     Reference: Dai et al. 2019, "Transformer-XL: Attentive Language Models Beyond a Fixed-Length
     Context", ACL, §3.3 (the four terms) and App. B (efficient computation).
     """
@@ -93,12 +103,17 @@ def xl_relative_attention(q: Any, k: Any, v: Any, /, *, w_r: Any, content_bias: 
     content = xp.reshape(content, (*p.batch, p.heads, 1, p.key_length))
     w_r_t = xp.matrix_transpose(w_r)  # (H, N, D)
 
-    def embed(d_min: int, d_max: int) -> Any:
+    def sinusoid(d_min: int, d_max: int) -> Any:
         # distance d = j − i − δ, so the sinusoid's argument i + δ − j is −d
-        distances = -xp.arange(d_min, d_max + 1, dtype=dtype, device=p.device)
-        return relative_sinusoid(distances, width) @ w_r_t  # (H, n, D)
+        return relative_sinusoid(-xp.arange(d_min, d_max + 1, dtype=dtype, device=p.device), width)  # (n, N)
 
-    position = relative_logits_term(xp, (p.q + v_pos[:, None, :]) * scale, embed, offset)
+    def embed(d_min: int, d_max: int) -> Any:
+        return sinusoid(d_min, d_max) @ w_r_t  # (H, n, D)
+
+    def embed_vjp(d_min: int, d_max: int, d_table: Any) -> dict[str, Any]:
+        return {"w_r": xp.matrix_transpose(xp.matrix_transpose(sinusoid(d_min, d_max)) @ d_table)}  # (H, D, N)
+
+    position = RelativeLogits(xp, (p.q + v_pos[:, None, :]) * scale, embed, embed_vjp, offset)
     alignment = parse_causal(causal)
     masks, tile_active = [], None
     if alignment is not None:
@@ -106,6 +121,37 @@ def xl_relative_attention(q: Any, k: Any, v: Any, /, *, w_r: Any, content_bias: 
         masks, tile_active = [pattern.allowed], pattern.tile_active
     return _kernels.softmax_attention(p, scale=scale, mask=masks, bias=[content, position], tile_active=tile_active,
                                       implementation=implementation, return_lse=return_lse)
+
+
+def _vjp(inputs: Any, d_out: Any, *, d_lse: Any = None, return_lse: bool = False, **params: Any) -> dict[str, Any]:
+    """Gradients of ``⟨d_out, O⟩ + ⟨d_lse, lse⟩`` (see the forward's docstring for the chain rule)."""
+    from reflex.mechanisms._engine.record import recording
+
+    params.setdefault("implementation", "auto")
+    if params["implementation"] not in ("dense", "tiled"):
+        params["implementation"] = "dense" if int(inputs["q"].shape[-2]) * int(inputs["k"].shape[-2]) <= 1 << 20 \
+            else "tiled"
+    arrays = {n: inputs[n] for n in ("w_r", "content_bias", "position_bias")}
+    with recording() as calls:
+        out, lse = xl_relative_attention(inputs["q"], inputs["k"], inputs["v"], **arrays, **params, return_lse=True)
+    (call,) = [c for c in calls if c.out is out]
+    p, (content, position) = call.p, call.options["bias"]
+    xp = p.xp
+    scale = call.options["scale"]
+    grads = call.backward(d_out, d_lse)
+    d_content, d_position = grads.bias
+    # (c) content[..., h, 0, j] = scale·u_h·k_{g(h), j}
+    d_content = xp.reshape(d_content[..., 0, :], (*p.batch, p.kv_heads, p.group, p.key_length))  # (..., G, H/G, S)
+    u = xp.reshape(xp.astype(inputs["content_bias"], p.q.dtype), (p.kv_heads, p.group, p.dim))
+    d_k = grads.dk + scale * (xp.matrix_transpose(d_content) @ u)  # (..., G, S, D)
+    d_u = sum_to(xp, scale * (d_content @ p.k), (p.kv_heads, p.group, p.dim))  # (..., G, H/G, S) @ (..., G, S, D)
+    # (b) + (d): queries (q + v)·scale of the position term
+    d_queries = assemble_rows(xp, d_position, position.queries)
+    w_r = inputs["w_r"]
+    d_w_r = d_position.get("w_r", xp.zeros(w_r.shape, dtype=p.q.dtype, device=p.device))
+    return {"q": grads.dq + scale * d_queries, "k": d_k, "v": grads.dv, "w_r": d_w_r,
+            "content_bias": xp.reshape(d_u, (p.heads, p.dim)),
+            "position_bias": sum_to(xp, scale * d_queries, (p.heads, 1, p.dim))[:, 0, :]}
 
 
 def _cases(size: str, seed: int) -> list[Case]:
@@ -146,4 +192,5 @@ register(Mechanism(
     cases=_cases,
     returns_lse=True,
     example=_example,
+    vjp=_vjp,
 ))

@@ -1,0 +1,391 @@
+"""The typed-option layer: one declaration of every public function's options, checked before any work.
+
+Every public mechanism function is wrapped by :func:`typed_options`. Before the function runs, the
+wrapper checks
+
+- the positional arrays (``q``, ``k``, ``v``, ...): arrays of one supported library — not ``None``,
+  Python lists, strings or NumPy masked arrays;
+- every keyword option against its :class:`Spec`: booleans are ``bool`` (``causal="False"`` is not
+  truthy), integers are ``int`` within a documented range (checked before any allocation), reals are
+  finite numbers in range, ``causal`` follows one convention, ``compute_dtype`` is a real floating
+  dtype;
+- every array-valued keyword option: same library and device as the first positional array, and a
+  real floating dtype (masks boolean, index arrays integer; complex is always refused);
+
+and after it returns, the overflow guard: an output that is not finite although every input is finite
+means ``scale·q·k`` (or another intermediate) overflowed float64. reflex raises
+:class:`FloatingPointError` there instead of returning NaN (NaN or ±inf in the inputs still flows to
+the rows that use them). Finally, the output must have the compute dtype: a library that cannot hold
+it (JAX without x64) is refused, never answered in a lower precision.
+
+Specs are found by parameter name (:data:`BY_NAME`); a mechanism overrides or adds specs with keyword
+arguments to :func:`typed_options`. Every error names the argument, what was expected and what came.
+
+Causal convention (all mechanisms): ``causal`` is ``False``, ``True`` (= ``"top_left"``, key j ≤ i),
+``"top_left"`` or ``"bottom_right"`` (j ≤ i + S − L). A mechanism that also takes ``alignment`` (windows,
+ALiBi distances) reads a string ``causal`` as ``causal=True, alignment=<that string>``; passing both with
+different alignments is an error. A mechanism that only defines top-left causality refuses
+``"bottom_right"``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from reflex.backends import device as device_of
+from reflex.backends import is_array, is_real_floating_dtype, library_name, namespace
+
+__all__ = ["OptionTypeError", "Spec", "Bool", "Int", "IntOrPair", "Real", "Seed", "Causal", "ComputeDtype", "typed_options", "MAX_INT", "BY_NAME",
+           "check_bool", "check_int", "check_real"]
+
+# Integer options (sizes, counts, offsets) must lie within int32: every kernel indexes with it, and a
+# size beyond it could never be allocated anyway.
+MAX_INT = 2**31 - 1
+ALIGNMENTS = ("top_left", "bottom_right")
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+
+
+def _boolean(value: Any) -> bool:
+    return isinstance(value, bool) or type(value).__name__ == "bool_"
+
+
+class OptionTypeError(TypeError, ValueError):
+    """An option of the wrong type (``causal="False"``, ``dilation=2.0``): a ``TypeError`` that is also a
+    ``ValueError``, so callers catching either see it."""
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` as a bool; anything but ``bool``/NumPy bool raises ``TypeError``."""
+    if not _boolean(value):
+        raise OptionTypeError(f"{name} must be a bool (True or False); got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
+def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int = MAX_INT) -> int:
+    """``value`` as an int in ``[minimum, maximum]``; floats and bools raise ``TypeError``."""
+    if not _integer(value):
+        raise OptionTypeError(f"{name} must be an int; got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be an int <= {maximum}; got {value}")
+    return value
+
+
+def check_real(name: str, value: Any, *, minimum: float | None = None, positive: bool = False) -> float:
+    """``value`` as a finite float (``> 0`` if ``positive``, ``≥ minimum`` if given)."""
+    if _boolean(value) or not isinstance(value, numbers.Real):
+        raise OptionTypeError(f"{name} must be a real number; got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite; got {value!r}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0; got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one keyword option is checked; ``optional`` lets ``None`` through."""
+
+    optional: bool = False
+
+    def check(self, name: str, value: Any) -> Any:
+        if value is None and self.optional:
+            return None
+        return self._check(name, value)
+
+    def _check(self, name: str, value: Any) -> Any:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Bool(Spec):
+    def _check(self, name: str, value: Any) -> Any:
+        return check_bool(name, value)
+
+
+@dataclass(frozen=True)
+class Int(Spec):
+    minimum: int | None = 0
+    maximum: int = MAX_INT
+
+    def _check(self, name: str, value: Any) -> Any:
+        return check_int(name, value, minimum=self.minimum, maximum=self.maximum)
+
+
+@dataclass(frozen=True)
+class IntOrPair(Spec):
+    """An int, or a pair of ints (e.g. a ``(query, key)`` block size; ``any_length``: a tuple of factors)."""
+
+    minimum: int | None = 0
+    maximum: int = MAX_INT
+    any_length: bool = False
+
+    def _check(self, name: str, value: Any) -> Any:
+        if isinstance(value, (tuple, list)):
+            if len(value) != 2 and not (self.any_length and len(value) >= 1):
+                raise ValueError(f"{name} must be an int or {'a non-empty tuple' if self.any_length else 'a pair'} "
+                                 f"of ints; got {value!r}")
+            return tuple(check_int(f"{name}[{i}]", v, minimum=self.minimum, maximum=self.maximum)
+                         for i, v in enumerate(value))
+        return check_int(name, value, minimum=self.minimum, maximum=self.maximum)
+
+
+@dataclass(frozen=True)
+class Real(Spec):
+    positive: bool = False
+    minimum: float | None = None
+
+    def _check(self, name: str, value: Any) -> Any:
+        return check_real(name, value, minimum=self.minimum, positive=self.positive)
+
+
+@dataclass(frozen=True)
+class Seed(Spec):
+    """An ``int ≥ 0`` or a tuple of them (``reflex.random`` seeds)."""
+
+    def _check(self, name: str, value: Any) -> Any:
+        parts = value if isinstance(value, tuple) else (value,)
+        for part in parts:
+            if not _integer(part) or int(part) < 0:
+                raise OptionTypeError(f"{name} must be an int >= 0 or a tuple of them; got {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class Causal(Spec):
+    """``causal``: ``False | True | "top_left" | "bottom_right"``; ``top_left_only`` refuses bottom-right."""
+
+    top_left_only: bool = False
+
+    def _check(self, name: str, value: Any) -> Any:
+        if value is None:
+            return False
+        if _boolean(value):
+            return bool(value)
+        if isinstance(value, str) and value in ALIGNMENTS:
+            if self.top_left_only and value == "bottom_right":
+                raise ValueError(f"{name}='bottom_right' is not defined for this mechanism: it supports causal=True "
+                                 f"(= 'top_left', key j <= i) or False")
+            return True if self.top_left_only else value
+        raise OptionTypeError(f"{name} must be False, True (= 'top_left'), 'top_left' (key j <= i) or 'bottom_right' "
+                              f"(j <= i + S - L); got {value!r}")
+
+
+@dataclass(frozen=True)
+class ComputeDtype(Spec):
+    """``compute_dtype``: ``None`` (float64), a floating dtype name, or a real floating dtype object."""
+
+    def _check(self, name: str, value: Any) -> Any:
+        if isinstance(value, str):
+            if value not in ("float64", "float32", "float16", "bfloat16"):
+                raise ValueError(f"{name} must name a real floating dtype (float64, float32, float16, bfloat16); "
+                                 f"got {value!r}")
+            return value
+        if _boolean(value) or isinstance(value, numbers.Number) or not is_real_floating_dtype(value):
+            shown = getattr(value, "__name__", None) or str(value).removeprefix("torch.")
+            raise OptionTypeError(f"{name} must be a real floating dtype; got {shown} (e.g. float64, float32 or "
+                                  f"numpy.longdouble; None means float64)")
+        return value
+
+
+# Options every mechanism that has them shares, by parameter name.
+_COUNT = Int(minimum=1)
+_NATURAL = Int(minimum=0)
+BY_NAME: dict[str, Spec] = {
+    **{name: Bool() for name in ("return_lse", "return_state", "return_weights", "return_average",
+                                 "return_coefficients", "return_packed", "normalize", "symmetric",
+                                 "include_self", "ring", "bidirectional", "enable_gqa")},
+    **{name: _COUNT for name in ("block_size", "chunk_length", "n_buckets", "n_hashes", "num_landmarks", "num_projections", "num_samples", "topk", "levels",
+                                 "kernel_size", "segment_length", "rate", "dilation", "max_distance", "num_heads",
+                                 "num_kv_heads", "chunk_size", "factor")},
+    "top_u": Int(minimum=0, optional=True),
+    **{name: Int(minimum=1, optional=True) for name in ("num_clusters", "stride", "num_features")},
+    "n_buckets": IntOrPair(minimum=1, any_length=True),
+    **{name: _NATURAL for name in ("num_chunks_before", "num_chunks_after", "look_back", "memory_length",
+                                   "compressed_length", "relay", "summary", "top_k")},
+    **{name: Int(minimum=0, optional=True) for name in ("iterations", "num_random", "num_random_blocks",
+                                                        "rotary_dim")},
+    "query_offset": Int(minimum=None),
+    "seed": Seed(optional=True),
+    "scale": Real(optional=True),
+    "softcap": Real(positive=True, optional=True),
+    "eps": Real(minimum=0.0),
+    "base": Real(positive=True),
+    "ramp": Real(positive=True),
+    "inverse_temperature": Real(),
+    "beta_a": Real(),
+    "beta_v": Real(),
+    "alpha": Real(),
+    "lowrank_scale": Real(optional=True),
+    "causal": Causal(),
+    "compute_dtype": ComputeDtype(optional=True),
+}
+
+# Array-valued keyword options of these names are boolean or integer; every other one is real floating.
+BOOLEAN_ARRAYS = frozenset({"mask", "block_mask", "attention_mask", "dropout_mask", "global_mask"})
+INTEGER_ARRAYS = frozenset({"indices", "indptr", "plan", "assignment", "global_indices", "sample_indices",
+                            "key_positions", "positions", "block_table", "cache_seqlens",
+                            "cu_seqlens_q", "cu_seqlens_k", "seqlens_q", "seqlens_k", "block_indices"})
+
+
+def _is_masked_array(x: Any) -> bool:
+    return type(x).__name__ == "MaskedArray" and library_name(x) == "numpy"
+
+
+def _dtype_text(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.").removeprefix("array_api_strict.")
+
+
+def _check_positional(name: str, x: Any) -> None:
+    if _is_masked_array(x):
+        raise TypeError(f"{name} is a NumPy masked array; pass the data and a boolean mask= instead")
+    if not is_array(x):
+        raise TypeError(f"{name} must be an array (NumPy, CuPy, torch, array-api-strict, ...); got {type(x).__name__}")
+
+
+def _check_option_array(name: str, x: Any, anchor_name: str, anchor: Any) -> None:
+    """Library, device and dtype kind of an array-valued keyword option."""
+    _check_positional(name, x)
+    if library_name(x) != library_name(anchor):
+        raise TypeError(f"{name} comes from a different array library than {anchor_name} ({library_name(x)} vs "
+                        f"{library_name(anchor)}): pass all arrays from one library")
+    if device_of(x) != device_of(anchor):
+        raise ValueError(f"{name} is on device {device_of(x)}; {anchor_name} is on {device_of(anchor)}")
+    xp = namespace(x)
+    if name in BOOLEAN_ARRAYS:
+        if not xp.isdtype(x.dtype, "bool"):
+            raise TypeError(f"{name} must be a boolean array (True = attend); got dtype {_dtype_text(x.dtype)}")
+    elif name in INTEGER_ARRAYS:
+        if not xp.isdtype(x.dtype, "integral"):
+            raise TypeError(f"{name} must be an integer array; got dtype {_dtype_text(x.dtype)}")
+    elif not xp.isdtype(x.dtype, "real floating"):
+        raise TypeError(f"{name} must be a real floating array; got dtype {_dtype_text(x.dtype)}"
+                        + (" (complex values are not supported: the imaginary part would be lost)"
+                           if xp.isdtype(x.dtype, "complex floating") else ""))
+
+
+def _all_finite(x: Any) -> bool:
+    xp = namespace(x)
+    if not xp.isdtype(x.dtype, ("real floating", "complex floating")):
+        return True
+    return bool(xp.all(xp.isfinite(x)))
+
+
+def _arrays_in(value: Any) -> list[Any]:
+    if is_array(value):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [a for item in value for a in _arrays_in(item)]
+    return []
+
+
+def _overflow_guard(function_name: str, arrays: dict[str, Any], result: Any) -> None:
+    """Raise when the output is not finite although every input array is."""
+    out = result[0] if isinstance(result, tuple) else result
+    if not is_array(out) or _all_finite(out):
+        return
+    if all(_all_finite(a) for value in arrays.values() for a in _arrays_in(value)):
+        sizes = ", ".join(f"max |{name}| = {float(namespace(a).max(namespace(a).abs(a))):.3g}"
+                          for name, a in arrays.items() if is_array(a) and a.size and _real(a))
+        raise FloatingPointError(
+            f"{function_name}: the output is not finite although every input is — an intermediate (scale·q·k, a "
+            f"norm or a feature) overflowed float64 ({sizes}). reflex refuses instead of returning NaN: scale "
+            f"the inputs down")
+
+
+def _real(a: Any) -> bool:
+    return namespace(a).isdtype(a.dtype, "real floating")
+
+
+def _check_output_dtype(function_name: str, compute_dtype: Any, result: Any) -> None:
+    """The output must carry the requested precision (JAX without x64 silently computes in float32)."""
+    out = result[0] if isinstance(result, tuple) else result
+    if not is_array(out):
+        return
+    xp = namespace(out)
+    if not xp.isdtype(out.dtype, "real floating"):
+        return
+    wanted = compute_dtype if compute_dtype is not None else "float64"
+    wanted_text = wanted if isinstance(wanted, str) else _dtype_text(getattr(wanted, "__name__", wanted))
+    if wanted_text == "float64" and _dtype_text(out.dtype) != "float64":
+        hint = (" JAX computes in float32 unless x64 is enabled: call jax.config.update('jax_enable_x64', True) "
+                "before creating arrays." if library_name(out) in ("jax", "jaxlib") else "")
+        raise TypeError(f"{function_name}: {library_name(out)} returned {_dtype_text(out.dtype)} for a float64 "
+                        f"computation; reflex never labels a lower-precision answer float64.{hint}")
+
+
+def typed_options(**specs: Spec) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a public mechanism function: check its arrays and options (see the module docstring).
+
+    ``specs`` add or override :data:`BY_NAME` entries for this function's keyword options.
+    """
+
+    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(function)
+        parameters = signature.parameters
+        positional = [n for n, p in parameters.items() if p.kind is inspect.Parameter.POSITIONAL_ONLY
+                      and p.annotation not in ("int", int)]  # alibi_slopes(num_heads, /): a count, not an array
+        table = {name: spec for name, spec in {**BY_NAME, **specs}.items() if name in parameters}
+        table.update({n: Int(minimum=0) for n, p in parameters.items() if p.annotation in ("int", int) and n not in table})
+        has_alignment = "alignment" in parameters
+
+        @functools.wraps(function)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            try:
+                bound = signature.bind(*args, **kwargs)
+            except TypeError as err:
+                raise TypeError(f"{function.__name__}: {err}") from None
+            values = bound.arguments
+            anchor_name = None
+            for name in positional:
+                if name not in values or values[name] is None and parameters[name].default is None:
+                    continue  # an optional positional array left out
+                _check_positional(name, values[name])
+                anchor_name = anchor_name or name
+            for name, spec in table.items():
+                if name in values:
+                    values[name] = spec.check(name, values[name])
+            if has_alignment and isinstance(values.get("causal"), str):
+                explicit = values.get("alignment", parameters["alignment"].default)
+                if "alignment" in values and explicit != values["causal"]:
+                    raise ValueError(f"causal={values['causal']!r} conflicts with alignment={explicit!r}: pass "
+                                     f"causal=True with alignment=..., or one string causal")
+                values["alignment"] = values["causal"]
+                values["causal"] = True
+            if anchor_name is not None:
+                anchor = values[anchor_name]
+                for name, value in values.items():
+                    if name in positional or not (is_array(value) or _is_masked_array(value)):
+                        continue
+                    _check_option_array(name, value, anchor_name, anchor)
+                for name in positional:
+                    value = values.get(name)
+                    if value is not None and name != anchor_name and is_array(value):
+                        if library_name(value) != library_name(anchor):
+                            raise TypeError(f"arrays come from different array libraries: {name} from "
+                                            f"{library_name(value)}, {anchor_name} from {library_name(anchor)}")
+            result = function(*bound.args, **bound.kwargs)
+            arrays = {name: value for name, value in values.items() if _arrays_in(value)}
+            if arrays:
+                _overflow_guard(function.__name__, arrays, result)
+                if "compute_dtype" in parameters:
+                    _check_output_dtype(function.__name__, values.get("compute_dtype"), result)
+            return result
+
+        checked.__signature__ = signature  # type: ignore[attr-defined]
+        return checked
+
+    return decorate
