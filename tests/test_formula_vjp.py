@@ -17,7 +17,7 @@ from tests.helpers import assert_vjp_matches_finite_differences, max_abs, qkv_ho
 
 FORMULA_KEYS = ["linear", "performer", "rfa", "cosformer", "nystrom", "talking_heads", "synthesizer", "linformer",
                 "average", "memory_compressed", "residual", "poolingformer", "lowrank_band",
-                "adaptive_span", "multi_scale", "hard_gaussian"]
+                "adaptive_span", "multi_scale", "hard_gaussian", "shared_map", "collaborative", "head_diversity"]
 
 
 def _case_ids(sizes):

@@ -89,6 +89,59 @@ def head_diversity(maps: Any, /, *, kind: str, patterns: Any = None, reduce: str
     return xp.sum(diff * diff, axis=(-3, -2, -1))
 
 
+def _mean_pairwise_cosine_vjp(xp: Any, x: Any, reduce: str, d_value: Any) -> Any:
+    """Gradient of ``d_value (...) · _mean_pairwise_cosine(x)`` with respect to ``x (..., H, L, E)``.
+
+    With unit vectors ``u_j = x_j/‖x_j‖`` (0 for a zero vector) and ``c_aj = cos(x_a, x_j)``:
+    ``∂ Σ_ij c_ij / ∂x_a = (2/‖x_a‖)(Σ_j u_j − (Σ_j c_aj) u_a)``, 0 for a zero vector (its cosines are
+    the constant 0); then ÷ H² and ÷ the rows averaged.
+    """
+    shape = tuple(x.shape)
+    if reduce == "flatten":
+        x = xp.reshape(x, (*x.shape[:-2], 1, int(x.shape[-2]) * int(x.shape[-1])))
+    x = xp.permute_dims(x, (*range(x.ndim - 3), x.ndim - 2, x.ndim - 3, x.ndim - 1))  # (..., R, H, E)
+    norms = xp.sqrt(xp.sum(x * x, axis=-1, keepdims=True))
+    live = norms > 0
+    safe = xp.where(live, norms, 1.0)
+    unit = xp.where(live, x / safe, 0.0)
+    cosine = unit @ xp.matrix_transpose(unit)
+    grad = 2.0 * (xp.sum(unit, axis=-2, keepdims=True) - xp.sum(cosine, axis=-1, keepdims=True) * unit) / safe
+    rows, heads = int(x.shape[-3]), int(x.shape[-2])
+    grad = xp.where(live, grad, 0.0) * (d_value[..., None, None, None] / float(heads * heads * rows))
+    grad = xp.permute_dims(grad, (*range(grad.ndim - 3), grad.ndim - 2, grad.ndim - 3, grad.ndim - 1))
+    return xp.reshape(grad, shape)
+
+
+def _head_diversity_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, kind: str, reduce: str = "flatten",
+                        compute_dtype: Any = None) -> dict:
+    """VJP of :func:`head_diversity`: ``d maps`` (and ``d patterns`` for ``"pattern"``), ``d_out`` of shape ``(...)``.
+
+    Cosine kinds: see :func:`_mean_pairwise_cosine_vjp` (negated). ``"position"``:
+    ``dA_h = −2 d·(Σ_i A^i)/H²``. ``"pattern"``: ``dA = 2 d (A − P)``, ``dP = −2 d (A − P)`` summed over
+    the axes P was broadcast along.
+    """
+    from reflex.mechanisms import _grad
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+    maps, patterns = inputs["maps"], inputs.get("patterns")
+    xp = namespace(maps, patterns)
+    dtype = resolve_dtype(xp, compute_dtype)
+    m = xp.astype(maps, dtype)
+    d = xp.astype(d_out, dtype)
+    if kind in ("subspace", "output"):
+        return {"maps": -_mean_pairwise_cosine_vjp(xp, m, reduce, d)}
+    if kind == "position":
+        heads = int(m.shape[-3])
+        total = xp.sum(m, axis=-3, keepdims=True)
+        return {"maps": xp.broadcast_to(-2.0 * total * d[..., None, None, None] / float(heads * heads), tuple(m.shape))}
+    diff = 2.0 * (m - xp.astype(patterns, dtype)) * d[..., None, None, None]
+    grads = {"maps": diff}
+    if xp.isdtype(patterns.dtype, "real floating"):
+        grads["patterns"] = _grad.reduce_to(xp, -diff, tuple(patterns.shape))
+    return grads
+
+
 def _cases(size: str, seed: int) -> list[Case]:
     d = dims(size)
     values = random.normal((2, d["H"], d["S"], d["E"]), seed=(seed, 0))
@@ -119,4 +172,5 @@ register(Mechanism(
     cases=_cases,
     row_separable=False,
     example=_example,
+    vjp=_head_diversity_vjp,
 ))
