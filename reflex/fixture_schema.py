@@ -33,6 +33,7 @@ _TOP = ("schema_version", "reflex_version", "numpy_version", "seed", "sizes", "m
         "shapes", "skipped", "cases")
 _CASE = ("id", "mechanism", "variant", "size", "shape", "seed", "params", "positional", "file", "bytes", "sha256",
          "arrays", "tolerances", "paper")
+_OPTIONAL_CASE = ("certificate",)  # written by `generate --certify` (reflex.certify.case_record); not recomputed by verify
 _SKIPPED = ("mechanism", "size", "shape", "variant", "reason")
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 MEMBER = re.compile(rf"(input\.{_NAME}|output|output\.[1-9][0-9]*|lse|d_out|d_lse|grad\.{_NAME})")
@@ -198,7 +199,10 @@ def validate(manifest: Mapping[str, Any], what: str = MANIFEST) -> None:
     for position, entry in enumerate(cases):
         cid = entry.get("id") if isinstance(entry, dict) else None
         field = f"case {cid}" if isinstance(cid, str) and CASE_ID.fullmatch(cid) else f"cases[{position}]"
-        _exact_keys(entry, _CASE, field)
+        _exact_keys({k: v for k, v in entry.items() if k not in _OPTIONAL_CASE}, _CASE, field)
+        if "certificate" in entry and (not isinstance(entry["certificate"], dict)
+                                       or not isinstance(entry["certificate"].get("method"), (str, type(None)))):
+            raise _fail(f"{field}: certificate", "an object with a method (string or null)", entry["certificate"])
         _str(cid, f"{field}: id", CASE_ID)
         if cid in seen:
             raise FixtureError(f"case {cid} is listed twice")

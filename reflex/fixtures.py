@@ -332,7 +332,7 @@ def _build(cid: str, size: str, shape: dict[str, int], mechanism: registry.Mecha
 def generate(out_dir: str | os.PathLike[str], mechanisms: Iterable[str] | None = None,
              sizes: Sequence[str] = DEFAULT_SIZES, seed: int = 0, *, progress: bool = False,
              shapes: Mapping[str, Iterable[int]] | None = None, dtypes: Iterable[str] | None = None,
-             format: str = "npz") -> dict[str, Any]:
+             format: str = "npz", certify: bool = False) -> dict[str, Any]:
     """Write a fixture set for ``mechanisms`` (default: every registered one) at ``sizes`` into ``out_dir``.
 
     Args:
@@ -343,6 +343,9 @@ def generate(out_dir: str | os.PathLike[str], mechanisms: Iterable[str] | None =
         dtypes: the dtypes whose tolerances are recorded (default: every row of
             :data:`reflex.testing.TOLERANCES`).
         format: ``"npz"`` or ``"safetensors"``.
+        certify: record each case's precision certificate (:func:`reflex.certify.case_record`: float64
+            error against mpmath for tiny cases where reflex has the formula, else longdouble) as the
+            case entry's ``certificate``.
         progress: show a tqdm bar on stderr.
 
     Cases are ordered by mechanism key, size, shape, then the case builder's order. Files of the
@@ -376,6 +379,10 @@ def generate(out_dir: str | os.PathLike[str], mechanisms: Iterable[str] | None =
             skipped.append(_skip(mechanism.key, size, shape, case.variant, built))
             continue
         entry, members = built
+        if certify:
+            from reflex.certify import case_record, default_method
+
+            entry["certificate"] = case_record(mechanism, case, method=default_method(size))
         data = _file_bytes(members, format)
         npz.write_atomic(folder / entry["file"], data)
         entries.append({**entry, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})

@@ -54,7 +54,7 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         manifest = fixtures.generate(args.out, _split(args.mechanisms), _split(args.sizes), args.seed,
                                      progress=_progress(args), shapes=shapes, dtypes=_split(args.dtypes),
-                                     format=args.format)
+                                     format=args.format, certify=args.certify)
     except KeyError as err:  # unknown mechanism, with close matches
         return _fail(err.args[0], 2)
     except fixtures.FixtureError as err:
@@ -136,6 +136,8 @@ def add_parser(sub: Any) -> None:
     generate.add_argument("--dtypes", help="comma-separated dtypes whose tolerances are recorded "
                                            "(default: every tested dtype)")
     generate.add_argument("--format", choices=("npz", "safetensors"), default="npz", help="case files (default npz)")
+    generate.add_argument("--certify", action="store_true", help="record each case's float64 error against "
+                          "higher precision in the manifest (docs/precision.md)")
     generate.add_argument("--quiet", **quiet)
     generate.set_defaults(handler=_generate)
     verify = fixtures_sub.add_parser("verify", help="check hashes, the manifest and recompute every case")

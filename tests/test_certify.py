@@ -313,3 +313,29 @@ def test_exactly_zero_gradient_is_measured_against_the_gradient_scale():
     named = {g.name: g for g in cert.gradients}
     assert named["d_q"].scale == 0 and math.isfinite(named["d_q"].max_rel) and named["d_q"].max_rel < 1e-14
     assert any("zero up to round-off in the reference" in note for note in cert.notes)
+
+
+def test_fixtures_generate_certify(tmp_path):
+    from reflex import fixtures
+    from reflex.cli import main
+
+    manifest = fixtures.generate(tmp_path / "set", ["full", "nystrom"], ["tiny"], certify=True)
+    records = {case["id"]: case["certificate"] for case in manifest["cases"]}
+    assert records["full-mha-0"]["method"] == "mpmath" and records["full-mha-0"]["max_rel"] < 1e-14
+    assert records["full-mha-0"]["outputs"][0]["within_bound"] is True
+    assert records["nystrom-exact-0"]["method"] is None and "linalg" in records["nystrom-exact-0"]["error"]
+    if longdouble_extends_float64():
+        assert records["nystrom-iterative-0"]["method"] == "longdouble"
+    fixtures.verify(tmp_path / "set")  # the optional field is accepted; loading and verification pass
+    from reflex.fixture_schema import FixtureError, validate
+
+    broken = json.loads(json.dumps(manifest))
+    broken["cases"][0]["certificate"] = 3
+    with pytest.raises(FixtureError, match="certificate: expected an object"):
+        validate(broken)
+    plain = fixtures.generate(tmp_path / "plain", ["full"], ["tiny"])
+    assert all("certificate" not in case for case in plain["cases"])
+    assert main(["fixtures", "generate", "--out", str(tmp_path / "cli"), "--mechanisms", "linear", "--sizes", "tiny",
+                 "--certify", "--quiet"]) == 0
+    again = json.loads((tmp_path / "cli" / "manifest.json").read_text())
+    assert {case["certificate"]["method"] for case in again["cases"]} == {"mpmath"}
