@@ -28,6 +28,30 @@ Masks and biases are *terms*: either an array broadcastable to ``(..., H, L, S)`
 array broadcastable to ``(..., H, l, s)``: a vectorised FlexAttention ``mask_mod``/``score_mod``.
 Scores themselves are never hidden inside a term, so biases stay separate, differentiable inputs.
 
+*Differentiable callable terms.* A bias term may carry its own parameters: an object that is
+callable ``term(rows, cols) -> value`` as above and also has
+
+- ``params: dict[str, array]`` — the parameter arrays the value is built from (the caller's
+  arrays, or their compute-dtype casts), and
+- ``vjp(rows, cols, d_value) -> dict[str, array]`` — the gradients of ``⟨d_value, term(rows,
+  cols)⟩`` with respect to those parameters, each shaped like its parameter. ``d_value`` is dZ
+  (the score cotangent, 0 on masked entries) reduced to the shape of ``term(rows, cols)`` on that
+  tile (summed over the axes the value broadcasts along).
+
+The backward kernels call ``vjp`` once per tile (once for dense; per query block for gather, with
+the gathered key positions as ``cols``) and sum the returned gradients over tiles. A plain callable
+(no ``vjp``) is treated as a constant; an array bias gets ``d_bias`` summed over its broadcast axes.
+
+*Masked keys are inert.* NaN or ±∞ stored in K or V where a row does not attend (masked, outside
+its window, beyond causal, padding, −∞ bias) never reaches that row's output, lse or gradients;
+rows that give a non-finite entry a nonzero weight get NaN/±∞ (:func:`~.terms.guarded`). Each
+kernel tests K and V for finiteness once per call and takes a careful path only when needed.
+
+*Backward.* :func:`dense_backward`, :func:`tiled_backward` and :func:`gather_backward` return the
+VJP at a forward result (FA2 §3.1.2, Alg. 2; equations in :func:`dense_backward`). Mechanisms whose
+forward is one engine call get their VJP from :func:`engine_vjp`, which records the call
+(:func:`recording`) and maps the gradients back to the mechanism's inputs.
+
 The engine lives in the package :mod:`reflex.mechanisms._engine` (one module per kernel,
 forward and backward together, and :mod:`~reflex.mechanisms._engine.terms` for what they share);
 :mod:`reflex.mechanisms._kernels` re-exports it for the mechanisms.
@@ -43,6 +67,10 @@ Kernels:
    mask tile has no True, are skipped. Memory O(block_q · block_k) per head; never ``L × S``.
 3. :func:`gather` — each query attends an explicit list of key indices (``-1`` = padding;
    duplicates count once per occurrence), in query blocks.
+
+Each module (:mod:`~reflex.mechanisms._engine.dense`, ``.tiled``, ``.gather``) holds its kernel's
+forward and backward; :mod:`~reflex.mechanisms._engine.terms` what they share,
+:mod:`~reflex.mechanisms._engine.record` the call recording and the shared mechanism VJP.
 """
 
 from __future__ import annotations
