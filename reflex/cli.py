@@ -31,7 +31,8 @@ __all__ = ["main"]
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    rows = [(m.key, m.family, m.summary, m.paper) for m in registry.list_mechanisms()]
+    rows = [(m.key, m.family, m.summary, m.paper) for m in registry.list_mechanisms()
+            if not getattr(args, "vjp", False) or m.has_vjp]
     widths = [max(len(r[i]) for r in rows + [("key", "family", "summary", "paper")]) for i in range(2)]
     print(f"{'key':<{widths[0]}}  {'family':<{widths[1]}}  summary")
     for key, family, summary, _ in rows:
@@ -210,6 +211,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"function        reflex.{function.__name__}{inspect.signature(function)}")
     print(f"returns lse     {'yes' if mechanism.returns_lse else 'no'}")
     print(f"row separable   {'yes' if mechanism.row_separable else 'no'}")
+    print(f"vjp             {'yes (reflex.vjp)' if mechanism.has_vjp else 'no'}")
     print(f"cases (tiny)    {', '.join(c.variant for c in mechanism.cases('tiny', 0))}")
     print("parameters:")
     width = max((len(name) for name in mechanism.params), default=0)
@@ -244,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="reflex", description="Reference attention mechanisms: list, run, fixtures.")
     parser.add_argument("--version", action="version", version=f"reflex {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    sub.add_parser("list", help="the registered mechanisms as a table").set_defaults(handler=_cmd_list)
+    listing = sub.add_parser("list", help="the registered mechanisms as a table")
+    listing.add_argument("--vjp", action="store_true", help="only mechanisms with a reverse-mode derivative (reflex.vjp)")
+    listing.set_defaults(handler=_cmd_list)
     run = sub.add_parser("run", help="run a mechanism on generated inputs")
     run.add_argument("key", help="mechanism key (see `reflex list`)")
     run.add_argument("--seq", type=_positive_int, default=1024, help="sequence length L (default 1024; S too unless --kv-seq)")
