@@ -9,7 +9,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import example_qkv, standard
 from reflex.mechanisms._inputs import check_padding_mask
 from reflex.registry import Case, Mechanism, register
-from reflex.mechanisms._options import typed_options
+from reflex.mechanisms._options import Real, typed_options
 
 __all__ = ["nystrom_attention"]
 
@@ -57,7 +57,6 @@ def newton_schulz_pinv(xp: Any, a: Any, *, iterations: int, init: str) -> Any:
     return z
 
 
-@typed_options()
 def _check_options(p: _kernels.Prepared, num_landmarks: Any, pinv: Any, pinv_init: Any, iterations: Any, eps: Any) -> None:
     if isinstance(num_landmarks, bool) or not isinstance(num_landmarks, int) or not 1 <= num_landmarks <= min(p.length, p.key_length):
         raise ValueError(f"num_landmarks must be an int in [1, min(L, S)] = [1, {min(p.length, p.key_length)}]; got {num_landmarks!r}")
@@ -71,6 +70,7 @@ def _check_options(p: _kernels.Prepared, num_landmarks: Any, pinv: Any, pinv_ini
         raise ValueError(f"eps must be a number > 0; got {eps!r}")
 
 
+@typed_options(scale=Real(positive=True, optional=True))  # the features use sqrt(scale)
 def nystrom_attention(q: Any, k: Any, v: Any, /, *, num_landmarks: int, pinv: str = "iterative", iterations: int = 6,
                       pinv_init: str = "matrix", eps: float = 1e-6, attention_mask: Any = None,
                       scale: float | None = None, compute_dtype: Any = None, implementation: str = "auto") -> Any:

@@ -12,7 +12,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import example_qkv, standard
 from reflex.mechanisms.linear import _kernelized, causal_shift, check_form, grouped, safe_divide
 from reflex.registry import Case, Mechanism, register
-from reflex.mechanisms._options import typed_options
+from reflex.mechanisms._options import Real, typed_options
 
 __all__ = ["performer_attention"]
 
@@ -45,7 +45,7 @@ def check_projection(p: _kernels.Prepared, projection: Any, num_features: Any, s
     return xp.astype(draw((num_features, p.dim), seed=seed, xp=xp, device=p.device), p.q.dtype)
 
 
-@typed_options()
+@typed_options(scale=Real(positive=True, optional=True))  # the features use sqrt(scale)
 def performer_attention(q: Any, k: Any, v: Any, /, *, projection: Any = None, num_features: int | None = None,
                         seed: Any = None, kernel: str = "softmax_pos", causal: bool | str = False,
                         scale: float | None = None, compute_dtype: Any = None, implementation: str = "auto") -> Any:

@@ -11,12 +11,12 @@ from reflex.mechanisms._cases import example_qkv, standard
 from reflex.mechanisms.linear import _kernelized, causal_shift, check_form, check_gate, grouped, safe_divide
 from reflex.mechanisms.performer import check_projection
 from reflex.registry import Case, Mechanism, register
-from reflex.mechanisms._options import typed_options
+from reflex.mechanisms._options import Real, typed_options
 
 __all__ = ["rfa_attention"]
 
 
-@typed_options()
+@typed_options(scale=Real(positive=True, optional=True))  # the features use sqrt(scale)
 def rfa_attention(q: Any, k: Any, v: Any, /, *, projection: Any = None, num_features: int | None = None,
                   seed: Any = None, gate: Any = None, causal: bool | str = False, normalize: bool = True,
                   scale: float | None = None, compute_dtype: Any = None, implementation: str = "auto") -> Any:
