@@ -412,3 +412,14 @@ def test_engine_vjp_refuses_what_it_cannot_map():
         engine_vjp(two_calls)({"q": q, "k": k, "v": v}, d_out)
     with pytest.raises(NotImplementedError, match="q reaches the engine transformed"):
         engine_vjp(transformed)({"q": q, "k": k, "v": v}, d_out)
+
+
+def test_cli_lists_and_shows_vjp(capsys):
+    from reflex.cli import main
+
+    assert main(["list", "--vjp"]) == 0
+    listed = capsys.readouterr().out
+    assert "sliding_window" in listed and all(m.key not in listed.split() for m in reflex.list_mechanisms()
+                                               if not m.has_vjp)
+    assert main(["info", "full"]) == 0
+    assert "vjp             yes" in capsys.readouterr().out
