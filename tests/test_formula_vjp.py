@@ -17,7 +17,7 @@ from tests.helpers import assert_vjp_matches_finite_differences, max_abs, qkv_ho
 
 FORMULA_KEYS = ["linear", "performer", "rfa", "cosformer", "nystrom", "talking_heads", "synthesizer", "linformer",
                 "average", "memory_compressed", "residual", "poolingformer", "lowrank_band",
-                "adaptive_span", "multi_scale", "hard_gaussian", "shared_map", "collaborative", "head_diversity"]
+                "adaptive_span", "multi_scale", "hard_gaussian", "shared_map", "collaborative", "head_diversity", "isab", "luna"]
 
 
 def _case_ids(sizes):
@@ -332,3 +332,25 @@ def test_hard_gaussian_offset_and_width_gradients(causal):
     grads = assert_vjp_matches_finite_differences("hard_gaussian", inputs, random.normal((2, 4, 5, 3), seed=(16, 1)),
                                                   params={"causal": causal})
     assert numpy.all(grads["q"] == 0) and numpy.all(grads["k"] == 0) and numpy.all(grads["sigmas"] != 0)
+
+
+def test_luna_packed_cotangents_by_central_differences():
+    """Luna's P' = (P'_K, P'_V) is its second output (the next layer's P): its cotangents reach q, k, v, p."""
+    case = _case("luna", "tiny", "per_sequence")
+    inputs = dict(case.inputs)
+    out, pk, pv = reflex.luna_attention(inputs["q"], inputs["k"], inputs["v"], p=inputs["p"], return_packed=True)
+    d_out, d_pk, d_pv = (random.normal(a.shape, seed=(17, i)) for i, a in enumerate((out, pk, pv)))
+
+    def loss(values):
+        o, a, b = reflex.luna_attention(values["q"], values["k"], values["v"], p=values["p"], return_packed=True)
+        return float(numpy.sum(o * d_out) + numpy.sum(a * d_pk) + numpy.sum(b * d_pv))
+
+    got = reflex.vjp("luna", inputs, d_out, d_packed_k=d_pk, d_packed_v=d_pv)
+    for name, x in inputs.items():
+        fd = numpy.zeros(x.shape)
+        for index in numpy.ndindex(x.shape):
+            plus, minus = x.copy(), x.copy()
+            plus[index] += 6e-6
+            minus[index] -= 6e-6
+            fd[index] = (loss({**inputs, name: plus}) - loss({**inputs, name: minus})) / 1.2e-5
+        assert max_abs(got[name], fd) <= 1e-6 * numpy.max(numpy.abs(got[name])) + 1e-10, name

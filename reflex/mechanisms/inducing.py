@@ -106,6 +106,57 @@ def luna_attention(q: Any, k: Any, v: Any, /, *, p: Any, scale: float | None = N
     return (out, packed_k, packed_v) if return_packed else out
 
 
+def _pack_unpack_vjp(inputs: dict, name: str, d_out: Any, d_lse: Any, *, scale: float | None, compute_dtype: Any,
+                     implementation: str, d_packed_k: Any = None, d_packed_v: Any = None) -> dict:
+    """The shared VJP of pack-then-unpack (ISAB, Luna): ``dq``, ``dk``, ``dv`` and ``d points``.
+
+    The engine's backward (dense, or tiled: FlashAttention-2 Alg. 2) of the unpack on ``(Q, K̂, V̂)``
+    gives ``dQ``, ``dK̂``, ``dV̂`` (plus the cotangents of a returned ``P'``); that of the pack on
+    ``(P, K, [K | V])`` with ``d[K̂ | V̂]`` gives ``dP``, ``dK`` (through the scores) and ``d[K | V]``,
+    whose halves add to ``dK`` and give ``dV``. ``dP`` is summed over the axes P was broadcast along.
+    """
+    from reflex.mechanisms import _grad
+
+    prep = _kernels.prepare(inputs["q"], inputs["k"], inputs["v"], compute_dtype=compute_dtype)
+    xp = prep.xp
+    s = _kernels.resolve_scale(scale, prep.dim)
+    points = inputs[name]
+    packed_k, packed_v = _pack(prep, name, points, s, implementation)
+    unpack = _grad.softmax_attention_vjp(_kernels.prepare(prep.q, packed_k, packed_v, compute_dtype=prep.q.dtype),
+                                         d_out, d_lse, scale=s, implementation=implementation)
+    d_k_hat, d_v_hat = unpack.dk, unpack.dv
+    if d_packed_k is not None:
+        d_k_hat = d_k_hat + xp.astype(d_packed_k, prep.q.dtype)
+    if d_packed_v is not None:
+        d_v_hat = d_v_hat + xp.astype(d_packed_v, prep.q.dtype)
+    target = (*prep.batch, prep.kv_heads, int(points.shape[-2]), prep.dim)
+    wide = xp.broadcast_to(xp.astype(points, prep.q.dtype), target)
+    both = xp.concat([prep.k, prep.v], axis=-1)
+    pack = _grad.softmax_attention_vjp(_kernels.prepare(wide, prep.k, both, compute_dtype=prep.q.dtype),
+                                       xp.concat([d_k_hat, d_v_hat], axis=-1), scale=s, implementation=implementation)
+    return {"q": unpack.dq, "k": pack.dk + pack.dv[..., :prep.dim], "v": pack.dv[..., prep.dim:],
+            name: _grad.reduce_to(xp, pack.dq, tuple(points.shape))}
+
+
+def _isab_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, scale: float | None = None, compute_dtype: Any = None,
+              implementation: str = "auto") -> dict:
+    """VJP of :func:`isab_attention`: ``dq``, ``dk``, ``dv``, ``d inducing`` (see :func:`_pack_unpack_vjp`)."""
+    return _pack_unpack_vjp(inputs, "inducing", d_out, d_lse, scale=scale, compute_dtype=compute_dtype,
+                            implementation=implementation)
+
+
+def _luna_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, scale: float | None = None, return_packed: bool = False,
+              d_packed_k: Any = None, d_packed_v: Any = None, compute_dtype: Any = None,
+              implementation: str = "auto") -> dict:
+    """VJP of :func:`luna_attention`: ``dq``, ``dk``, ``dv``, ``dp`` (see :func:`_pack_unpack_vjp`).
+
+    ``d_packed_k`` ``(..., G, m, D)`` and ``d_packed_v`` ``(..., G, m, E)`` (optional) are the cotangents
+    of the returned ``P'`` (``return_packed=True``), which the next Luna layer reads as its P.
+    """
+    return _pack_unpack_vjp(inputs, "p", d_out, d_lse, scale=scale, compute_dtype=compute_dtype,
+                            implementation=implementation, d_packed_k=d_packed_k, d_packed_v=d_packed_v)
+
+
 def _cases(size: str, seed: int) -> list[Case]:
     d, gqa = standard(size, seed)
     m = max(1, d["L"] // 2)
@@ -150,6 +201,7 @@ register(Mechanism(
     returns_lse=True,
     row_separable=True,
     example=_example,
+    vjp=_isab_vjp,
 ))
 
 register(Mechanism(
@@ -165,4 +217,5 @@ register(Mechanism(
     cases=_luna_cases,
     row_separable=True,
     example=_luna_example,
+    vjp=_luna_vjp,
 ))
