@@ -181,3 +181,12 @@ def test_vjp_on_every_backend(backend):
     got = reflex.vjp("mamba2", {n: backend.asarray(x) for n, x in host.items()}, backend.asarray(d_out))
     for name in host:
         assert max_abs(backend.to_numpy(got[name]), want[name]) <= 1e-13, name
+
+
+def test_vjp_equals_autograd_through_every_form():
+    from tests.test_linear_recurrent import check_vjp_against_autograd_of_every_form
+
+    host = draw(10, batch=1, length=7)
+    d_out = random.normal((1, 4, 7, 3), seed=(10, 1))
+    d_state = random.normal((1, 4, 5, 3), seed=(10, 2))
+    check_vjp_against_autograd_of_every_form("mamba2", host, d_out, d_state, positional=POSITIONAL)

@@ -193,3 +193,13 @@ def test_vjp_on_every_backend(backend, key):
                      d_state=backend.asarray(d_state))
     for name in host:
         assert max_abs(backend.to_numpy(got[name]), want[name]) <= 1e-13, name
+
+
+@pytest.mark.parametrize("key", ["rwkv6", "rwkv7"])
+def test_vjp_equals_autograd_through_every_form(key):
+    from tests.test_linear_recurrent import check_vjp_against_autograd_of_every_form
+
+    host = draw(key, 10, batch=1, heads=2, length=7, dim=3, value_dim=2)
+    d_out = random.normal((1, 2, 7, 2), seed=(10, 1))
+    d_state = random.normal((1, 2, 3, 2), seed=(10, 2))
+    check_vjp_against_autograd_of_every_form(key, host, d_out, d_state, scale=0.7)
