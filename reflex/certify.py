@@ -13,8 +13,10 @@ references), in higher precision:
   no long double: certification runs on the host.
 - ``"mpmath"``: an independent evaluation of the mechanism's formula in mpmath at ``dps`` decimal
   digits (default 40), written here from the equations, not from the engine: the engine's dense
-  softmax kernel (``full``: masks, bias, softcap, GQA, both causal alignments) and linear attention
-  (``linear``: elu + 1 and relu feature maps, causal). Slow (pure Python): tiny cases.
+  softmax kernel (``full``: masks, bias, softcap, GQA, both causal alignments), linear attention
+  (``linear``: elu + 1 and relu feature maps, causal) and Performer (``performer`` with an explicit
+  projection: positive, trigonometric and relu features, causal; unstabilised, the exact formula).
+  Slow (pure Python): tiny cases.
 
 Per output (``out``, ``lse`` where the mechanism returns one) and, when the mechanism has a VJP,
 per gradient (``d_q``, ``d_k``, ...; always through longdouble ``compute_dtype``, with a fixed
@@ -173,7 +175,7 @@ def _require_longdouble() -> None:
         raise CertificationError(
             f"numpy.longdouble on this platform has eps {float(eps):.3g}, no finer than float64's 2.2e-16 "
             "(long double is double with MSVC and on Apple arm64): the longdouble certificate would compare "
-            "float64 with itself; use method='mpmath' (tiny cases of full and linear)")
+            "float64 with itself; use method='mpmath' (tiny cases of full, linear, performer)")
 
 
 def _mpmath() -> Any:
@@ -293,10 +295,11 @@ class _Ops:
     def __init__(self, mp: Any = None) -> None:
         self.mp = mp
         if mp is None:
-            self.exp, self.log, self.tanh = numpy.exp, numpy.log, numpy.tanh
+            self.exp, self.log, self.tanh, self.sin, self.cos = numpy.exp, numpy.log, numpy.tanh, numpy.sin, numpy.cos
             self.number = numpy.longdouble
         else:
-            self.exp, self.log, self.tanh = (numpy.frompyfunc(f, 1, 1) for f in (mp.exp, mp.log, mp.tanh))
+            self.exp, self.log, self.tanh, self.sin, self.cos = (numpy.frompyfunc(f, 1, 1) for f in
+                                                                 (mp.exp, mp.log, mp.tanh, mp.sin, mp.cos))
             self.number = mp.mpf
 
     def array(self, x: numpy.ndarray) -> numpy.ndarray:
@@ -374,9 +377,16 @@ def _linear_formula(ops: _Ops, q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndar
             return numpy.where(positive, x, zero)
         return numpy.where(positive, x + one, ops.exp(numpy.where(positive, zero, x)))
 
-    heads = q.shape[-3]
-    fq, fk = phi(ops.array(q)), _repeat_heads(phi(ops.array(k)), heads)
-    vh = _repeat_heads(ops.array(v), heads)
+    return _kernel_attention(ops, phi(ops.array(q)), phi(ops.array(k)), v, causal=causal, eps=eps)
+
+
+def _kernel_attention(ops: _Ops, fq: numpy.ndarray, fk: numpy.ndarray, v: numpy.ndarray, *, causal: Any,
+                      eps: float) -> dict[str, numpy.ndarray]:
+    """``o_i = Σ_{j≤t_i} (fq_i·fk_j) v_j / (Σ_{j≤t_i} fq_i·fk_j + ε)`` from features ``fq (..., H, L, F)``,
+    ``fk (..., G, S, F)``; 0 where the normaliser is 0. The quadratic form, materialising ``(L, S)``."""
+    zero, one = ops.number(0.0), ops.number(1.0)
+    heads = fq.shape[-3]
+    fk, vh = _repeat_heads(fk, heads), _repeat_heads(ops.array(v), heads)
     kernel = fq @ numpy.swapaxes(fk, -1, -2)
     kernel = numpy.where(_allowed(kernel.shape, causal, None), kernel, zero)
     numerator = kernel @ vh
@@ -386,10 +396,46 @@ def _linear_formula(ops: _Ops, q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndar
     return {"out": out}
 
 
+def _performer_formula(ops: _Ops, q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, *, projection: numpy.ndarray,
+                       kernel: str = "softmax_pos", causal: Any = False, scale: float | None = None) -> dict[str, numpy.ndarray]:
+    """Performer FAVOR+ with an explicit projection ω (m, D), unstabilised (Choromanski et al. 2021, §2.3):
+
+    ``softmax_pos``: ``φ(x) = exp(ωx − ‖x‖²/2)/√m``; ``softmax_trig``: ``exp(‖x‖²/2)/√m [sin ωx, cos ωx]``
+    (x = √scale·q or √scale·k, √scale the float64 the mechanism uses); ``relu``: ``relu(ωx/√m) + 0.001``
+    on the raw q, k. Then ``φ(Q)(φ(K)ᵀV) / φ(Q)φ(K)ᵀ1`` (0 where the denominator is 0).
+    """
+    from reflex.mechanisms.performer import RELU_STABILIZER
+
+    m, dim = projection.shape
+    omega_t = ops.array(projection).T
+    zero = ops.number(0.0)
+    if kernel == "relu":
+        ratio, stabilizer = ops.number(1.0 / math.sqrt(m)), ops.number(RELU_STABILIZER)
+
+        def phi(x: numpy.ndarray) -> numpy.ndarray:
+            u = ratio * (x @ omega_t)
+            return numpy.where(u > 0, u, zero) + stabilizer
+
+        return _kernel_attention(ops, phi(ops.array(q)), phi(ops.array(k)), v, causal=causal, eps=0.0)
+    root = ops.number(math.sqrt(1.0 / math.sqrt(dim) if scale is None else float(scale)))
+    norm = ops.number(1.0) / (ops.number(float(m)) ** ops.number(0.5))
+
+    def phi(x: numpy.ndarray) -> numpy.ndarray:
+        x = root * x
+        u = x @ omega_t
+        half_square = numpy.sum(x * x, axis=-1, keepdims=True) / 2
+        if kernel == "softmax_pos":
+            return norm * ops.exp(u - half_square)
+        return norm * ops.exp(half_square) * numpy.concatenate([ops.sin(u), ops.cos(u)], axis=-1)
+
+    return _kernel_attention(ops, phi(ops.array(q)), phi(ops.array(k)), v, causal=causal, eps=0.0)
+
+
 # key → (formula, the mechanism options it understands; others make mpmath decline)
 _FORMULAS: dict[str, tuple[Callable[..., dict[str, numpy.ndarray]], frozenset[str]]] = {
     "full": (_softmax_formula, frozenset({"mask", "bias", "causal", "scale", "softcap", "return_lse", "implementation"})),
     "linear": (_linear_formula, frozenset({"feature_map", "causal", "eps", "implementation"})),
+    "performer": (_performer_formula, frozenset({"projection", "kernel", "causal", "scale", "implementation"})),
 }
 MPMATH_KEYS = tuple(_FORMULAS)
 _FORMULA_INPUTS = ("q", "k", "v")
@@ -408,6 +454,10 @@ def mpmath_supports(key: str, inputs: Mapping[str, Any], params: Mapping[str, An
         return f"the mpmath formula for {key!r} does not take the arrays {', '.join(extra)}"
     if key == "linear" and params.get("feature_map", "elu") not in ("elu", "relu"):
         return "the mpmath formula for linear takes feature_map 'elu' or 'relu', not a callable"
+    if key == "performer" and inputs.get("projection") is None:
+        return "the mpmath formula for performer needs an explicit projection (not num_features and seed)"
+    if key == "performer" and params.get("kernel", "softmax_pos") not in ("softmax_pos", "softmax_trig", "relu"):
+        return f"the mpmath formula for performer has no kernel {params.get('kernel')!r}"
     return None
 
 
@@ -467,7 +517,7 @@ def certify(key: str, inputs: Mapping[str, Any], /, *, method: str = "auto", dps
         inputs: argument name → array (any array library; moved to the host, floats entered exactly
             as float64), every array the mechanism takes: ``q``, ``k``, ``v``, masks, biases, ...
         method: ``"longdouble"`` (the mechanism with ``compute_dtype=numpy.longdouble``), ``"mpmath"``
-            (an independent formula at ``dps`` digits; ``full`` and ``linear``) or ``"auto"``: mpmath
+            (an independent formula at ``dps`` digits; ``full``, ``linear``, ``performer``) or ``"auto"``: mpmath
             where it has the formula and the case has at most 2¹⁵ score multiply-adds, else longdouble
             (else mpmath where longdouble is only float64).
         dps: mpmath decimal digits, at least 30 (default 40).

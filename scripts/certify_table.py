@@ -192,9 +192,12 @@ cert.outputs[0].max_rel, cert.outputs[0].bound, cert.condition, cert.flagged
   in arbitrary precision (default 40 digits, `--dps`), written in `reflex/certify.py` from the
   equations, not from the engine, as SciPy checks its special functions (inputs enter exactly
   through `mpf(float(x))`). Formulas: the engine's dense softmax attention (`full`: masks, bias,
-  softcap, GQA, both causal alignments, fully masked rows) and linear attention (`linear`: elu + 1
-  and relu feature maps, causal). Pure Python, so for tiny cases: `reflex certify` uses mpmath for
-  tiny cases of those two and longdouble for everything else. Under mpmath the certificate also
+  softcap, GQA, both causal alignments, fully masked rows), linear attention (`linear`: elu + 1
+  and relu feature maps, causal) and Performer (`performer` with an explicit projection: positive,
+  trigonometric and relu features, causal; the unstabilised formula, which the mechanism's
+  stabilisation must equal exactly). The other formula mechanisms (cosFormer, RFA, Nyström,
+  low-rank and compressed memory, ...) are certified through longdouble only. Pure Python, so for tiny cases: `reflex certify` uses mpmath for
+  tiny cases of those three and longdouble for everything else. Under mpmath the certificate also
   compares the mechanism's own longdouble result with mpmath ("cross-check" below): ≈ 1e-19 means
   longdouble is honoured end to end on that path.
 - **Gradients**: where a mechanism has a VJP, its float64 gradients (`d_q`, `d_k`, ...) are

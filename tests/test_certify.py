@@ -192,9 +192,14 @@ def test_longdouble_refuses_where_it_is_float64(monkeypatch):
 
 
 @pytest.mark.parametrize("key, params", [("linear", {}), ("linear", {"feature_map": "relu", "causal": "bottom_right"}),
+                                         ("performer", {"projection": None}), ("performer", {"projection": None, "kernel": "relu"}),
+                                         ("performer", {"projection": None, "kernel": "softmax_trig", "causal": True}),
                                          ("full", {"causal": True})])
 def test_mpmath_and_longdouble_agree(key, params):
     inputs = _case()
+    if "projection" in params:  # Performer: an explicit projection (m, D)
+        params = {name: value for name, value in params.items() if name != "projection"}
+        inputs["projection"] = random.orthogonal((32, 8), seed=(3, 7))
     cert = certify(key, inputs, method="mpmath", **params)
     assert cert.method == "mpmath" and 0 < cert.max_rel < 1e-14
     if longdouble_extends_float64():
@@ -234,6 +239,8 @@ def test_argument_errors():
         certify("sliding_window", inputs, method="mpmath", window=2)
     with pytest.raises(CertificationError, match="does not take feature_map"):
         certify("full", inputs, method="mpmath", feature_map="relu")
+    with pytest.raises(CertificationError, match="needs an explicit projection"):
+        certify("performer", inputs, method="mpmath", num_features=16, seed=1)
     with pytest.raises(KeyError, match="did you mean"):
         certify("fulll", inputs)
     if longdouble_extends_float64():
@@ -265,7 +272,7 @@ def test_every_mechanism_tiny_within_1e_14():
         assert not r.certificate.flagged, (r.key, r.variant, r.certificate.summary())
     certified = [r for r in results if r.certificate is not None]
     assert len(certified) > 0.8 * len(results), table
-    assert {r.certificate.method for r in certified if r.key in ("full", "linear")} == {"mpmath"}
+    assert {r.certificate.method for r in certified if r.key in ("full", "linear", "performer")} == {"mpmath"}
 
 
 def test_certify_case_matches_certify():
