@@ -17,7 +17,7 @@ from tests.helpers import assert_vjp_matches_finite_differences, max_abs, qkv_ho
 
 FORMULA_KEYS = ["linear", "performer", "rfa", "cosformer", "nystrom", "talking_heads", "synthesizer", "linformer",
                 "average", "memory_compressed", "residual", "poolingformer", "lowrank_band",
-                "adaptive_span", "multi_scale", "hard_gaussian", "shared_map", "collaborative", "head_diversity", "isab", "luna"]
+                "adaptive_span", "multi_scale", "hard_gaussian", "shared_map", "collaborative", "head_diversity", "isab", "luna", "predictive"]
 
 
 def _case_ids(sizes):
@@ -354,3 +354,18 @@ def test_luna_packed_cotangents_by_central_differences():
             minus[index] -= 6e-6
             fd[index] = (loss({**inputs, name: plus}) - loss({**inputs, name: minus})) / 1.2e-5
         assert max_abs(got[name], fd) <= 1e-6 * numpy.max(numpy.abs(got[name])) + 1e-10, name
+
+
+def test_predictive_gradient_of_alpha():
+    """d alpha (alpha given in inputs as a 0-d array) against central differences of the float option."""
+    case = _case("predictive", "tiny", "conv1x3_bias_causal")
+    m = reflex.get("predictive")
+    d_out = _d_out(m, case)
+    params = {n: o for n, o in case.params.items() if n != "alpha"}
+    got = reflex.vjp("predictive", {**case.inputs, "alpha": numpy.asarray(0.25)}, d_out, **params)
+
+    def loss(alpha):
+        return float(numpy.sum(case.call(m, alpha=alpha) * d_out))
+
+    fd = (loss(0.25 + 6e-6) - loss(0.25 - 6e-6)) / 1.2e-5
+    assert got["alpha"].shape == () and abs(float(got["alpha"]) - fd) <= 1e-6 * abs(fd) + 1e-10

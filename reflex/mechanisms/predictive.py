@@ -101,6 +101,77 @@ def predictive_attention(q: Any, k: Any, v: Any, /, *, prev_weights: Any, kernel
     return (out, mixed) if return_weights else out
 
 
+def _conv2d_vjp(xp: Any, maps: Any, kernel: Any, d_y: Any) -> tuple[Any, Any, Any]:
+    """Adjoint of :func:`attention_map_conv2d`: ``(d maps, d kernel, d bias)`` from ``d_y (..., H, L, S)``.
+
+    ``d maps`` is the same-padded correlation of ``d_y`` with the kernel flipped in both spatial axes and
+    its channel axes swapped; ``dK[h, c, a, b] = Σ d_y[h, i, j]·x_pad[c, i + a, j + b]`` (over batch and
+    positions); ``d bias_h = Σ d_y[h]``.
+    """
+    d_maps = attention_map_conv2d(d_y, xp.flip(xp.permute_dims(kernel, (1, 0, 2, 3)), axis=(2, 3)))
+    kl, ks = int(kernel.shape[2]), int(kernel.shape[3])
+    *lead, channels, length, key_length = (int(n) for n in maps.shape)
+    pl, ps = kl // 2, ks // 2
+    rows = xp.zeros((*lead, channels, pl, key_length), dtype=maps.dtype, device=maps.device)
+    padded = xp.concat([rows, maps, rows], axis=-2)
+    cols = xp.zeros((*lead, channels, length + 2 * pl, ps), dtype=maps.dtype, device=maps.device)
+    padded = xp.concat([cols, padded, cols], axis=-1)
+    heads = int(d_y.shape[-3])
+    d_flat = xp.reshape(xp.permute_dims(xp.reshape(d_y, (-1, heads, length * key_length)), (1, 0, 2)), (heads, -1))
+    taps = []
+    for a in range(kl):
+        for b in range(ks):
+            window = xp.reshape(padded[..., a:a + length, b:b + key_length], (-1, channels, length * key_length))
+            window = xp.reshape(xp.permute_dims(window, (1, 0, 2)), (channels, -1))
+            taps.append(d_flat @ xp.matrix_transpose(window))  # (H, C)
+    d_kernel = xp.reshape(xp.stack(taps, axis=-1), (heads, channels, kl, ks))
+    return d_maps, d_kernel, xp.sum(d_flat, axis=-1)
+
+
+def _predictive_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, alpha: float = 0.5, mask: Any = None,
+                    causal: bool | str = False, scale: float | None = None, return_weights: bool = False,
+                    compute_dtype: Any = None) -> dict:
+    """VJP of :func:`predictive_attention`: ``dq``, ``dk``, ``dv``, ``d prev_weights``, ``d kernel``,
+    ``d kernel_bias`` and, when ``inputs`` holds ``alpha`` as a 0-d floating array, ``d alpha``.
+
+    With ``A = αC + (1 − α)·Conv(A_prev)``, ``O = A V``: ``dA = dO Vᵀ``, ``dV = Σ_{h → g} Aᵀ dO``,
+    ``dα = ⟨dA, C − Conv(A_prev)⟩``; the softmax part ``dZ = C ∘ (α dA − rowsum(C ∘ α dA))`` (masked
+    entries 0) gives ``dQ = scale·dZ K``, ``dK = scale·Σ dZᵀ Q``; the convolution part
+    ``(1 − α) dA`` goes through :func:`_conv2d_vjp`. ``return_weights=True`` is refused (the VJP
+    differentiates ``out``).
+    """
+    from reflex.mechanisms import _grad
+
+    if return_weights:
+        raise ValueError("the VJP differentiates out only; call it with return_weights=False")
+    p = _kernels.prepare(inputs["q"], inputs["k"], inputs["v"], compute_dtype=compute_dtype)
+    xp = p.xp
+    alpha = float(inputs["alpha"]) if "alpha" in inputs else float(alpha)
+    prev = xp.astype(inputs["prev_weights"], p.q.dtype)
+    kernel = xp.astype(inputs["kernel"], p.q.dtype)
+    bias = inputs.get("kernel_bias")
+    predicted = attention_map_conv2d(prev, kernel, bias=None if bias is None else xp.astype(bias, p.q.dtype))
+    masks, _ = mask_and_causal(p, mask, causal)
+    resolved = _kernels.resolve_scale(scale, p.dim)
+    current = _kernels.weights(p, scale=resolved, mask=masks)
+    mixed = alpha * current + (1.0 - alpha) * predicted
+    d_o = _grad.group_queries(p, xp.astype(d_out, p.q.dtype))
+    v = xp.expand_dims(p.v, axis=-3)
+    d_mixed = d_o @ xp.matrix_transpose(v)  # grouped (..., G, H/G, L, S)
+    d_v = xp.sum(xp.matrix_transpose(_grad.group_queries(p, mixed)) @ d_o, axis=-3)
+    d_z = _grad.softmax_vjp(xp, _grad.group_queries(p, current), alpha * d_mixed)
+    k = xp.expand_dims(p.k, axis=-3)
+    grads = {"q": _grad.ungroup(p, resolved * (d_z @ k)),
+             "k": resolved * xp.sum(xp.matrix_transpose(d_z) @ _grad.group_queries(p, p.q), axis=-3), "v": d_v}
+    d_mixed = _grad.ungroup(p, d_mixed)
+    grads["prev_weights"], grads["kernel"], d_bias = _conv2d_vjp(xp, prev, kernel, (1.0 - alpha) * d_mixed)
+    if bias is not None:
+        grads["kernel_bias"] = d_bias
+    if "alpha" in inputs:
+        grads["alpha"] = xp.sum(d_mixed * (current - predicted))
+    return grads
+
+
 def _cases(size: str, seed: int) -> list[Case]:
     d, gqa = standard(size, seed)
     prev = random.uniform((2, d["H"], d["L"], d["S"]), seed=(seed, 3))
@@ -134,4 +205,5 @@ register(Mechanism(
             "return_weights": "also return the mixed map A_l"},
     cases=_cases,
     example=_example,
+    vjp=_predictive_vjp,
 ))
