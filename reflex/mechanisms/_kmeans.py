@@ -19,6 +19,7 @@ from typing import Any
 from reflex import random
 from reflex.backends import device as device_of
 from reflex.backends import namespace
+from reflex.mechanisms._numerics import vector_norm
 
 __all__ = ["assign", "kmeans", "initial_centroids", "METRICS"]
 
@@ -37,6 +38,10 @@ def assign(x: Any, centroids: Any, *, metric: str = "euclidean") -> Any:
     if _metric(metric) == "cosine":
         return xp.astype(xp.argmax(x @ xp.matrix_transpose(centroids), axis=-1), xp.int64)
     diff = xp.expand_dims(x, axis=-2) - xp.expand_dims(centroids, axis=-3)  # (..., N, C, D)
+    # Squared distances overflow from |x| ≈ 1e154 (every point would go to cluster 0); one positive
+    # scale per point leaves its argmin unchanged, so divide by the point's largest |difference|.
+    top = xp.max(xp.abs(diff), axis=(-2, -1), keepdims=True)
+    diff = diff / xp.where((top == 0) | ~xp.isfinite(top), 1.0, top)
     return xp.astype(xp.argmin(xp.sum(diff * diff, axis=-1), axis=-1), xp.int64)
 
 
@@ -66,7 +71,7 @@ def kmeans(x: Any, /, *, init: Any, iterations: int, metric: str = "euclidean") 
         counts = xp.expand_dims(xp.sum(onehot, axis=-2), axis=-1)
         updated = sums / xp.where(counts > 0, counts, 1.0)
         if metric == "cosine":
-            norm = xp.sqrt(xp.sum(updated * updated, axis=-1, keepdims=True))
+            norm = vector_norm(xp, updated)
             updated = updated / xp.where(norm > 0, norm, 1.0)
         centroids = xp.where(counts > 0, updated, centroids)
     return centroids

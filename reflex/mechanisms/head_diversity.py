@@ -12,6 +12,7 @@ from reflex.mechanisms._cases import dims
 from reflex.mechanisms._kernels import resolve_dtype
 from reflex.registry import Case, Mechanism, register
 from reflex.mechanisms._options import typed_options
+from reflex.mechanisms._numerics import vector_norm
 
 __all__ = ["head_diversity"]
 
@@ -24,7 +25,7 @@ def _mean_pairwise_cosine(xp: Any, x: Any, reduce: str) -> Any:
     if reduce == "flatten":
         x = xp.reshape(x, (*x.shape[:-2], 1, int(x.shape[-2]) * int(x.shape[-1])))  # one vector per head
     x = xp.permute_dims(x, (*range(x.ndim - 3), x.ndim - 2, x.ndim - 3, x.ndim - 1))  # (..., L|1, H, E)
-    norms = xp.sqrt(xp.sum(x * x, axis=-1))
+    norms = vector_norm(xp, x, keepdims=False)
     gram = x @ xp.matrix_transpose(x)
     scale = norms[..., :, None] * norms[..., None, :]
     cosine = xp.where(scale == 0, 0.0, gram / xp.where(scale == 0, 1.0, scale))
@@ -100,7 +101,7 @@ def _mean_pairwise_cosine_vjp(xp: Any, x: Any, reduce: str, d_value: Any) -> Any
     if reduce == "flatten":
         x = xp.reshape(x, (*x.shape[:-2], 1, int(x.shape[-2]) * int(x.shape[-1])))
     x = xp.permute_dims(x, (*range(x.ndim - 3), x.ndim - 2, x.ndim - 3, x.ndim - 1))  # (..., R, H, E)
-    norms = xp.sqrt(xp.sum(x * x, axis=-1, keepdims=True))
+    norms = vector_norm(xp, x)
     live = norms > 0
     safe = xp.where(live, norms, 1.0)
     unit = xp.where(live, x / safe, 0.0)

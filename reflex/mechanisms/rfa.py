@@ -12,6 +12,7 @@ from reflex.mechanisms.linear import _kernelized, causal_shift, check_form, chec
 from reflex.mechanisms.performer import check_projection
 from reflex.registry import Case, Mechanism, register
 from reflex.mechanisms._options import Real, typed_options
+from reflex.mechanisms._numerics import vector_norm
 
 __all__ = ["rfa_attention"]
 
@@ -68,7 +69,7 @@ def rfa_attention(q: Any, k: Any, v: Any, /, *, projection: Any = None, num_feat
 
     def features(x: Any) -> Any:
         if normalize:
-            norm = xp.sqrt(xp.sum(x * x, axis=-1, keepdims=True))
+            norm = vector_norm(xp, x)
             x = x / xp.where(norm == 0, 1.0, norm)
         u = (root * x) @ omega_t
         return ratio * xp.concat([xp.sin(u), xp.cos(u)], axis=-1)
@@ -109,7 +110,7 @@ def _rfa_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, num_features: int |
     def unit(x: Any) -> tuple[Any, Any]:
         if not normalize:
             return x, None
-        norm = xp.sqrt(xp.sum(x * x, axis=-1, keepdims=True))
+        norm = vector_norm(xp, x)
         norm = xp.where(norm == 0, 1.0, norm)
         return x / norm, norm
 

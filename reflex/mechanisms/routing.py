@@ -12,12 +12,13 @@ from reflex.mechanisms._kmeans import initial_centroids, kmeans
 from reflex.mechanisms._patterns import causal_pattern, explicit_mask, mask_and_causal, parse_causal, top_indices
 from reflex.registry import Case, Mechanism, register
 from reflex.mechanisms._options import typed_options
+from reflex.mechanisms._numerics import vector_norm
 
 __all__ = ["routing_attention", "routing_clusters", "routing_pattern"]
 
 
 def _unit(xp: Any, x: Any) -> Any:
-    norm = xp.sqrt(xp.sum(x * x, axis=-1, keepdims=True))
+    norm = vector_norm(xp, x)
     return x / xp.where(norm > 0, norm, 1.0)
 
 
