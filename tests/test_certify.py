@@ -239,7 +239,7 @@ def test_argument_errors():
         certify("sliding_window", inputs, method="mpmath", window=2)
     with pytest.raises(CertificationError, match="does not take feature_map"):
         certify("full", inputs, method="mpmath", feature_map="relu")
-    with pytest.raises(CertificationError, match="needs an explicit projection"):
+    with pytest.raises(CertificationError, match="does not take num_features, seed"):
         certify("performer", inputs, method="mpmath", num_features=16, seed=1)
     with pytest.raises(KeyError, match="did you mean"):
         certify("fulll", inputs)
