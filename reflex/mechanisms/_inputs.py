@@ -15,7 +15,7 @@ from reflex.backends import device as device_of
 from reflex.backends import namespace
 
 __all__ = ["Prepared", "prepare", "check_term", "check_indices", "check_array", "resolve_dtype", "resolve_scale",
-           "resolve_softcap"]
+           "resolve_softcap", "check_padding_mask"]
 
 
 @dataclass(frozen=True)
@@ -184,3 +184,26 @@ def check_array(xp: Any, device: Any, dtype: Any, name: str, x: Any, *, against:
     if not xp.isdtype(x.dtype, "real floating"):
         raise TypeError(f"{name} must be a real floating array; got dtype {_dtype_name(x.dtype)}")
     return xp.astype(x, dtype, copy=False)
+
+
+def check_padding_mask(p: Prepared, mask: Any, name: str = "attention_mask") -> Any:
+    """A Hugging Face-style padding mask: boolean ``(..., S)`` with q's batch axes, True = real token.
+
+    Returns it unchanged (``None`` passes through). Raises ``TypeError`` for another library or a
+    non-boolean dtype (HF's 0/1 integer masks: pass ``mask == 1``) and ``ValueError`` for another
+    shape or device.
+    """
+    if mask is None:
+        return None
+    xp = p.xp
+    if namespace(mask) is not xp:
+        raise TypeError(f"{name} comes from a different array library than q")
+    if not xp.isdtype(mask.dtype, "bool"):
+        raise TypeError(f"{name} must be a boolean array (True = real token; for Hugging Face's 0/1 mask pass "
+                        f"mask == 1); got dtype {_dtype_name(mask.dtype)}")
+    target = (*p.batch, p.key_length)
+    if tuple(int(n) for n in mask.shape) != target:
+        raise ValueError(f"{name} must have shape (..., S) = {target}; got {tuple(mask.shape)}")
+    if device_of(mask) != p.device:
+        raise ValueError(f"{name} is on device {device_of(mask)}; q is on {p.device}")
+    return mask

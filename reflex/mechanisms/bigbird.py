@@ -8,6 +8,7 @@ from reflex import random
 from reflex.backends import numpy_namespace
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import example_qkv, qkv
+from reflex.mechanisms._inputs import check_padding_mask
 from reflex.mechanisms._patterns import check_positive_int
 from reflex.registry import Case, Mechanism, register
 from reflex.mechanisms._options import typed_options
@@ -103,8 +104,8 @@ def _lookup(xp: Any, table: Any, block_size: int, blocks: int) -> Any:
 
 @typed_options()
 def bigbird_attention(q: Any, k: Any, v: Any, /, *, block_size: int, num_random_blocks: int | None = None,
-                      plan: Any = None, seed: Any = None, scale: float | None = None, return_lse: bool = False,
-                      compute_dtype: Any = None, implementation: str = "auto") -> Any:
+                      plan: Any = None, seed: Any = None, attention_mask: Any = None, scale: float | None = None,
+                      return_lse: bool = False, compute_dtype: Any = None, implementation: str = "auto") -> Any:
     """BigBird block-sparse attention: 3 sliding blocks, global first/last blocks, r random blocks.
 
     .. math::
@@ -129,6 +130,10 @@ def bigbird_attention(q: Any, k: Any, v: Any, /, *, block_size: int, num_random_
             the global blocks, drawn by ``reflex.random`` (the rule of HF's training-mode plan, not
             its random stream).
         num_random_blocks: r; required with ``seed``, checked against ``plan``.
+        attention_mask: boolean ``(..., L)`` padding mask, True = real token. As Hugging Face
+            (``attn_mask_penalty``): −10000 is added to the scores of padded keys (weight exactly 0
+            in float64 whenever the row has a real key within ~9000 of the best score), and padded
+            queries output 0 (here: a fully masked row, lse −∞).
         scale: default 1/√D (HF's ``rsqrt_d``). return_lse, compute_dtype, implementation
             (``"dense"``, ``"tiled"``, ``"auto"``) as :func:`full_attention`.
 
@@ -143,11 +148,15 @@ def bigbird_attention(q: Any, k: Any, v: Any, /, *, block_size: int, num_random_
     """
     p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
     block_size, blocks, table = _setup(p, block_size, num_random_blocks, plan, seed)
+    padding = check_padding_mask(p, attention_mask)
     xp = p.xp
     count = _lookup(xp, table, block_size, blocks)
     log_count = _lookup(xp, xp.log(xp.astype(xp.where(table > 0, table, 1), p.q.dtype)), block_size, blocks)
-    return _kernels.softmax_attention(p, scale=_kernels.resolve_scale(scale, p.dim),
-                                      mask=lambda rows, cols: count(rows, cols) > 0, bias=log_count,
+    masks, biases = [lambda rows, cols: count(rows, cols) > 0], [log_count]
+    if padding is not None:
+        masks.append(xp.reshape(padding, (*p.batch, 1, p.length, 1)))  # padded queries: no key, output 0
+        biases.append(xp.reshape(xp.astype(~padding, p.q.dtype) * -10000.0, (*p.batch, 1, 1, p.key_length)))
+    return _kernels.softmax_attention(p, scale=_kernels.resolve_scale(scale, p.dim), mask=masks, bias=biases,
                                       implementation=implementation, return_lse=return_lse)
 
 

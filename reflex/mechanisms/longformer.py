@@ -145,6 +145,9 @@ def _batch_flags(p: _kernels.Prepared, attention_mask: Any, global_mask: Any, po
         glob = check_padding_mask(p, global_mask, "global_mask")
     else:
         glob = xp.broadcast_to(position_flags(xp, p.device, positions, p.key_length), (*p.batch, p.key_length))
+    if bool(xp.any(glob & ~real)):
+        raise ValueError("a global token is padding (global_mask/global_indices True where attention_mask is False); "
+                         "Hugging Face's extended mask cannot express it either")
     return real, glob
 
 
@@ -197,6 +200,51 @@ def _padded(p: _kernels.Prepared, q: Any, k: Any, v: Any, projections: tuple[Any
         lse = xp.where(flags, xp.take(g_lse, rank, axis=g_lse.ndim - 1), lse)
     return (out, lse) if return_lse else out
 
+def _vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, **params: Any) -> dict:
+    """VJP of :func:`longformer_attention` through the engine's backward.
+
+    The forward is two engine calls: the local rows (window ∪ global keys) and the global rows
+    (every key, with the global projections when given), merged row by row. The cotangents are
+    split the same way — a global row's ``d_out``/``d_lse`` goes to the global call only — and each
+    call's backward maps back: ``dq`` of the global call to the global rows of q (or ``q_global``),
+    its ``dk``, ``dv`` to k, v (or ``k_global``, ``v_global``). With ``attention_mask``/``global_mask``
+    (padding) there is no VJP yet (``NotImplementedError``).
+    """
+    if inputs.get("attention_mask") is not None or inputs.get("global_mask") is not None:
+        raise NotImplementedError("longformer: no VJP with attention_mask/global_mask (padding) yet")
+    (out, lse), calls = _kernels.run_recorded(longformer_attention, inputs, params, return_lse=True)
+    local = calls[0]
+    p = local.p
+    xp = p.xp
+    options = {n: params[n] for n in ("window", "global_indices", "dilation", "alignment") if n in params}
+    _, _, positions, _, offset = _check(p, options["window"], options.get("global_indices", ()),
+                                        options.get("dilation", 1), options.get("alignment", "top_left"))
+    rows, row_flags = _global_rows(xp, p.device, positions, p.length, p.key_length, offset)
+    d_out = xp.astype(d_out, p.q.dtype)
+    d_lse = None if d_lse is None else xp.astype(d_lse, p.q.dtype)
+    flags = xp.reshape(row_flags, (p.length, 1))
+    g = local.backward(xp.where(flags, 0.0, d_out), None if d_lse is None else xp.where(row_flags, 0.0, d_lse))
+    grads = {"q": g.dq, "k": g.dk, "v": g.dv}
+    if rows:
+        glob = calls[1]
+        index = xp.asarray(rows, dtype=xp.int64, device=p.device)
+        gg = glob.backward(xp.take(d_out, index, axis=d_out.ndim - 2),
+                           None if d_lse is None else xp.take(d_lse, index, axis=d_lse.ndim - 1))
+        rank = [0] * p.length
+        for n, r in enumerate(rows):
+            rank[r] = n
+        rank = xp.asarray(rank, dtype=xp.int64, device=p.device)
+        dq = xp.where(flags, xp.take(gg.dq, rank, axis=gg.dq.ndim - 2), 0.0)
+        if inputs.get("q_global") is not None:
+            grads.update(q_global=dq, k_global=gg.dk, v_global=gg.dv)
+        else:
+            grads = {"q": grads["q"] + dq, "k": grads["k"] + gg.dk, "v": grads["v"] + gg.dv}
+    elif inputs.get("q_global") is not None:
+        grads.update({n: xp.zeros(inputs[n].shape, dtype=p.q.dtype, device=p.device)
+                      for n in ("q_global", "k_global", "v_global")})
+    return grads
+
+
 
 def _pattern(q: Any, k: Any, v: Any, /, *, window: tuple[int, int], global_indices: Any = (), dilation: int = 1,
              alignment: str = "top_left", **_: Any) -> Any:
@@ -247,4 +295,5 @@ register(Mechanism(
     returns_lse=True,
     example=_example,
     pattern=_pattern,
+    vjp=_vjp,
 ))

@@ -11,6 +11,7 @@ from reflex import random
 from reflex.backends import device as device_of
 from reflex.backends import is_plain_numpy, namespace
 from reflex.mechanisms import _kernels
+from reflex.mechanisms._inputs import check_padding_mask
 from reflex.mechanisms._patterns import check_positive_int, index_counts, parse_causal
 from reflex.registry import Case, Mechanism, register
 from reflex.mechanisms._options import typed_options
@@ -166,11 +167,33 @@ def _round_indices(xp: Any, windows: Any, order: Any, chunk: int) -> list[Any]:
     return out
 
 
-def _allowed(causal: bool) -> Any:
+def _allowed(causal: bool, real: Any = None) -> Any:
+    """Keys a query may attend besides itself: not itself, (causal) not later, (padding) real.
+
+    ``real``: boolean ``(..., L)`` padding mask or None; ``cols`` is a ``(1, s)`` grid (dense) or the
+    gathered key positions ``(..., H, l, K)`` (gather)."""
     def allowed(rows: Any, cols: Any) -> Any:
         keep = cols != rows
-        return keep & (cols <= rows) if causal else keep
+        keep = keep & (cols <= rows) if causal else keep
+        if real is None:
+            return keep
+        xp = namespace(real)
+        batch, length = tuple(real.shape[:-1]), int(real.shape[-1])
+        if cols.ndim == 2:
+            return keep & xp.reshape(real, (*batch, 1, 1, length))
+        heads = int(cols.shape[-3])
+        table = xp.broadcast_to(xp.reshape(real, (*batch, 1, length)), (*batch, heads, length))
+        flat = xp.reshape(cols, (*batch, heads, -1))
+        return keep & xp.reshape(xp.take_along_axis(table, xp.where(flat < 0, 0, flat), axis=-1), tuple(cols.shape))
     return allowed
+
+
+def _pad_buckets(xp: Any, buckets: Any, real: Any, factors: tuple[int, ...]) -> Any:
+    """Padded positions into an extra last bucket (HF): they sort after every real token of each round."""
+    if real is None:
+        return buckets
+    extra = xp.asarray(math.prod(factors), dtype=buckets.dtype, device=device_of(buckets))
+    return xp.where(xp.reshape(real, (*real.shape[:-1], 1, 1, int(real.shape[-1]))), buckets, extra)
 
 
 # --- attention -----------------------------------------------------------------------------------
@@ -208,7 +231,7 @@ def _self_only(xp: Any, out: Any, lse: Any, v: Any, copies: Any) -> tuple[Any, A
     return out, lse
 
 
-def _rounds(p: _kernels.Prepared, plan: _Plan, rot: Any, use_numba: bool) -> tuple[Any, Any]:
+def _rounds(p: _kernels.Prepared, plan: _Plan, rot: Any, use_numba: bool, real: Any = None) -> tuple[Any, Any]:
     """Per-round ``out (..., H, n_hashes, L, E)`` and ``lse (..., H, n_hashes, L)`` of the hashed path."""
     xp = p.xp
     keys = _unit_keys(xp, p.q)
@@ -225,13 +248,13 @@ def _rounds(p: _kernels.Prepared, plan: _Plan, rot: Any, use_numba: bool) -> tup
             after=plan.after, scale=plan.scale, causal=plan.causal, self_value=SELF_SCORE)
         return (xp.reshape(out, (*p.batch, p.heads, plan.n_hashes, length, p.value_dim)),
                 xp.reshape(lse, (*p.batch, p.heads, plan.n_hashes, length)))
-    order = lsh_sort(_hash(xp, p.q, rot, plan.factors))
+    order = lsh_sort(_pad_buckets(xp, _hash(xp, p.q, rot, plan.factors), real, plan.factors))
     windows = _windows(xp, xp.reshape(order, (*order.shape[:-2], -1)), plan.chunk, plan.before, plan.after)
     pk = dataclasses.replace(p, k=keys)
     rows = xp.reshape(xp.arange(length, dtype=xp.int64, device=p.device), (length, 1))
     outs, lses = [], []
     for idx in _round_indices(xp, windows, order, plan.chunk):
-        out, lse = _kernels.gather(pk, idx, scale=plan.scale, mask=_allowed(plan.causal))
+        out, lse = _kernels.gather(pk, idx, scale=plan.scale, mask=_allowed(plan.causal, real))
         copies = xp.sum(xp.astype(idx == rows, xp.int64), axis=-1)
         out, lse = _self_only(xp, out, lse, p.v, copies)
         outs.append(out)
@@ -258,8 +281,8 @@ def _combine(xp: Any, out: Any, lse: Any) -> tuple[Any, Any]:
 @typed_options()
 def lsh_attention(qk: Any, v: Any, /, *, n_buckets: int | tuple[int, ...], chunk_length: int, n_hashes: int = 1,
                   rotations: Any = None, seed: Any = None, causal: bool | str = False, num_chunks_before: int = 1,
-                  num_chunks_after: int = 0, scale: float | None = None, return_lse: bool = False,
-                  compute_dtype: Any = None, implementation: str = "auto") -> Any:
+                  num_chunks_after: int = 0, attention_mask: Any = None, scale: float | None = None,
+                  return_lse: bool = False, compute_dtype: Any = None, implementation: str = "auto") -> Any:
     """Reformer LSH self-attention (shared QK): hash, sort, attend within chunks, combine rounds.
 
     .. math::
@@ -303,6 +326,11 @@ def lsh_attention(qk: Any, v: Any, /, *, n_buckets: int | tuple[int, ...], chunk
         rotations: ``(H, D, n_hashes, n_buckets/2)`` (Σ factors / 2 when factorised); or ``seed``.
         causal: ``False`` or ``True``/``"top_left"``/``"bottom_right"`` (the same when S = L).
         num_chunks_before, num_chunks_after: the window (HF defaults 1 and 0).
+        attention_mask: boolean ``(..., L)`` padding mask, True = real token. As Hugging Face:
+            padded positions hash to an extra last bucket (so they sort after the real tokens of
+            each round) and are never attended as keys (HF scores them −1e9; the self rule still
+            applies, so a query with no other allowed key attends itself); padded queries keep
+            their outputs. Runs on the array-API path (the Numba kernels take no mask).
         scale: multiplies ``x·k̂``; default 1/√D (HF divides k̂ by √D).
         return_lse, compute_dtype: as in :func:`reflex.full_attention`.
         implementation: ``"numba"`` (plain NumPy float64: hash, counting sort and chunked attention
@@ -313,25 +341,30 @@ def lsh_attention(qk: Any, v: Any, /, *, n_buckets: int | tuple[int, ...], chunk
     """
     p = _kernels.prepare(qk, qk, v, compute_dtype=compute_dtype)
     plan = _plan(p, n_buckets, n_hashes, chunk_length, num_chunks_before, num_chunks_after, causal, scale)
+    real = check_padding_mask(p, attention_mask)
+    if real is not None and implementation == "numba":
+        raise ValueError("attention_mask runs on the array-API path: the Numba kernels take no mask "
+                         "(use implementation='auto' or 'array_api')")
     xp = p.xp
     if p.length == 0:
         out, lse = _kernels.empty_result(p)
     elif p.length <= plan.chunk:
         _numba(implementation, dtype_ok=True)
         pk = dataclasses.replace(p, k=_unit_keys(xp, p.q))
-        out, lse = _kernels.dense(pk, scale=plan.scale, mask=_allowed(plan.causal))
+        out, lse = _kernels.dense(pk, scale=plan.scale, mask=_allowed(plan.causal, real))
         out, lse = _self_only(xp, out, lse, p.v, xp.ones(lse.shape, dtype=xp.int64, device=p.device))
     else:
         rot = _rotations(xp, p.device, p.q.dtype, p.heads, p.dim, plan.factors, plan.n_hashes, rotations, seed)
-        use_numba = _numba(implementation, qk, v, rotations, dtype_ok=p.q.dtype == xp.float64)
-        out, lse = _combine(xp, *_rounds(p, plan, rot, use_numba))
+        use_numba = _numba(implementation, qk, v, rotations, dtype_ok=p.q.dtype == xp.float64 and real is None)
+        out, lse = _combine(xp, *_rounds(p, plan, rot, use_numba, real))
     return (out, lse) if return_lse else out
 
 
 @typed_options()
 def lsh_pattern(qk: Any, /, *, n_buckets: int | tuple[int, ...], chunk_length: int, n_hashes: int = 1,
                 rotations: Any = None, seed: Any = None, causal: bool | str = False, num_chunks_before: int = 1,
-                num_chunks_after: int = 0, per_round: bool = False, compute_dtype: Any = None) -> Any:
+                num_chunks_after: int = 0, attention_mask: Any = None, per_round: bool = False,
+                compute_dtype: Any = None) -> Any:
     """The keys each query attends in :func:`lsh_attention`, with multiplicities: int64 ``(..., H, L, L)``.
 
     ``c[i, j]`` counts the copies of key j in query i's windows over all rounds, excluding i itself
@@ -342,16 +375,17 @@ def lsh_pattern(qk: Any, /, *, n_buckets: int | tuple[int, ...], chunk_length: i
     """
     p = _kernels.prepare(qk, qk, qk, compute_dtype=compute_dtype)
     plan = _plan(p, n_buckets, n_hashes, chunk_length, num_chunks_before, num_chunks_after, causal, None)
+    real = check_padding_mask(p, attention_mask)
     xp, length = p.xp, p.length
     rows = xp.reshape(xp.arange(length, dtype=xp.int64, device=p.device), (length, 1))
     cols = xp.reshape(xp.arange(length, dtype=xp.int64, device=p.device), (1, length))
-    allowed = xp.astype(_allowed(plan.causal)(rows, cols), xp.int64)
+    allowed = xp.astype(_allowed(plan.causal, real)(rows, cols), xp.int64)
     eye = xp.astype(rows == cols, xp.int64)
     if length <= plan.chunk:
         raw = [xp.broadcast_to(allowed + eye, (*p.batch, p.heads, length, length))]
     else:
         rot = _rotations(xp, p.device, p.q.dtype, p.heads, p.dim, plan.factors, plan.n_hashes, rotations, seed)
-        order = lsh_sort(_hash(xp, p.q, rot, plan.factors))
+        order = lsh_sort(_pad_buckets(xp, _hash(xp, p.q, rot, plan.factors), real, plan.factors))
         windows = _windows(xp, xp.reshape(order, (*order.shape[:-2], -1)), plan.chunk, plan.before, plan.after)
         raw = [index_counts(xp, idx, length) for idx in _round_indices(xp, windows, order, plan.chunk)]
 
