@@ -17,7 +17,8 @@ from tests.helpers import assert_vjp_matches_finite_differences, max_abs, qkv_ho
 
 FORMULA_KEYS = ["linear", "performer", "rfa", "cosformer", "nystrom", "talking_heads", "synthesizer", "linformer",
                 "average", "memory_compressed", "residual", "poolingformer", "lowrank_band",
-                "adaptive_span", "multi_scale", "hard_gaussian", "shared_map", "collaborative", "head_diversity", "isab", "luna", "predictive"]
+                "adaptive_span", "multi_scale", "hard_gaussian", "shared_map", "collaborative", "head_diversity", "isab", "luna", "predictive",
+                "clustered", "improved_clustered"]
 
 
 def _case_ids(sizes):
@@ -369,3 +370,13 @@ def test_predictive_gradient_of_alpha():
 
     fd = (loss(0.25 + 6e-6) - loss(0.25 - 6e-6)) / 1.2e-5
     assert got["alpha"].shape == () and abs(float(got["alpha"]) - fd) <= 1e-6 * abs(fd) + 1e-10
+
+
+def test_improved_clustered_with_every_key_recomputed_has_the_full_gradient():
+    """topk = S: each query's exact softmax over all keys, m̂ = 1 — the gradient is full attention's."""
+    q, k, v = qkv_host(18, length=6, key_length=5)
+    assignment = random.integers((2, 4, 6), seed=(18, 5), low=0, high=3)
+    d_out = random.normal((2, 4, 6, 3), seed=(18, 6))
+    got = reflex.vjp("improved_clustered", {"q": q, "k": k, "v": v, "assignment": assignment}, d_out, topk=5,
+                     num_clusters=3)
+    _close(got, reflex.vjp("full", {"q": q, "k": k, "v": v}, d_out))

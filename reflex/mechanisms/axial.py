@@ -86,6 +86,27 @@ def axial_attention(q: Any, k: Any, v: Any, /, *, shape: tuple[int, int], axis: 
     return _kernels.softmax_attention(second, scale=scale, mask=axis_pattern("cols", cols).allowed,
                                       implementation=implementation, return_lse=return_lse)
 
+def _vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, **params: Any) -> dict:
+    """VJP of :func:`axial_attention` through the engine's backward.
+
+    One axis: one engine call, its backward. Both axes: ``O₁ = A_rows(q, k, v)`` then ``O =
+    A_cols(q, k_h, O₁)`` with ``k_h`` the kv heads repeated per query head; backward in reverse:
+    the column step gives ``dq₂``, ``dk_h`` and ``dO₁ = dv₂``, the row step ``dq₁, dk₁, dv``; then
+    ``dq = dq₁ + dq₂`` and ``dk = dk₁ + Σ_{heads of the group} dk_h``.
+    """
+    result, calls = _kernels.run_recorded(axial_attention, inputs, params, return_lse=d_lse is not None)
+    if len(calls) == 1:
+        g = calls[0].backward(d_out, d_lse)
+        return {"q": g.dq, "k": g.dk, "v": g.dv}
+    rows_call, cols_call = calls
+    p = rows_call.p
+    xp = p.xp
+    g2 = cols_call.backward(d_out, d_lse)
+    g1 = rows_call.backward(g2.dv)
+    dk_heads = xp.reshape(g2.dk, (*p.batch, p.kv_heads, p.group, p.key_length, p.dim))
+    return {"q": g1.dq + g2.dq, "k": g1.dk + xp.sum(dk_heads, axis=-3), "v": g1.dv}
+
+
 
 def _pattern(q: Any, k: Any, v: Any, /, *, shape: tuple[int, int], axis: str | None = None, **_: Any) -> Any:
     """Row, column, or (axis=None) row ∪ column mask as a boolean ``(..., H, L, S)`` array."""

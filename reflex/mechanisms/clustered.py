@@ -144,6 +144,86 @@ def improved_clustered_attention(q: Any, k: Any, v: Any, /, *, topk: int, num_cl
     return _rows_of_cluster(xp, top_mass, labels) * exact + _rows_of_cluster(xp, rest_out, labels)
 
 
+def _cluster_sums(p: _kernels.Prepared, labels: Any, count: int, rows: Any) -> Any:
+    """``Σ_{i ∈ cluster c} rows_i`` for ``rows (..., H, L, F)`` → ``(..., H, C, F)`` (adjoint of :func:`_rows_of_cluster`)."""
+    xp = p.xp
+    onehot = xp.astype(labels[..., None] == xp.arange(count, dtype=xp.int64, device=p.device), p.q.dtype)
+    return xp.matrix_transpose(onehot) @ rows
+
+
+def _centroids_vjp(p: _kernels.Prepared, labels: Any, count: int, d_centroids: Any) -> Any:
+    """``dq_i = d q^c_{c(i)} / |C_{c(i)}|`` (adjoint of :func:`_centroids`)."""
+    xp = p.xp
+    onehot = xp.astype(labels[..., None] == xp.arange(count, dtype=xp.int64, device=p.device), p.q.dtype)
+    counts = xp.sum(onehot, axis=-2)[..., None]
+    return _rows_of_cluster(xp, d_centroids / xp.where(counts > 0, counts, 1.0), labels)
+
+
+def _clustered_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, num_clusters: int | None = None,
+                   iterations: int = 10, seed: Any = None, scale: float | None = None, compute_dtype: Any = None,
+                   implementation: str = "auto") -> dict:
+    """VJP of :func:`clustered_attention`: ``{"q": dq, "k": dk, "v": dv}``; the cluster assignment
+    (given, or k-means of the queries) is a constant.
+
+    ``d o^c_j = Σ_{i ∈ C_j} dO_i``; the engine's backward (dense, or tiled: FlashAttention-2 Alg. 2) on
+    ``(Q^c, K, V)`` gives ``dQ^c``, ``dK``, ``dV``; the centroid mean gives ``dq_i = dq^c_{c(i)}/|C_{c(i)}|``.
+    """
+    from reflex.mechanisms import _grad
+
+    p = _kernels.prepare(inputs["q"], inputs["k"], inputs["v"], compute_dtype=compute_dtype)
+    labels, count = cluster_queries(p, num_clusters=num_clusters, assignment=inputs.get("assignment"),
+                                    iterations=iterations, seed=seed)
+    d_o = p.xp.astype(d_out, p.q.dtype)
+    g = _grad.softmax_attention_vjp(_kernels.prepare(_centroids(p, labels, count), p.k, p.v, compute_dtype=p.q.dtype),
+                                    _cluster_sums(p, labels, count, d_o), scale=_kernels.resolve_scale(scale, p.dim),
+                                    implementation=implementation)
+    return {"q": _centroids_vjp(p, labels, count, g.dq), "k": g.dk, "v": g.dv}
+
+
+def _improved_clustered_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, topk: int, num_clusters: int | None = None,
+                            iterations: int = 10, seed: Any = None, scale: float | None = None,
+                            compute_dtype: Any = None) -> dict:
+    """VJP of :func:`improved_clustered_attention`: ``{"q": dq, "k": dk, "v": dv}``; the assignment and the
+    top-k key sets ``T_j`` are constants (the forward's selection, ties to the lower index).
+
+    With ``o_i = m̂_c e_i + r_c`` (c = c(i); ``e_i`` the query's exact softmax on ``T_c``, ``r_c = Σ_{l∉T_c}
+    A^c_{cl} v_l``): ``d e_i = m̂_c dO_i`` through the engine's gather backward (dq, dk, dv);
+    ``d m̂_c = Σ_{i∈C_c} ⟨dO_i, e_i⟩``, ``d r_c = Σ_{i∈C_c} dO_i``; ``dA^c_{cl} = d m̂_c`` (l ∈ T_c) or
+    ``⟨d r_c, v_l⟩`` (l ∉ T_c), ``dV += A^cᵀ d r`` off the top-k; ``dZ^c = A^c ∘ (dA^c − rowsum(A^c ∘ dA^c))``,
+    ``dQ^c = s dZ^c K``, ``dK += s dZ^cᵀ Q^c``; then ``dq_i += dq^c_{c(i)}/|C_{c(i)}|``.
+    """
+    from reflex.mechanisms import _grad
+
+    p = _kernels.prepare(inputs["q"], inputs["k"], inputs["v"], compute_dtype=compute_dtype)
+    xp = p.xp
+    topk = _check_count("topk", topk, 1, max(1, p.key_length))
+    labels, count = cluster_queries(p, num_clusters=num_clusters, assignment=inputs.get("assignment"),
+                                    iterations=iterations, seed=seed)
+    s = _kernels.resolve_scale(scale, p.dim)
+    q_c = _centroids(p, labels, count)
+    centroid = _kernels.prepare(q_c, p.k, p.v, compute_dtype=p.q.dtype)
+    order = xp.argsort(-_kernels.scores(centroid, scale=s), axis=-1, stable=True)
+    chosen = order[..., :topk]
+    in_top = xp.argsort(order, axis=-1, stable=True) < topk
+    weights = _kernels.weights(centroid, scale=s)
+    top_mass = xp.sum(xp.where(in_top, weights, 0.0), axis=-1, keepdims=True)
+    indices = _rows_of_cluster(xp, chosen, labels)
+    exact, lse = _kernels.gather(p, indices, scale=s)
+    d_o = xp.astype(d_out, p.q.dtype)
+    g = _kernels.gather_backward(p, indices, exact, lse, _rows_of_cluster(xp, top_mass, labels) * d_o, scale=s)
+    d_mass = _cluster_sums(p, labels, count, xp.sum(d_o * exact, axis=-1, keepdims=True))  # (..., H, C, 1)
+    d_rest = _grad.group_queries(p, _cluster_sums(p, labels, count, d_o))  # (..., G, H/G, C, E)
+    v = xp.expand_dims(p.v, axis=-3)
+    d_weights = xp.where(in_top, d_mass, _grad.ungroup(p, d_rest @ xp.matrix_transpose(v)))
+    rest = _grad.group_queries(p, xp.where(in_top, 0.0, weights))
+    d_z = _grad.group_queries(p, _grad.softmax_vjp(xp, weights, d_weights))
+    k = xp.expand_dims(p.k, axis=-3)
+    d_qc = _grad.ungroup(p, s * (d_z @ k))
+    d_k = g.dk + s * xp.sum(xp.matrix_transpose(d_z) @ _grad.group_queries(p, q_c), axis=-3)
+    d_v = g.dv + xp.sum(xp.matrix_transpose(rest) @ d_rest, axis=-3)
+    return {"q": g.dq + _centroids_vjp(p, labels, count, d_qc), "k": d_k, "v": d_v}
+
+
 def _cases(size: str, seed: int) -> list[Case]:
     d, gqa = standard(size, seed)
     count = max(1, d["L"] // 2)
@@ -184,6 +264,7 @@ register(Mechanism(
     cases=_cases,
     row_separable=False,
     example=_example,
+    vjp=_clustered_vjp,
 ))
 
 register(Mechanism(
@@ -202,4 +283,5 @@ register(Mechanism(
     cases=_improved_cases,
     row_separable=False,
     example=_improved_example,
+    vjp=_improved_clustered_vjp,
 ))
