@@ -196,12 +196,17 @@ cert.outputs[0].max_rel, cert.outputs[0].bound, cert.condition, cert.flagged
   and relu feature maps, causal) and Performer (`performer` with an explicit projection: positive,
   trigonometric and relu features, causal; the unstabilised formula, which the mechanism's
   stabilisation must equal exactly). The other formula mechanisms (cosFormer, RFA, Nyström,
-  low-rank and compressed memory, ...) are certified through longdouble only. Pure Python, so for tiny cases: `reflex certify` uses mpmath for
-  tiny cases of those three and longdouble for everything else. Under mpmath the certificate also
+  low-rank and compressed memory, ...) are certified through longdouble only. mpmath is pure
+  Python, so `reflex certify` uses it for tiny cases of those three and longdouble for
+  everything else. Under mpmath the certificate also
   compares the mechanism's own longdouble result with mpmath ("cross-check" below): ≈ 1e-19 means
   longdouble is honoured end to end on that path.
 - **Gradients**: where a mechanism has a VJP, its float64 gradients (`d_q`, `d_k`, ...) are
-  compared with the VJP run under `compute_dtype=numpy.longdouble`, with a fixed cotangent.
+  compared with the VJP run under `compute_dtype=numpy.longdouble`, with a fixed cotangent. A
+  gradient that is zero in exact arithmetic (a query that attends only itself; a key-projection
+  bias, to which softmax is invariant) is a cancellation of O(1) terms: float64 leaves round-off
+  there, so its error is measured against the case's largest gradient scale (the certificate's
+  notes say so).
 
 Errors are relative to the output scale: `max |float64 − reference| / max |reference|`, per
 output (and gradient). The float64 unit roundoff is u = 2⁻⁵³ ≈ {UNIT_ROUNDOFF:.2e}.
