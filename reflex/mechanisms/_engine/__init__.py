@@ -79,7 +79,7 @@ from typing import Any
 
 from reflex.mechanisms._engine.dense import dense, dense_backward, scores, weights
 from reflex.mechanisms._engine.gather import GATHER_BLOCK_ELEMENTS, gather, gather_backward
-from reflex.mechanisms._engine.record import EngineCall, engine_vjp, recording
+from reflex.mechanisms._engine.record import EngineCall, engine_vjp, recording, run_recorded
 from reflex.mechanisms._engine.terms import Gradients, Term, TermGradient, TileActive, empty_result, finish
 from reflex.mechanisms._engine.tiled import tiled, tiled_backward
 from reflex.mechanisms._inputs import (Prepared, check_array, check_indices, check_term, prepare, resolve_dtype,
@@ -89,7 +89,7 @@ __all__ = [
     "Prepared", "prepare", "check_term", "check_indices", "check_array", "dense", "tiled", "gather", "finish", "empty_result",
     "softmax_attention", "choose_implementation", "resolve_dtype", "resolve_scale", "resolve_softcap", "IMPLEMENTATIONS", "scores", "weights",
     "AUTO_TILED_ELEMENTS", "GATHER_BLOCK_ELEMENTS", "Term", "TileActive", "dense_backward", "tiled_backward",
-    "gather_backward", "Gradients", "TermGradient", "EngineCall", "recording", "engine_vjp",
+    "gather_backward", "Gradients", "TermGradient", "EngineCall", "recording", "engine_vjp", "run_recorded",
 ]
 
 IMPLEMENTATIONS = ("auto", "dense", "tiled")

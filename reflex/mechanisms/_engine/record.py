@@ -106,35 +106,12 @@ def engine_vjp(function: Callable[..., Any], *, implementation: Callable[[int, i
     in place of ``"auto"``, ``"numpy"`` or ``"numba"`` — the band kernels have no backward); it is
     used only when ``function`` takes ``implementation``.
     """
-    signature = inspect.signature(function)
-    positional = [n for n, prm in signature.parameters.items() if prm.kind is inspect.Parameter.POSITIONAL_ONLY]
-    takes_implementation = "implementation" in signature.parameters
     label = name or function.__name__
 
-    def choose(length: int, key_length: int, requested: Any) -> Any:
-        if implementation is not None:
-            return implementation(length, key_length, requested)
-        if requested not in _BAND_CHOICES:
-            return requested
-        from reflex.mechanisms._engine import AUTO_TILED_ELEMENTS
-
-        return "dense" if length * key_length <= AUTO_TILED_ELEMENTS else "tiled"
-
     def vjp(inputs: Mapping[str, Any], d_out: Any, *, d_lse: Any = None, **params: Any) -> dict[str, Any]:
-        missing = [n for n in positional if n not in inputs]
-        if missing:
-            raise TypeError(f"{label}: inputs lacks the positional argument(s) {', '.join(missing)}")
-        params = dict(params)
-        params.pop("return_lse", None)
-        first = inputs[positional[0]]
-        if takes_implementation:
-            keys = inputs.get("k", first)
-            params["implementation"] = choose(int(first.shape[-2]), int(keys.shape[-2]),
-                                              params.get("implementation", "auto"))
-        args = [inputs[n] for n in positional]
-        kwargs = {n: x for n, x in inputs.items() if n not in positional}
-        with recording() as calls:
-            result = function(*args, **kwargs, **params, **({"return_lse": True} if d_lse is not None else {}))
+        result, calls = run_recorded(function, inputs, params, return_lse=d_lse is not None,
+                                     implementation=implementation)
+        positional = positional_names(function)
         out = result[0] if d_lse is not None else result
         found = [c for c in calls if c.out is out]
         engine = [c for c in calls if c.p is not None or not selection_calls]
@@ -152,6 +129,45 @@ def engine_vjp(function: Callable[..., Any], *, implementation: Callable[[int, i
     vjp.__doc__ = (f"VJP of :func:`{label}` through the engine's backward (shared, see "
                    f":func:`reflex.mechanisms._engine.record.engine_vjp`).")
     return vjp
+
+
+def positional_names(function: Callable[..., Any]) -> list[str]:
+    """The positional-only parameters of ``function`` (its array arguments q, k, v, ...)."""
+    parameters = inspect.signature(function).parameters
+    return [n for n, prm in parameters.items() if prm.kind is inspect.Parameter.POSITIONAL_ONLY]
+
+
+def run_recorded(function: Callable[..., Any], inputs: Mapping[str, Any], params: Mapping[str, Any], *,
+                 return_lse: bool, implementation: Callable[[int, int, Any], Any] | None = None
+                 ) -> tuple[Any, list[EngineCall]]:
+    """``function(*positional inputs, **keyword inputs, **params)`` inside :func:`recording`.
+
+    The band kernels (``"numpy"``, ``"numba"``, and ``"auto"`` where it would pick them) have no
+    backward: when ``function`` takes ``implementation``, the run uses ``implementation(L, S,
+    requested)`` (default: the engine's choice, dense or tiled, in place of those three).
+    """
+    from reflex.mechanisms._engine import choose_implementation
+
+    positional = positional_names(function)
+    missing = [n for n in positional if n not in inputs]
+    if missing:
+        raise TypeError(f"{function.__name__}: inputs lacks the positional argument(s) {', '.join(missing)}")
+    params = dict(params)
+    params.pop("return_lse", None)
+    if "implementation" in inspect.signature(function).parameters:
+        first = inputs[positional[0]]
+        keys = inputs.get("k", first)
+        requested = params.get("implementation", "auto")
+        length, key_length = int(first.shape[-2]), int(keys.shape[-2])
+        if implementation is not None:
+            params["implementation"] = implementation(length, key_length, requested)
+        elif requested in _BAND_CHOICES:
+            params["implementation"] = choose_implementation(length, key_length)
+    args = [inputs[n] for n in positional]
+    kwargs = {n: x for n, x in inputs.items() if n not in positional}
+    with recording() as calls:
+        result = function(*args, **kwargs, **params, **({"return_lse": True} if return_lse else {}))
+    return result, calls
 
 
 def _same(xp: Any, a: Any, b: Any) -> bool:
