@@ -133,6 +133,7 @@ def test_option_arrays_refuse_complex_int_and_other_libraries():
         reflex.performer_attention(q, k, v, projection=torch.ones((4, 5), dtype=torch.float64))
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy reports the overflow it is asked to compute
 @pytest.mark.parametrize("key", [k for k in MECHANISMS if _first_case(k).positional[:3] == ("q", "k", "v")])
 def test_overflowing_scores_raise_instead_of_nan(key):
     case = _first_case(key)
