@@ -187,7 +187,10 @@ cert.outputs[0].max_rel, cert.outputs[0].bound, cert.condition, cert.flagged
   Because a mechanism could silently compute float64 when asked for longdouble, each certificate
   checks that the longdouble result has dtype longdouble and differs from the float64 result at
   the ulp level ("longdouble honoured"; a case whose two results are bitwise equal — an exact
-  case such as a self-only window — cannot tell, and says so).
+  case such as a self-only window — cannot tell, and says so). longdouble compares a mechanism
+  with *itself* at higher precision: a defect that loses precision in both runs (a hard-coded
+  float32 cast) is invisible to it. The bounds and the independent mpmath formulas catch that
+  (the tests plant exactly this defect).
 - **mpmath** (`pip install 'reflex-attention[certify]'`): an independent evaluation of the formula
   in arbitrary precision (default 40 digits, `--dps`), written in `reflex/certify.py` from the
   equations, not from the engine, as SciPy checks its special functions (inputs enter exactly
