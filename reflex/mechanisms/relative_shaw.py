@@ -59,10 +59,10 @@ def relative_shaw_attention(q: Any, k: Any, v: Any, /, *, rel_k: Any, rel_v: Any
     Gradients (:func:`reflex.vjp`), O(L·k) memory like the forward: the key term through the
     engine's backward (FlashAttention-2, Dao 2023, Alg. 2) with the relative-logits term's VJP
     (``dq̃_i = Σ_d dΛ_{id} a^K_d``, ``da^K_r = Σ_{i,d: c(d)=r} dΛ_{id} q̃_i``, q̃ = scale·q). The value
-    term ``Σ_r w_{ir} a^V_r`` with ``w_{ir} = e^{ζ_{ir} − lse_i}`` (ζ the bin's score or tail lse):
-    ``da^V_r = Σ_i w_{ir} dO_i``, ``dζ_{ir} = w_{ir}·(dO_i·a^V_r)``, and ``−Σ_r dζ_{ir}`` joins the
-    lse cotangent of the main call; a tail's dζ is the lse cotangent of its engine call; a single
-    key's goes to q̃_i (``k_j + a^K_r``), k_j and a^K_r (``q̃_i``).
+    term ``Σ_r w_{ir} a^V_r`` with ``w_i = softmax_r(ζ_i)`` (ζ the bin's score or tail lse):
+    ``da^V_r = Σ_i w_{ir} dO_i``, ``dζ_{ir} = w_{ir}(g_{ir} − Σ_{r'} w_{ir'} g_{ir'})`` with
+    ``g_{ir} = dO_i·a^V_r``; a tail's dζ is the lse cotangent of its engine call; a single key's
+    goes to q̃_i (``k_j + a^K_r``), k_j and a^K_r (``q̃_i``).
 
     Reference: Shaw, Uszkoreit & Vaswani 2018, "Self-Attention with Relative Position
     Representations", NAACL, §3 (eqs. 3–4 and the clipping of §3.2).
@@ -224,10 +224,9 @@ def _vjp(inputs: Any, d_out: Any, *, d_lse: Any = None, max_distance: int | None
         shares = xp.stack(f.shares, axis=-1)  # (..., H, L, 2k+1)
         grads["rel_v"] = sum_to(xp, xp.matrix_transpose(shares) @ d_out, tuple(f.rel_v.shape))
         if f.clip > 0:
-            # O += Σ_r w_ir a^V_r with w_ir = exp(ζ_ir − lse_i): dζ_ir = w_ir·(dO_i·a^V_r), dlse_i −= Σ_r dζ_ir
-            d_zeta = shares * (d_out @ xp.matrix_transpose(f.rel_v))
-            extra = -xp.sum(d_zeta, axis=-1)
-            d_lse = extra if d_lse is None else d_lse + extra
+            # O += Σ_r w_ir a^V_r with w_i = softmax_r(ζ_i): dζ_ir = w_ir·(g_ir − Σ_r' w_ir' g_ir'), g_ir = dO_i·a^V_r
+            g_bins = d_out @ xp.matrix_transpose(f.rel_v)
+            d_zeta = shares * (g_bins - xp.sum(shares * g_bins, axis=-1, keepdims=True))
             for r, tail_lse in f.tails.items():
                 call = next(c for c in calls if c.lse is tail_lse)
                 g = call.backward(xp.zeros(d_out.shape, dtype=p.q.dtype, device=p.device), d_zeta[..., f.clip + r])
