@@ -189,7 +189,7 @@ cert.outputs[0].max_rel, cert.outputs[0].bound, cert.condition, cert.flagged
   the ulp level ("longdouble honoured"; a case whose two results are bitwise equal — an exact
   case such as a self-only window — cannot tell, and says so). longdouble compares a mechanism
   with *itself* at higher precision: a defect that loses precision in both runs (a hard-coded
-  float32 cast) is invisible to it. The bounds and the independent mpmath formulas catch that
+  float32 cast) is invisible to it. The independent mpmath formulas catch that
   (the tests plant exactly this defect).
 - **mpmath** (`pip install 'reflex-attention[certify]'`): an independent evaluation of the formula
   in arbitrary precision (default 40 digits, `--dps`), written in `reflex/certify.py` from the
