@@ -18,7 +18,7 @@ from tests.helpers import assert_vjp_matches_finite_differences, max_abs, qkv_ho
 FORMULA_KEYS = ["linear", "performer", "rfa", "cosformer", "nystrom", "talking_heads", "synthesizer", "linformer",
                 "average", "memory_compressed", "residual", "poolingformer", "lowrank_band",
                 "adaptive_span", "multi_scale", "hard_gaussian", "shared_map", "collaborative", "head_diversity", "isab", "luna", "predictive",
-                "clustered", "improved_clustered"]
+                "clustered", "improved_clustered", "probsparse"]
 
 
 def _case_ids(sizes):
@@ -380,3 +380,22 @@ def test_improved_clustered_with_every_key_recomputed_has_the_full_gradient():
     got = reflex.vjp("improved_clustered", {"q": q, "k": k, "v": v, "assignment": assignment}, d_out, topk=5,
                      num_clusters=3)
     _close(got, reflex.vjp("full", {"q": q, "k": k, "v": v}, d_out))
+
+
+@pytest.mark.parametrize("causal", [False, "top_left", "bottom_right"])
+def test_probsparse_every_query_active_has_the_full_gradient(causal):
+    q, k, v = qkv_host(19, length=6, key_length=8)
+    d_out = random.normal((2, 4, 6, 3), seed=(19, 6))
+    got = reflex.vjp("probsparse", {"q": q, "k": k, "v": v}, d_out, top_u=6, causal=causal)
+    _close(got, reflex.vjp("full", {"q": q, "k": k, "v": v}, d_out, causal=causal))
+
+
+@pytest.mark.parametrize("causal", [False, "bottom_right", "top_left"])
+def test_probsparse_lazy_rows_by_central_differences(causal):
+    """top_u = 0 (every row the (cumulative) mean of V; L > S so some rows see no key), and top_u = 2."""
+    q, k, v = qkv_host(20, length=9, key_length=5)
+    d_out = random.normal((2, 4, 9, 3), seed=(20, 6))
+    samples = random.integers((9, 3), seed=(20, 7), low=0, high=5)
+    for top_u in (0, 2):
+        assert_vjp_matches_finite_differences("probsparse", {"q": q, "k": k, "v": v, "sample_indices": samples}, d_out,
+                                              params={"top_u": top_u, "causal": causal})

@@ -155,6 +155,87 @@ def _lazy_output(p: _kernels.Prepared, offset: int | None) -> Any:
     return xp.reshape(xp.broadcast_to(rows[..., None, :, :], shape), (*p.batch, p.heads, p.length, p.value_dim))
 
 
+def _lazy_output_vjp(p: _kernels.Prepared, offset: int | None, d_lazy: Any) -> Any:
+    """``dV (..., G, S, E)`` of :func:`_lazy_output` from ``d_lazy (..., H, L, E)`` (rows not read are 0).
+
+    Mean: ``dv_j = Σ_i d_i / S``. Cumulative mean: row i reads ``c_t = (1/(t+1))Σ_{j≤t} v_j`` at
+    ``t = clip(i + δ, 0, S − 1)`` (nothing when i + δ < 0): ``dc_t = Σ_{i → t} d_i`` (a deterministic
+    scatter-add), ``dv_j = Σ_{t ≥ j} dc_t/(t + 1)`` (a reversed prefix sum).
+    """
+    from reflex.backends.scatter import scatter_add
+    from reflex.mechanisms import _grad
+
+    xp = p.xp
+    per_kv = xp.sum(_grad.group_queries(p, d_lazy), axis=-3)  # (..., G, L, E)
+    if offset is None:
+        total = xp.sum(per_kv, axis=-2, keepdims=True) / float(p.key_length)
+        return xp.broadcast_to(total, tuple(p.v.shape))
+    last = xp.arange(p.length, dtype=xp.int64, device=p.device) + offset
+    per_kv = xp.where((last >= 0)[:, None], per_kv, 0.0)
+    lead = tuple(per_kv.shape[:-2])
+    nb = len(lead)
+    rows = xp.reshape(xp.permute_dims(per_kv, (nb, *range(nb), nb + 1)), (p.length, -1))  # (L, ...·E)
+    d_cum = scatter_add(xp.clip(last, 0, p.key_length - 1), rows, p.key_length)  # (S, ...·E)
+    d_cum = xp.permute_dims(xp.reshape(d_cum, (p.key_length, *lead, p.value_dim)), (*range(1, nb + 1), 0, nb + 1))
+    counts = xp.astype(xp.arange(1, p.key_length + 1, dtype=xp.int64, device=p.device), p.q.dtype)
+    scaled = d_cum / counts[:, None]
+    return xp.flip(xp.cumulative_sum(xp.flip(scaled, axis=-2), axis=-2), axis=-2)
+
+
+def _probsparse_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, factor: int = 5, top_u: int | None = None,
+                    num_samples: int | None = None, seed: Any = None, causal: bool | str = False,
+                    scale: float | None = None, compute_dtype: Any = None, implementation: str = "auto") -> dict:
+    """VJP of :func:`probsparse_attention`: ``{"q": dq, "k": dk, "v": dv}``. The sampled keys and the top-u
+    selection are constants (the forward's branch; ties to the lower query index), so M contributes no
+    gradient.
+
+    Selected rows: the engine's backward (dense, or tiled: FlashAttention-2 Alg. 2) on the selected
+    queries with their rows of ``dO`` gives their ``dq`` (scattered back to their positions), ``dK``,
+    ``dV``; the other rows' ``dO`` reaches V through the (cumulative) mean, :func:`_lazy_output_vjp`.
+    """
+    from reflex.mechanisms import _grad
+
+    p = _kernels.prepare(inputs["q"], inputs["k"], inputs["v"], compute_dtype=compute_dtype)
+    xp = p.xp
+    sample_indices = inputs.get("sample_indices")
+    u = _informer_count(factor, p.length) if top_u is None else top_u
+    s = _kernels.resolve_scale(scale, p.dim)
+    alignment = parse_causal(causal)
+    offset = None if alignment is None else causal_offset(alignment, p.length, p.key_length)
+    d_o = xp.astype(d_out, p.q.dtype)
+    zeros_q, zeros_k = (xp.zeros(x.shape, dtype=p.q.dtype, device=p.device) for x in (p.q, p.k))
+    if u == 0 or p.key_length == 0:
+        return {"q": zeros_q, "k": zeros_k, "v": _lazy_output_vjp(p, offset, d_o)}
+    positions = xp.arange(p.length, dtype=xp.int64, device=p.device)
+    if u == p.length:
+        chosen = xp.broadcast_to(positions, (*p.batch, p.heads, p.length))
+    else:
+        if sample_indices is None:
+            if seed is None:
+                raise ValueError("pass sample_indices (L, n) or a seed to draw them (no hidden randomness)")
+            n = _informer_count(factor, p.key_length) if num_samples is None else num_samples
+            sample_indices = random.integers((p.length, max(1, n)), seed=seed, low=0, high=p.key_length, xp=xp,
+                                             device=p.device)
+        sparsity = probsparse_sparsity(p, _check_samples(p, sample_indices), s)
+        chosen = xp.sort(xp.argsort(-sparsity, axis=-1, stable=True)[..., :u], axis=-1)
+    q_rows = xp.take_along_axis(p.q, xp.broadcast_to(chosen[..., None], (*chosen.shape, p.dim)), axis=-2)
+    mask = None
+    if offset is not None:
+        cols = xp.arange(p.key_length, dtype=xp.int64, device=p.device)
+        mask = cols <= chosen[..., None] + offset
+    d_rows = xp.take_along_axis(d_o, xp.broadcast_to(chosen[..., None], (*chosen.shape, p.value_dim)), axis=-2)
+    g = _grad.softmax_attention_vjp(_kernels.prepare(q_rows, p.k, p.v, compute_dtype=p.q.dtype), d_rows, scale=s,
+                                    mask=mask, implementation=implementation)
+    if u == p.length:
+        return {"q": g.dq, "k": g.dk, "v": g.dv}
+    is_chosen = xp.any(positions[:, None] == chosen[..., None, :], axis=-1)
+    slot = xp.cumulative_sum(xp.astype(is_chosen, xp.int64), axis=-1) - 1
+    slot = xp.where(slot < 0, 0, slot)
+    spread = xp.take_along_axis(g.dq, xp.broadcast_to(slot[..., None], (*slot.shape, p.dim)), axis=-2)
+    d_lazy = xp.where(is_chosen[..., None], 0.0, d_o)
+    return {"q": xp.where(is_chosen[..., None], spread, 0.0), "k": g.dk, "v": g.dv + _lazy_output_vjp(p, offset, d_lazy)}
+
+
 def _cases(size: str, seed: int) -> list[Case]:
     d = dims(size)
     length = 4 * d["L"]
@@ -186,6 +267,7 @@ register(Mechanism(
         "causal": "False | True | 'top_left' | 'bottom_right' (lazy rows: cumulative mean)",
         "scale": "score scale, default 1/sqrt(D)",
     },
+    vjp=_probsparse_vjp,
     cases=_cases,
     row_separable=False,
     example=_example,
