@@ -13,10 +13,20 @@ Two rules, both comparing on the host in float64:
    float32   1e-5     ~80 ulps: float32 SDPA reaches ≤ 4e-7·(1 + |o|) on reflex's cases.
    float16   5e-3     ~5 ulps: input rounding dominates; fp16 SDPA reaches ≤ 1e-3.
    bfloat16  4e-2     ~5 ulps: bf16 SDPA reaches ≤ 8e-3.
+   tf32      5e-3     as float16 (10 mantissa bits): a TF32-matmul kernel reaches ≤ 1.2e-3.
+   float8_   0.25     2 ulps at 1: an FP8 kernel (QKᵀ and PV in float8, float32
+   e4m3fn             accumulation) reaches ≤ 0.14.
+   float8_   0.5      2 ulps at 1: the same kernel in e5m2 reaches ≤ 0.28.
+   e5m2
    ========  =======  ===================================================================
 
    (Measured against reflex's ``full`` cases, tiny to large, with torch 2.13 CPU SDPA computing
-   from the float64 inputs rounded to the tested dtype.)
+   from the float64 inputs rounded to the tested dtype. torch has no TF32 or float8 attention on
+   the CPU, so ``scripts/measure_tolerances.py`` builds those kernels from torch ops: TF32 rounds
+   the operands of both matmuls (q, k; P, v) to 10 mantissa bits and accumulates in float32; FP8
+   casts q, k, v and P to the format and multiplies with ``torch._scaled_mm`` (float32
+   accumulation), as FlashAttention-3's FP8 forward. Maxima over the ``full`` cases and D = 64,
+   128 at L = 128, 1,024; the worst rows are causal first rows, one value row rounded.)
 
 2. **The FlashAttention rule** (:func:`assert_matches_oracle`, :func:`assert_gradients_match_oracle`;
    Dao et al. 2022, §4, and the flash-attn FA3/FA4 test suites): a low-precision implementation's max
@@ -38,6 +48,14 @@ Two rules, both comparing on the host in float64:
    error. A 3 % softmax-scale bug (scale 1/√(D+2) for 1/√D) fails this rule at float32, float16
    and bfloat16 on reflex's test cases; the former floor of 4 ulps of max|O| let it pass at
    bfloat16.
+
+   The naive baseline of the emulated formats (outputs only) is reflex in float32 on inputs rounded
+   to the format: ``tf32`` rounds the positional arrays (q, k, v: the matmul operands; biases and
+   other options stay) to 10 mantissa bits (float32 output); ``float8_e4m3fn`` / ``float8_e5m2`` also round the output to the
+   format, standing in for the rounding of P to float8 before PV (the same order: a relative
+   rounding of each weight averages over the keys to about one rounding of the output). FP8 and
+   TF32 kernels built as above stay within 2.7× and 1.7× of this baseline (before the floor).
+   The float8 formats need ``ml_dtypes`` (the ``float8`` extra).
 
 Inputs may be NumPy, CuPy, torch (any dtype, bfloat16 included, on any device), array-api-strict
 or anything ``numpy.asarray`` accepts; nothing here imports an array library other than NumPy.
@@ -71,10 +89,17 @@ TOLERANCES: dict[str, Tolerance] = {
     "float32": Tolerance(1e-5, 1e-5),
     "float16": Tolerance(5e-3, 5e-3),
     "bfloat16": Tolerance(4e-2, 4e-2),
+    "tf32": Tolerance(5e-3, 5e-3),
+    "float8_e4m3fn": Tolerance(0.25, 0.25),
+    "float8_e5m2": Tolerance(0.5, 0.5),
 }
 
+# Formats NumPy cannot compute in: the naive baseline is float32 arithmetic on values rounded to them.
+EMULATED = ("tf32", "float8_e4m3fn", "float8_e5m2")
+
 # Machine epsilon (spacing at 1.0) of each tested dtype.
-EPS: dict[str, float] = {"float64": 2.0 ** -52, "float32": 2.0 ** -23, "float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}
+EPS: dict[str, float] = {"float64": 2.0 ** -52, "float32": 2.0 ** -23, "float16": 2.0 ** -10, "bfloat16": 2.0 ** -7,
+                         "tf32": 2.0 ** -10, "float8_e4m3fn": 2.0 ** -3, "float8_e5m2": 2.0 ** -2}
 
 
 def dtype_name(dtype: Any) -> str:
@@ -107,7 +132,7 @@ def _host(x: Any) -> numpy.ndarray:
         host = to_numpy(x) if is_array(x) else numpy.asarray(x)
     except (TypeError, RuntimeError, BufferError):  # e.g. an exotic dtype DLPack cannot carry
         host = numpy.asarray(x)
-    if host.dtype.kind == "f" or host.dtype.name == "bfloat16":
+    if host.dtype.kind == "f" or host.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
         host = host.astype(numpy.float64)
     return host
 
@@ -243,13 +268,28 @@ def _round_to(x: numpy.ndarray, dtype: str) -> numpy.ndarray:
     immaterial for the floor it serves)."""
     if dtype == "float64":
         return x
-    if dtype != "bfloat16":
+    if dtype.startswith("float8_"):
+        with numpy.errstate(over="ignore", invalid="ignore"):
+            return x.astype(_ml_dtype(dtype)).astype(numpy.float64)
+    if dtype not in ("bfloat16", "tf32"):
         with numpy.errstate(over="ignore"):
             return x.astype(dtype).astype(numpy.float64)
+    dropped = 16 if dtype == "bfloat16" else 13  # float32 keeps 23 mantissa bits, bfloat16 7, TF32 10
     with numpy.errstate(over="ignore"):
-        bits = numpy.ascontiguousarray(x, dtype=numpy.float32).view(numpy.uint32).astype(numpy.uint64)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return rounded.astype(numpy.uint32).view(numpy.float32).astype(numpy.float64)
+        single = numpy.ascontiguousarray(x, dtype=numpy.float32)
+    bits = single.view(numpy.uint32).astype(numpy.uint64)
+    rounded = (bits + (1 << (dropped - 1)) - 1 + ((bits >> dropped) & 1)) & (0xFFFFFFFF ^ ((1 << dropped) - 1))
+    out = rounded.astype(numpy.uint32).view(numpy.float32).astype(numpy.float64)
+    return numpy.where(numpy.isfinite(single), out, single.astype(numpy.float64))
+
+
+def _ml_dtype(name: str) -> Any:
+    """The NumPy dtype of a float8 format, from ``ml_dtypes`` (the ``float8`` extra)."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise ValueError(f"dtype {name} needs the ml_dtypes package: pip install 'reflex-attention[float8]'") from None
+    return getattr(ml_dtypes, name)
 
 
 def rounding_floor(reference: Any, dtype: Any) -> float:
@@ -295,13 +335,21 @@ def _naive(mechanism: registry.Mechanism, args: list[Any], kwargs: dict[str, Any
            dtype: str) -> numpy.ndarray | None:
     """The mechanism run by reflex with ``compute_dtype=dtype`` (on NumPy, or torch for bfloat16);
     ``None`` when it overflowed ``dtype`` (reflex refuses a non-finite result from finite inputs)."""
-    convert = _torch_converter() if dtype == "bfloat16" else (lambda a: a)
+    if dtype in EMULATED:  # float32 arithmetic on the matmul operands (positional arrays) rounded to the format
+        def operand(a: Any) -> Any:
+            return _round_to(a, dtype) if isinstance(a, numpy.ndarray) and a.dtype.kind == "f" else a
+
+        def convert(a: Any) -> Any:
+            return a
+    else:
+        convert = operand = _torch_converter() if dtype == "bfloat16" else (lambda a: a)
     try:
-        result = mechanism.function(*(convert(a) for a in args), **{n: convert(a) for n, a in kwargs.items()},
-                                    **params, compute_dtype=dtype)
+        result = mechanism.function(*(operand(a) for a in args), **{n: convert(a) for n, a in kwargs.items()},
+                                    **params, compute_dtype="float32" if dtype in EMULATED else dtype)
     except FloatingPointError:
         return None
-    return _host(_first(result))
+    out = _host(_first(result))
+    return _round_to(out, dtype) if dtype.startswith("float8_") else out
 
 
 def _default_factor(params: Mapping[str, Any]) -> float:
