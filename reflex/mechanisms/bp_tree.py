@@ -235,6 +235,40 @@ def bp_tree_attention(q: Any, k: Any, v: Any, /, *, neighbours: int, causal: boo
                                       implementation="dense" if implementation == "gather" else implementation,
                                       return_lse=return_lse)
 
+def node_means_vjp(xp: Any, device: Any, d_ext: Any, key_length: int) -> Any:
+    """The adjoint of :func:`node_means`: ``d_ext (..., S_ext, ·)`` → ``dx (..., S, ·)``.
+
+    Token j receives its own row plus, at every level ℓ ≥ 1, its span's row divided by the span's
+    token count: ``dx_j = d_j + Σ_ℓ d_{ℓ, ⌊j/2^ℓ⌋} / n_{ℓ, ⌊j/2^ℓ⌋}``.
+    """
+    sizes = level_sizes(key_length)
+    dx = d_ext[..., :key_length, :]
+    start = key_length
+    tokens = xp.arange(key_length, dtype=xp.int64, device=device)
+    for level, size in enumerate(sizes[1:], start=1):
+        first = xp.arange(size, dtype=xp.int64, device=device) * (1 << level)
+        counts = xp.minimum(first + (1 << level), key_length) - first
+        per_node = d_ext[..., start:start + size, :] / xp.reshape(xp.astype(counts, d_ext.dtype), (size, 1))
+        dx = dx + xp.take(per_node, tokens // (1 << level), axis=per_node.ndim - 2)
+        start += size
+    return dx
+
+
+def _vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, **params: Any) -> dict:
+    """VJP of :func:`bp_tree_attention` through the engine's backward.
+
+    The forward is one engine call over the extended keys and values ``[tokens; span means]``
+    (linear in k, v): ``dq`` is the call's, and ``dk``, ``dv`` are the call's gradients of the extended
+    keys and values taken back through :func:`node_means_vjp`. The tree pattern is a constant mask.
+    """
+    result, calls = _kernels.run_recorded(bp_tree_attention, inputs, params, return_lse=d_lse is not None)
+    (call,) = calls
+    p = call.p
+    g = call.backward(d_out, d_lse)
+    n = int(inputs["k"].shape[-2])
+    return {"q": g.dq, "k": node_means_vjp(p.xp, p.device, g.dk, n), "v": node_means_vjp(p.xp, p.device, g.dv, n)}
+
+
 
 def _pattern(q: Any, k: Any, v: Any, /, *, neighbours: int, causal: bool = False, include_self: bool = True,
              alignment: str = "top_left", **_: Any) -> Any:
@@ -279,4 +313,5 @@ register(Mechanism(
     returns_lse=True,
     example=_example,
     pattern=_pattern,
+    vjp=_vjp,
 ))
