@@ -57,6 +57,12 @@ def _edit_manifest(folder: Path, cid: str | None = None, **updates) -> None:
     (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
 
 
+def _members(case) -> dict:
+    """Every member of a loaded case's file, by member name (inputs, outputs, cotangents, gradients)."""
+    return {**{f"input.{n}": a for n, a in case.inputs.items()}, **case.outputs,
+            **{f"d_{n}": a for n, a in case.cotangents.items()}, **{f"grad.{n}": a for n, a in case.grads.items()}}
+
+
 def _zip(members: dict[str, bytes]) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
@@ -115,7 +121,8 @@ def test_manifest_describes_every_case(tiny_set):
 
 def test_plain_numpy_reads_a_case_without_reflex(tiny_set):
     with numpy.load(tiny_set / "full-bias-0.npz", allow_pickle=False) as data:
-        assert sorted(data.files) == ["input.bias", "input.k", "input.q", "input.v", "lse", "output"]
+        stored = {"input.bias", "input.k", "input.q", "input.v", "lse", "output"}
+        assert stored <= set(data.files) and all(n.startswith(("d_", "grad.")) for n in set(data.files) - stored)
         out = reflex.full_attention(data["input.q"], data["input.k"], data["input.v"], bias=data["input.bias"])
         numpy.testing.assert_array_equal(out, data["output"])
 
@@ -178,8 +185,7 @@ def test_verify_passes_then_names_the_case_after_one_flipped_byte(copy):
 
 def test_verify_recomputes_outputs(copy):
     case = fixtures.load(copy)[CASE]
-    arrays = {f"input.{n}": a for n, a in case.inputs.items()}
-    arrays.update(output=case.output + 1e-9, lse=case.lse)
+    arrays = {**_members(case), "output": case.output + 1e-9}
     _replace(copy, CASE, fixtures._npz_bytes(sorted(arrays.items())))  # a consistent but wrong file
     with pytest.raises(FixtureError, match=rf"1 of 7 cases fail verification: case {CASE}: output differs by up to 1\.0"):
         fixtures.verify(copy)
@@ -187,8 +193,7 @@ def test_verify_recomputes_outputs(copy):
 
 def test_verify_reports_stale_inputs(copy):
     case = fixtures.load(copy)[CASE]
-    arrays = {f"input.{n}": a for n, a in case.inputs.items()}
-    arrays.update({"input.q": case.inputs["q"] * 2, "output": case.output, "lse": case.lse})
+    arrays = {**_members(case), "input.q": case.inputs["q"] * 2}
     _replace(copy, CASE, fixtures._npz_bytes(sorted(arrays.items())))
     with pytest.raises(FixtureError, match=rf"case {CASE}: input q differs from the case builder's"):
         fixtures.verify(copy)
@@ -261,7 +266,7 @@ def test_corrupted_member_is_a_clear_error(copy):
 
 def test_members_must_match_the_manifest(copy):
     case = fixtures.load(copy)[CASE]
-    members = {f"input.{n}.npy": _npy(a) for n, a in case.inputs.items()}
+    members = {f"{n}.npy": _npy(a) for n, a in _members(case).items() if n not in ("output", "lse")}
     _replace(copy, CASE, _zip({**members, "output.npy": _npy(case.output.astype(numpy.float32)),
                                "lse.npy": _npy(case.lse)}))
     with pytest.raises(FixtureError, match=rf"case {CASE} .*member 'output' is float32 .*the manifest says float64"):
