@@ -39,17 +39,15 @@ def _check_heads(q: Any, k: Any, v: Any) -> tuple[int, int]:
     return q_heads // 2, v_heads
 
 
-def _lambda(xp: Any, device: Any, dtype: Any, dim: int, vectors: dict[str, Any], lambda_init: float) -> Any:
-    """λ = exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + λ_init as a 0-d array in the compute dtype."""
+def _lambda_vectors(xp: Any, device: Any, dtype: Any, dim: int, vectors: dict[str, Any]) -> dict[str, Any]:
+    """The four ``(D,)`` λ vectors checked and cast to the compute dtype."""
     checked = {}
     for name, x in vectors.items():
         x = _kernels.check_array(xp, device, dtype, name, x)
         if tuple(x.shape) != (dim,):
             raise ValueError(f"{name} must have shape (D,) = ({dim},); got {tuple(x.shape)}")
         checked[name] = x
-    first = xp.exp(xp.sum(checked["lambda_q1"] * checked["lambda_k1"]))
-    second = xp.exp(xp.sum(checked["lambda_q2"] * checked["lambda_k2"]))
-    return first - second + lambda_init
+    return checked
 
 
 def _resolve_lambda_init(depth: Any, lambda_init: Any) -> float:
@@ -119,30 +117,93 @@ def differential_attention(q: Any, k: Any, v: Any, /, *, lambda_q1: Any, lambda_
     re-parameterisation and λ_init) and §2.1 "Multi-head differential attention" (GroupNorm →
     headwise RMSNorm, scaled by 1 − λ_init).
     """
-    heads, _ = _check_heads(q, k, v)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 or not math.isfinite(eps):
-        raise ValueError(f"eps must be a positive finite number; got {eps!r}")
-    init = _resolve_lambda_init(depth, lambda_init)
-    xp = namespace(q, k, v)
-    # v's heads repeated pair-wise to 2G: query head j reads head j // (H/G) of them, i.e. v head
-    # (j // (H/G)) // 2 = (j // 2) // (H/G), the value head of its pair
-    v_pairs = xp.reshape(xp.stack([v, v], axis=-3), (*v.shape[:-3], 2 * int(v.shape[-3]), *v.shape[-2:]))
-    p = _kernels.prepare(q, k, v_pairs, compute_dtype=compute_dtype)
-    lam = _lambda(xp, p.device, p.q.dtype, p.dim, {"lambda_q1": lambda_q1, "lambda_k1": lambda_k1,
-                                                   "lambda_q2": lambda_q2, "lambda_k2": lambda_k2}, init)
-    if norm_weight is None:
-        weight = xp.ones((p.value_dim,), dtype=p.q.dtype, device=p.device)
-    else:
-        weight = _kernels.check_array(xp, p.device, p.q.dtype, "norm_weight", norm_weight)
-        if tuple(weight.shape) != (p.value_dim,):
-            raise ValueError(f"norm_weight must have shape (E,) = ({p.value_dim},); got {tuple(weight.shape)}")
-    masks, tile_active = mask_and_causal(p, mask, causal)
-    both = _kernels.softmax_attention(p, scale=_kernels.resolve_scale(scale, p.dim), mask=masks,
-                                      tile_active=tile_active, implementation=implementation)
-    both = xp.reshape(both, (*p.batch, heads, 2, p.length, p.value_dim))
-    diff = both[..., 0, :, :] - lam * both[..., 1, :, :]  # (A₁ − λA₂)V
-    rms = xp.sqrt(xp.mean(diff * diff, axis=-1, keepdims=True) + eps)
-    return diff / rms * weight * (1.0 - init)
+    f = _Forward(q, k, v, {"lambda_q1": lambda_q1, "lambda_k1": lambda_k1, "lambda_q2": lambda_q2,
+                           "lambda_k2": lambda_k2}, depth=depth, lambda_init=lambda_init, norm_weight=norm_weight,
+                 eps=eps, mask=mask, causal=causal, scale=scale, compute_dtype=compute_dtype)
+    both = _kernels.softmax_attention(f.p, scale=f.scale, mask=f.masks, tile_active=f.tile_active,
+                                      implementation=implementation)
+    return f.finish(both)[0]
+
+
+class _Forward:
+    """Validated inputs of :func:`differential_attention` and the steps after the engine call."""
+
+    def __init__(self, q: Any, k: Any, v: Any, lambdas: dict[str, Any], *, depth: Any, lambda_init: Any,
+                 norm_weight: Any, eps: Any, mask: Any, causal: Any, scale: Any, compute_dtype: Any) -> None:
+        self.heads, _ = _check_heads(q, k, v)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 or not math.isfinite(eps):
+            raise ValueError(f"eps must be a positive finite number; got {eps!r}")
+        self.eps = float(eps)
+        self.init = _resolve_lambda_init(depth, lambda_init)
+        xp = self.xp = namespace(q, k, v)
+        # v's heads repeated pair-wise to 2G: query head j reads head j // (H/G) of them, i.e. v head
+        # (j // (H/G)) // 2 = (j // 2) // (H/G), the value head of its pair
+        v_pairs = xp.reshape(xp.stack([v, v], axis=-3), (*v.shape[:-3], 2 * int(v.shape[-3]), *v.shape[-2:]))
+        p = self.p = _kernels.prepare(q, k, v_pairs, compute_dtype=compute_dtype)
+        self.lambdas = _lambda_vectors(xp, p.device, p.q.dtype, p.dim, lambdas)
+        self.first = xp.exp(xp.sum(self.lambdas["lambda_q1"] * self.lambdas["lambda_k1"]))
+        self.second = xp.exp(xp.sum(self.lambdas["lambda_q2"] * self.lambdas["lambda_k2"]))
+        self.lam = self.first - self.second + self.init
+        if norm_weight is None:
+            self.weight = xp.ones((p.value_dim,), dtype=p.q.dtype, device=p.device)
+        else:
+            self.weight = _kernels.check_array(xp, p.device, p.q.dtype, "norm_weight", norm_weight)
+            if tuple(self.weight.shape) != (p.value_dim,):
+                raise ValueError(f"norm_weight must have shape (E,) = ({p.value_dim},); got {tuple(self.weight.shape)}")
+        self.masks, self.tile_active = mask_and_causal(p, mask, causal)
+        self.scale = _kernels.resolve_scale(scale, p.dim)
+
+    def finish(self, both: Any) -> tuple[Any, Any, Any, Any]:
+        """``(out, normalised, rms, second map's output)`` from the engine output ``(..., 2H, L, E)``."""
+        xp, p = self.xp, self.p
+        both = xp.reshape(both, (*p.batch, self.heads, 2, p.length, p.value_dim))
+        diff = both[..., 0, :, :] - self.lam * both[..., 1, :, :]  # (A₁ − λA₂)V
+        rms = xp.sqrt(xp.mean(diff * diff, axis=-1, keepdims=True) + self.eps)
+        normalised = diff / rms
+        return normalised * self.weight * (1.0 - self.init), normalised, rms, both[..., 1, :, :]
+
+
+def _differential_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, depth: Any = None, lambda_init: Any = None,
+                      eps: float = 1e-5, causal: Any = False, scale: Any = None, compute_dtype: Any = None,
+                      implementation: str = "auto") -> dict:
+    """VJP of :func:`differential_attention`.
+
+    With ``c = 1 − λ_init``, ``n = x / r`` (``x = O₁ − λO₂``, ``r = √(mean(x²) + ε)``), ``O_m = A_m V``:
+    ``dn = c·w∘dOut``, ``dw = c·Σ dOut∘n``; ``dx = (dn − n·mean(dn∘n)) / r``; ``dO₁ = dx``,
+    ``dO₂ = −λ·dx``, ``dλ = −Σ dx∘O₂``; ``d(λ_q1·λ_k1) = dλ·e^{λ_q1·λ_k1}``,
+    ``d(λ_q2·λ_k2) = −dλ·e^{λ_q2·λ_k2}`` (so ``dλ_q1 = d(λ_q1·λ_k1)·λ_k1``, …); dq, dk and dv of the
+    two maps through the engine's backward (dense, or FA2 Alg. 2 tiled), dv summed over the two
+    copies of each value head.
+    """
+    from reflex.mechanisms import _grad
+
+    names = ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
+    f = _Forward(inputs["q"], inputs["k"], inputs["v"], {n: inputs[n] for n in names}, depth=depth,
+                 lambda_init=lambda_init, norm_weight=inputs.get("norm_weight"), eps=eps, mask=inputs.get("mask"),
+                 causal=causal, scale=scale, compute_dtype=compute_dtype)
+    xp, p = f.xp, f.p
+    both = _kernels.softmax_attention(p, scale=f.scale, mask=f.masks, tile_active=f.tile_active,
+                                      implementation=implementation)
+    _, normalised, rms, second = f.finish(both)
+    d_out = xp.astype(d_out, p.q.dtype)
+    c = 1.0 - f.init
+    d_norm = d_out * f.weight * c
+    d_weight = xp.sum(xp.reshape(d_out * normalised * c, (-1, p.value_dim)), axis=0)
+    d_diff = (d_norm - normalised * xp.mean(d_norm * normalised, axis=-1, keepdims=True)) / rms
+    d_lambda = -xp.sum(d_diff * second)
+    d_both = xp.reshape(xp.stack([d_diff, -f.lam * d_diff], axis=-3), (*p.batch, 2 * f.heads, p.length, p.value_dim))
+    grads = _grad.softmax_attention_vjp(p, d_both, None, scale=f.scale, mask=f.masks, tile_active=f.tile_active,
+                                        implementation=implementation)
+    v_heads = p.kv_heads // 2
+    d_v = xp.sum(xp.reshape(grads.dv, (*p.batch, v_heads, 2, p.key_length, p.value_dim)), axis=-3)
+    d_first, d_second = d_lambda * f.first, -d_lambda * f.second
+    lam = f.lambdas
+    result = {"q": grads.dq, "k": grads.dk, "v": d_v,
+              "lambda_q1": d_first * lam["lambda_k1"], "lambda_k1": d_first * lam["lambda_q1"],
+              "lambda_q2": d_second * lam["lambda_k2"], "lambda_k2": d_second * lam["lambda_q2"]}
+    if inputs.get("norm_weight") is not None:
+        result["norm_weight"] = d_weight
+    return result
 
 
 def _cases(size: str, seed: int) -> list[Case]:
@@ -195,4 +256,5 @@ register(Mechanism(
     cases=_cases,
     reference=_reference,
     example=_example,
+    vjp=_differential_vjp,
 ))
