@@ -18,7 +18,8 @@ from tests.helpers import assert_vjp_matches_finite_differences, max_abs, qkv_ho
 FORMULA_KEYS = ["linear", "performer", "rfa", "cosformer", "nystrom", "talking_heads", "synthesizer", "linformer",
                 "average", "memory_compressed", "residual", "poolingformer", "lowrank_band",
                 "adaptive_span", "multi_scale", "hard_gaussian", "shared_map", "collaborative", "head_diversity", "isab", "luna", "predictive",
-                "clustered", "improved_clustered", "probsparse"]
+                "clustered", "improved_clustered", "probsparse",
+                "capsule_routing"]
 
 
 def _case_ids(sizes):
@@ -399,3 +400,14 @@ def test_probsparse_lazy_rows_by_central_differences(causal):
     for top_u in (0, 2):
         assert_vjp_matches_finite_differences("probsparse", {"q": q, "k": k, "v": v, "sample_indices": samples}, d_out,
                                               params={"top_u": top_u, "causal": causal})
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 5])
+def test_capsule_routing_em_unrolled_without_activations(iterations):
+    """EM routing with default activations, λ ≠ 1, through 1, 2 and 5 unrolled rounds."""
+    heads_out = random.normal((2, 3, 4, 5), seed=(21, 0))
+    transforms = random.normal((3, 2, 5, 3), seed=(21, 1), std=0.5)
+    d_out = random.normal((2, 4, 6), seed=(21, 2))
+    assert_vjp_matches_finite_differences("capsule_routing", {"heads_out": heads_out, "transforms": transforms}, d_out,
+                                          params={"variant": "em", "iterations": iterations, "beta_a": 0.3,
+                                                  "beta_v": -0.2, "inverse_temperature": 2.0})

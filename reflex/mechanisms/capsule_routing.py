@@ -123,6 +123,146 @@ def capsule_routing_attention(heads_out: Any, transforms: Any, /, *, iterations:
     return (out, coefficients) if return_coefficients else out
 
 
+def _squash_vjp(xp: Any, s: Any, d_v: Any) -> Any:
+    """``ds`` of ``v = s·‖s‖/(1 + ‖s‖²)``: ``ds = f dv + s ⟨s, dv⟩ (1 − q)/(√q (1 + q)²)`` with ``q = ‖s‖²``,
+    ``f = √q/(1 + q)`` (the second term is taken as 0 at s = 0, where v is not differentiable)."""
+    sq = xp.sum(s * s, axis=-1, keepdims=True)
+    root = xp.sqrt(sq)
+    radial = xp.where(sq > 0, (1.0 - sq) / (xp.where(sq > 0, root, 1.0) * (1.0 + sq) ** 2), 0.0)
+    return d_v * root / (1.0 + sq) + s * xp.sum(s * d_v, axis=-1, keepdims=True) * radial
+
+
+def _capsule_routing_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, iterations: int = 3, variant: str = "dynamic",
+                         beta_a: float = 0.0, beta_v: float = 0.0, inverse_temperature: float = 1.0, eps: float = 1e-9,
+                         return_coefficients: bool = False, compute_dtype: Any = None) -> dict:
+    """VJP of :func:`capsule_routing_attention` (of ``out``): ``d heads_out``, ``d transforms`` and, for EM,
+    ``d activations`` — reverse mode through every unrolled routing round (the coefficients are not
+    constants: the gradient flows through each round's agreement or E-step).
+
+    Dynamic, round r (``c = softmax(b)``, ``s = Σ_h c û``, ``v = squash(s)``, ``b' = b + ⟨û, v⟩``):
+    ``dv = Σ_h db' û`` (the last round: ``dO``), ``dû += db' v``; ``ds`` by :func:`_squash_vjp`;
+    ``dc = ⟨û, ds⟩``, ``dû += c ds``; ``db = db' + c ∘ (dc − Σ_m c ∘ dc)``.
+    EM, round r (``R' = R a``, ``μ``, ``σ²``, cost, ``R_next = softmax(log a_m + log N)``): the E-step's
+    softmax VJP gives ``d log a_m``, ``d log N``; ``d log N`` → ``d spread = −d log N·(û − μ)/σ²``,
+    ``dσ² += d log N·((û − μ)²/(2σ⁴) − 1/(2σ²))``; ``d cost = −λ σ(−x) d log a_m``, ``dσ² += d cost·mass/(2σ²)``,
+    ``d mass += Σ_f (β_v + ½ log σ²) d cost``; then the M-step's sums back to ``R'``, ``û`` and
+    ``a`` (``dR = dR'·a``, ``da = Σ_m dR'·R``). Finally ``û = o W``: ``do = Σ_m dû Wᵀ``, ``dW = Σ oᵀ dû``.
+    ``return_coefficients=True`` is refused (the VJP differentiates ``out``).
+    """
+    from reflex.mechanisms import _grad
+
+    if return_coefficients:
+        raise ValueError("the VJP differentiates out only; call it with return_coefficients=False")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
+    heads_out, transforms, activations = inputs["heads_out"], inputs["transforms"], inputs.get("activations")
+    xp = namespace(heads_out, transforms, activations)
+    dev = device_of(heads_out)
+    dtype = resolve_dtype(xp, compute_dtype)
+    outputs, out_dim = int(transforms.shape[1]), int(transforms.shape[3])
+    nb = heads_out.ndim - 3
+    o = xp.permute_dims(xp.astype(heads_out, dtype), (*range(nb), nb + 1, nb, nb + 2))  # (..., L, H, E)
+    w_t = xp.astype(transforms, dtype)
+    votes = (o[..., :, None, None, :] @ w_t)[..., 0, :]  # (..., L, H, M, F)
+    coupling_shape = (*o.shape[:-1], outputs)
+    d_caps = xp.reshape(xp.astype(d_out, dtype), (*o.shape[:-2], outputs, out_dim))  # (..., L, M, F)
+    d_votes = xp.zeros(votes.shape, dtype=dtype, device=dev)
+    grads = {}
+    if variant == "dynamic":
+        logits, rounds = xp.zeros(coupling_shape, dtype=dtype, device=dev), []
+        for r in range(iterations):
+            coefficients = _routing_softmax(xp, logits)
+            s = xp.sum(coefficients[..., None] * votes, axis=-3)
+            capsules = _squash(xp, s)
+            rounds.append((coefficients, s, capsules))
+            if r < iterations - 1:
+                logits = logits + xp.sum(votes * capsules[..., None, :, :], axis=-1)
+        d_logits = xp.zeros(coupling_shape, dtype=dtype, device=dev)  # adjoint of the logits after round r
+        for r in reversed(range(iterations)):
+            coefficients, s, capsules = rounds[r]
+            if r == iterations - 1:
+                d_v = d_caps
+            else:
+                d_v = xp.sum(d_logits[..., None] * votes, axis=-3)
+                d_votes = d_votes + d_logits[..., None] * capsules[..., None, :, :]
+            d_s = _squash_vjp(xp, s, d_v)
+            d_c = xp.sum(votes * d_s[..., None, :, :], axis=-1)
+            d_votes = d_votes + coefficients[..., None] * d_s[..., None, :, :]
+            d_logits = d_logits + _grad.softmax_vjp(xp, coefficients, d_c)
+    else:
+        if activations is None:
+            a_in = xp.ones((*o.shape[:-1], 1), dtype=dtype, device=dev)
+        else:
+            a_in = xp.permute_dims(xp.astype(activations, dtype), (*range(nb), nb + 1, nb))[..., None]
+        coefficients, rounds = xp.full(coupling_shape, 1.0 / outputs, dtype=dtype, device=dev), []
+        lam = inverse_temperature
+        for r in range(iterations):
+            weighted = coefficients * a_in
+            mass = xp.sum(weighted, axis=-2)[..., None]
+            capsules = xp.sum(weighted[..., None] * votes, axis=-3) / mass
+            spread = votes - capsules[..., None, :, :]
+            variance = xp.sum(weighted[..., None] * spread * spread, axis=-3) / mass + eps
+            state = dict(coefficients=coefficients, weighted=weighted, mass=mass, capsules=capsules, spread=spread,
+                         variance=variance)
+            if r < iterations - 1:
+                cost = xp.sum((beta_v + 0.5 * xp.log(variance)) * mass, axis=-1)
+                x = lam * (beta_a - cost)
+                log_a_out = -(xp.maximum(-x, 0.0) + xp.log1p(xp.exp(-xp.abs(x))))
+                log_p = -xp.sum(spread * spread / (2.0 * variance[..., None, :, :])
+                                + 0.5 * xp.log(2.0 * math.pi * variance[..., None, :, :]), axis=-1)
+                coefficients = _routing_softmax(xp, log_a_out[..., None, :] + log_p)
+                state.update(x=x, next=coefficients)
+            rounds.append(state)
+        d_next = None  # adjoint of the coefficients the round produced
+        d_a = xp.zeros(a_in.shape, dtype=dtype, device=dev)
+        for r in reversed(range(iterations)):
+            st = rounds[r]
+            weighted, mass, capsules, spread, variance = (st[n] for n in ("weighted", "mass", "capsules", "spread",
+                                                                          "variance"))
+            d_mu = d_caps if r == iterations - 1 else xp.zeros(capsules.shape, dtype=dtype, device=dev)
+            d_spread = xp.zeros(spread.shape, dtype=dtype, device=dev)
+            d_var = xp.zeros(variance.shape, dtype=dtype, device=dev)
+            d_mass = xp.zeros(mass.shape, dtype=dtype, device=dev)
+            if r < iterations - 1:
+                d_z = _grad.softmax_vjp(xp, st["next"], d_next)  # (..., L, H, M)
+                d_log_a = xp.sum(d_z, axis=-2)  # (..., L, M)
+                var_b = variance[..., None, :, :]
+                d_spread = d_spread - d_z[..., None] * spread / var_b
+                d_var = d_var + xp.sum(d_z[..., None] * (spread * spread / (2.0 * var_b * var_b) - 0.5 / var_b), axis=-3)
+                x = st["x"]
+                sigmoid_neg = xp.exp(-(xp.maximum(x, 0.0) + xp.log1p(xp.exp(-xp.abs(x)))))  # σ(−x)
+                d_cost = -lam * d_log_a * sigmoid_neg  # (..., L, M)
+                d_var = d_var + d_cost[..., None] * mass * 0.5 / variance
+                d_mass = d_mass + xp.sum((beta_v + 0.5 * xp.log(variance)) * d_cost[..., None], axis=-1, keepdims=True)
+            # σ² = Σ_h R' spread² / mass + eps
+            d_weighted = xp.sum(d_var[..., None, :, :] * spread * spread, axis=-1) / mass[..., 0][..., None, :]
+            d_spread = d_spread + 2.0 * d_var[..., None, :, :] * weighted[..., None] * spread / mass[..., None, :, :]
+            d_mass = d_mass - xp.sum(d_var * (variance - eps), axis=-1, keepdims=True) / mass
+            # spread = û − μ
+            d_mu = d_mu - xp.sum(d_spread, axis=-3)
+            d_votes = d_votes + d_spread
+            # μ = Σ_h R' û / mass
+            d_weighted = d_weighted + xp.sum(d_mu[..., None, :, :] * votes, axis=-1) / mass[..., 0][..., None, :]
+            d_votes = d_votes + weighted[..., None] * d_mu[..., None, :, :] / mass[..., None, :, :]
+            d_mass = d_mass - xp.sum(d_mu * capsules, axis=-1, keepdims=True) / mass
+            # mass = Σ_h R'
+            d_weighted = d_weighted + d_mass[..., 0][..., None, :]
+            # R' = R a
+            d_a = d_a + xp.sum(d_weighted * st["coefficients"], axis=-1, keepdims=True)
+            d_next = d_weighted * a_in
+        if activations is not None:
+            grads["activations"] = xp.permute_dims(d_a[..., 0], (*range(nb), nb + 1, nb))
+    # û = o W: d o_h = Σ_m dû_hm W_hmᵀ, dW_hm = Σ o_hᵀ dû_hm
+    d_o = xp.sum((d_votes[..., None, :] @ xp.matrix_transpose(w_t))[..., 0, :], axis=-2)  # (..., L, H, E)
+    heads, width = int(o.shape[-2]), int(o.shape[-1])
+    o_rows = xp.permute_dims(xp.reshape(o, (-1, heads, width)), (1, 2, 0))  # (H, E, N)
+    d_rows = xp.permute_dims(xp.reshape(d_votes, (-1, heads, outputs, out_dim)), (1, 2, 0, 3))  # (H, M, N, F)
+    d_w = o_rows[:, None, :, :] @ d_rows  # (H, M, E, F)
+    grads["heads_out"] = xp.permute_dims(d_o, (*range(nb), nb + 1, nb, nb + 2))
+    grads["transforms"] = d_w
+    return grads
+
+
 def _cases(size: str, seed: int) -> list[Case]:
     d = dims(size)
     heads, e = d["H"], d["E"]
@@ -155,4 +295,5 @@ register(Mechanism(
             "return_coefficients": "also return routing coefficients (..., L, H, M)"},
     cases=_cases,
     example=_example,
+    vjp=_capsule_routing_vjp,
 ))
