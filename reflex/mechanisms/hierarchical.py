@@ -101,6 +101,51 @@ def hierarchical_attention(q: Any, k: Any, v: Any, /, *, block_size: int, levels
         return out
     return xp.concat(outputs, axis=-1) @ w_o
 
+def mean_pool_vjp(xp: Any, d_pooled: Any, span: int, length: int) -> Any:
+    """The adjoint of :func:`mean_pool`: position j receives ``d_pooled[⌊j/span⌋] / size⌊j/span⌋``."""
+    count = int(d_pooled.shape[-2])
+    sizes = [min(span, length - u * span) for u in range(count)]
+    per_span = d_pooled / xp.asarray(sizes, dtype=d_pooled.dtype, device=device_of(d_pooled))[:, None]
+    owner = xp.arange(length, dtype=xp.int64, device=device_of(d_pooled)) // span
+    return xp.take(per_span, owner, axis=per_span.ndim - 2)
+
+
+def _vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, **params: Any) -> dict:
+    """VJP of :func:`hierarchical_attention` through the engine's backward.
+
+    One engine call per level, ``O^{(ℓ)} = A(Q, \\bar K_ℓ, \\bar V_ℓ)`` with mean-pooled keys and
+    values. ``sum``: every level receives ``dO``; ``concat``: ``dC = dO·w_oᵀ`` split by level and
+    ``d w_o = Cᵀ·dO`` (summed over batch, heads and rows). Each level's ``dk``, ``dv`` go back
+    through :func:`mean_pool_vjp`; ``dq`` is the sum over levels.
+    """
+    result, calls = _kernels.run_recorded(hierarchical_attention, inputs, params, return_lse=False)
+    p = calls[0].p
+    xp = p.xp
+    d_out = xp.astype(d_out, p.q.dtype)
+    b = int(params["block_size"])
+    grads: dict = {}
+    if params.get("combine", "sum") == "concat":
+        w_o = xp.astype(inputs["w_o"], p.q.dtype)
+        outputs = xp.concat([c.out for c in calls], axis=-1)
+        flat_out = xp.reshape(outputs, (-1, int(outputs.shape[-1])))
+        grads["w_o"] = xp.matrix_transpose(flat_out) @ xp.reshape(d_out, (-1, int(d_out.shape[-1])))
+        d_concat = d_out @ xp.matrix_transpose(w_o)
+        e = p.value_dim
+        level_d_out = [d_concat[..., n * e:(n + 1) * e] for n in range(len(calls))]
+    else:
+        level_d_out = [d_out] * len(calls)
+    dq = dk = dv = None
+    for level, (call, d_level) in enumerate(zip(calls, level_d_out)):
+        g = call.backward(d_level)
+        gk, gv = g.dk, g.dv
+        if level:
+            gk = mean_pool_vjp(xp, gk, b ** level, p.key_length)
+            gv = mean_pool_vjp(xp, gv, b ** level, p.key_length)
+        dq, dk, dv = (g.dq, gk, gv) if dq is None else (dq + g.dq, dk + gk, dv + gv)
+    grads.update(q=dq, k=dk, v=dv)
+    return grads
+
+
 
 def _cases(size: str, seed: int) -> list[Case]:
     d = dims(size)
@@ -136,4 +181,5 @@ register(Mechanism(
     },
     cases=_cases,
     example=_example,
+    vjp=_vjp,
 ))
