@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from reflex import random
+from reflex.backends import device as device_of
+from reflex.backends import namespace
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import causal_pattern, check_positive_int
@@ -113,6 +115,78 @@ def compressive_attention(q: Any, k: Any, v: Any, /, *, segment_length: int, mem
     out = xp.concat(outs, axis=-2)
     return (out, xp.concat(lses, axis=-1)) if return_lse else out
 
+def _place(xp: Any, x: Any, start: int, total: int) -> Any:
+    """``x (..., n, F)`` at rows ``start … start + n`` of zeros ``(..., total, F)``."""
+    before = xp.zeros((*x.shape[:-2], start, x.shape[-1]), dtype=x.dtype, device=device_of(x))
+    after = xp.zeros((*x.shape[:-2], total - start - int(x.shape[-2]), x.shape[-1]), dtype=x.dtype, device=device_of(x))
+    return xp.concat([before, x, after], axis=-2)
+
+
+def _compress_vjp(xp: Any, x: Any, rate: int, weights: Any, d_slots: Any) -> tuple[Any, Any]:
+    """The adjoint of :func:`_compress` at ``x``: ``(dx, d_weights or None)``."""
+    count = int(d_slots.shape[-2])
+    length, feature = int(x.shape[-2]), int(x.shape[-1])
+    if weights is None:
+        d_blocks = xp.broadcast_to(xp.expand_dims(d_slots / rate, axis=-2), (*d_slots.shape[:-2], count, rate, feature))
+        d_weights = None
+    else:
+        blocks = xp.reshape(x[..., :count * rate, :], (*x.shape[:-2], count, rate, feature))
+        flat_d = xp.reshape(d_slots, (-1, int(d_slots.shape[-1])))
+        d_weights = xp.stack([xp.matrix_transpose(xp.reshape(blocks[..., t, :], (-1, feature))) @ flat_d
+                              for t in range(rate)], axis=0)
+        d_blocks = xp.stack([d_slots @ xp.matrix_transpose(weights[t, ...]) for t in range(rate)], axis=-2)
+    dx = xp.reshape(d_blocks, (*d_slots.shape[:-2], count * rate, feature))
+    return _place(xp, dx, 0, length), d_weights
+
+
+def _vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, **params: Any) -> dict:
+    """VJP of :func:`compressive_attention` through the engine's backward.
+
+    One dense engine call per segment over ``[slots; cached and own keys]``: its ``dq`` is the
+    segment's rows of ``dq``, its ``dk``/``dv`` split into the slot part (accumulated into the slots'
+    cotangents) and the raw part (added to ``dk``/``dv`` at the cached positions). The slots go back
+    through the compression: mean (each position gets 1/r of its slot) or conv (``d blocks_t =
+    d slots·W_tᵀ``, ``dW_t = Σ blocks_tᵀ·d slots``).
+    """
+    result, calls = _kernels.run_recorded(compressive_attention, inputs, params, return_lse=d_lse is not None)
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    xp = namespace(q, k, v)
+    dtype = _kernels.resolve_dtype(xp, params.get("compute_dtype"))
+    length = int(q.shape[-2])
+    grads = {n: xp.zeros(inputs[n].shape, dtype=dtype, device=device_of(q)) for n in ("q", "k", "v")}
+    if not calls:
+        grads.update({n: xp.zeros(inputs[n].shape, dtype=dtype, device=device_of(q))
+                      for n in ("conv_k", "conv_v") if inputs.get(n) is not None})
+        return grads
+    s, m, r = int(params["segment_length"]), int(params["memory_length"]), int(params["rate"])
+    n_c = int(params["compressed_length"])
+    count = length // r
+    d_out = xp.astype(d_out, dtype)
+    d_lse = None if d_lse is None else xp.astype(d_lse, dtype)
+    d_slots_k = xp.zeros((*k.shape[:-2], count, k.shape[-1]), dtype=dtype, device=device_of(q))
+    d_slots_v = xp.zeros((*v.shape[:-2], count, v.shape[-1]), dtype=dtype, device=device_of(q))
+    for call, start in zip(calls, range(0, length, s)):
+        stop = min(start + s, length)
+        first = max(0, start - m)
+        ready = first // r
+        oldest = max(0, ready - n_c)
+        g = call.backward(d_out[..., start:stop, :], None if d_lse is None else d_lse[..., start:stop])
+        n_slots = ready - oldest
+        grads["q"] = grads["q"] + _place(xp, g.dq, start, length)
+        grads["k"] = grads["k"] + _place(xp, g.dk[..., n_slots:, :], first, length)
+        grads["v"] = grads["v"] + _place(xp, g.dv[..., n_slots:, :], first, length)
+        d_slots_k = d_slots_k + _place(xp, g.dk[..., :n_slots, :], oldest, count)
+        d_slots_v = d_slots_v + _place(xp, g.dv[..., :n_slots, :], oldest, count)
+    conv = params.get("compression", "mean") == "conv"
+    for name, x, d_slots in (("k", k, d_slots_k), ("v", v, d_slots_v)):
+        weights = xp.astype(inputs[f"conv_{name}"], dtype) if conv else None
+        dx, d_weights = _compress_vjp(xp, xp.astype(x, dtype), r, weights, d_slots)
+        grads[name] = grads[name] + dx
+        if conv:
+            grads[f"conv_{name}"] = d_weights
+    return grads
+
+
 
 def _cases(size: str, seed: int) -> list[Case]:
     d = dims(size)
@@ -154,4 +228,5 @@ register(Mechanism(
     cases=_cases,
     returns_lse=True,
     example=_example,
+    vjp=_vjp,
 ))
