@@ -55,12 +55,12 @@ import numpy
 
 from reflex import random, registry
 from reflex.backends import to_numpy
-from reflex.mechanisms._patterns import causal_offset, parse_causal
+from reflex.certify_formulas import (FORMULA_INPUTS, FORMULAS, MPMATH_KEYS, UNIT_ROUNDOFF, Ops, mpmath_supports, products,
+                                     softmax_bounds, softmax_formula)
 
 __all__ = ["Certificate", "OutputError", "CertificationError", "certify", "certify_case", "case_record",
            "longdouble_extends_float64", "mpmath_supports", "METHODS", "MPMATH_KEYS", "UNIT_ROUNDOFF"]
 
-UNIT_ROUNDOFF = 2.0 ** -53  # u of float64
 METHODS = ("auto", "longdouble", "mpmath")
 # "auto" takes mpmath when a case has at most this many multiply-adds in its score product (B·H·L·S·D).
 MPMATH_AUTO_PRODUCTS = 1 << 15
@@ -287,226 +287,6 @@ def _compare(name: str, value: numpy.ndarray, reference: numpy.ndarray, *, mp: A
     return OutputError(name, max_abs, max_rel, scale, float(bound.max()) if bound.size else 0.0, bool(numpy.all(err <= bound)))
 
 
-# --- formulas in higher precision (host arrays of mpf objects or of longdouble) -------------------
-
-class _Ops:
-    """Elementwise functions and constants for object (mpmath) or longdouble arrays."""
-
-    def __init__(self, mp: Any = None) -> None:
-        self.mp = mp
-        if mp is None:
-            self.exp, self.log, self.tanh, self.sin, self.cos = numpy.exp, numpy.log, numpy.tanh, numpy.sin, numpy.cos
-            self.number = numpy.longdouble
-        else:
-            self.exp, self.log, self.tanh, self.sin, self.cos = (numpy.frompyfunc(f, 1, 1) for f in
-                                                                 (mp.exp, mp.log, mp.tanh, mp.sin, mp.cos))
-            self.number = mp.mpf
-
-    def array(self, x: numpy.ndarray) -> numpy.ndarray:
-        """A float64 host array entered exactly."""
-        if self.mp is None:
-            return numpy.asarray(x, dtype=numpy.longdouble)
-        return numpy.frompyfunc(lambda a: self.mp.mpf(float(a)), 1, 1)(numpy.asarray(x, dtype=numpy.float64)).astype(object)
-
-
-def _repeat_heads(x: numpy.ndarray, heads: int) -> numpy.ndarray:
-    """``(..., G, S, ·)`` → ``(..., H, S, ·)``: query head h uses kv head ``h // (H/G)``."""
-    return numpy.repeat(x, heads // x.shape[-3], axis=-3)
-
-
-def _allowed(shape: tuple[int, ...], causal: Any, mask: Any) -> numpy.ndarray:
-    """The boolean ``(..., H, L, S)`` attend-map of a mask and a causal alignment."""
-    allowed = numpy.ones(shape, dtype=bool)
-    if mask is not None:
-        allowed &= numpy.broadcast_to(numpy.asarray(mask, dtype=bool), shape)
-    alignment = parse_causal(causal)
-    if alignment is not None:
-        length, key_length = shape[-2:]
-        delta = causal_offset(alignment, length, key_length)
-        allowed &= numpy.arange(key_length)[None, :] <= numpy.arange(length)[:, None] + delta
-    return allowed
-
-
-def _softmax_formula(ops: _Ops, q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, *, mask: Any = None, bias: Any = None,
-                     causal: Any = False, scale: float | None = None, softcap: float | None = None) -> dict[str, numpy.ndarray]:
-    """Dense softmax attention, term by term as ``full_attention``'s docstring defines it.
-
-    ``Z = cap(scale·Q Kᵀ) + bias``, −∞ where masked or causally excluded; ``m`` the row max (0 for
-    an empty row), ``P = e^{Z − m} / Σ e^{Z − m}``, ``O = P V``, ``lse = m + log Σ e^{Z − m}``; an
-    empty row gives ``O = 0``, ``lse = −∞``. Returns ``out, lse, scores, probs`` in the ops' type.
-    """
-    heads, length, dim = q.shape[-3:]
-    key_length = k.shape[-2]
-    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)  # the float64 the mechanism uses
-    qh, kh, vh = ops.array(q), _repeat_heads(ops.array(k), heads), _repeat_heads(ops.array(v), heads)
-    z = (qh @ numpy.swapaxes(kh, -1, -2)) * ops.number(scale)
-    if softcap is not None:
-        c = ops.number(float(softcap))
-        z = c * ops.tanh(z / c)
-    if bias is not None:
-        z = z + ops.array(numpy.broadcast_to(numpy.asarray(bias, dtype=numpy.float64), z.shape))
-    ninf, zero, one = ops.number(-math.inf), ops.number(0.0), ops.number(1.0)
-    z = numpy.where(_allowed(z.shape, causal, mask), z, ninf)
-    if length == 0 or key_length == 0:
-        out = numpy.full((*z.shape[:-1], v.shape[-1]), zero, dtype=z.dtype)
-        return {"out": out, "lse": numpy.full(z.shape[:-1], ninf, dtype=z.dtype), "scores": z, "probs": z}
-    row_max = numpy.max(z, axis=-1, keepdims=True)
-    shift = numpy.where(row_max == ninf, zero, row_max)
-    weights = ops.exp(z - shift)
-    row_sum = numpy.sum(weights, axis=-1, keepdims=True)
-    empty = row_sum == 0
-    denominator = numpy.where(empty, one, row_sum)
-    probs = weights / denominator
-    out = probs @ vh
-    lse = numpy.where(empty, ninf, shift + ops.log(denominator))[..., 0]
-    return {"out": out, "lse": lse, "scores": z, "probs": probs}
-
-
-def _linear_formula(ops: _Ops, q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, *, feature_map: str = "elu",
-                    causal: Any = False, eps: float = 1e-6) -> dict[str, numpy.ndarray]:
-    """Linear attention, the quadratic form: ``o_i = Σ_{j≤t_i} φ(q_i)·φ(k_j) v_j / (Σ_{j≤t_i} φ(q_i)·φ(k_j) + ε)``.
-
-    ``φ(x) = elu(x) + 1`` (x + 1 for x > 0, eˣ otherwise) or ``relu``; a query with a zero
-    normaliser outputs 0 (Katharopoulos et al. 2020, §3.2 eq. 4–6, causal §3.3).
-    """
-    zero, one = ops.number(0.0), ops.number(1.0)
-
-    def phi(x: numpy.ndarray) -> numpy.ndarray:
-        positive = x > 0
-        if feature_map == "relu":
-            return numpy.where(positive, x, zero)
-        return numpy.where(positive, x + one, ops.exp(numpy.where(positive, zero, x)))
-
-    return _kernel_attention(ops, phi(ops.array(q)), phi(ops.array(k)), v, causal=causal, eps=eps)
-
-
-def _kernel_attention(ops: _Ops, fq: numpy.ndarray, fk: numpy.ndarray, v: numpy.ndarray, *, causal: Any,
-                      eps: float) -> dict[str, numpy.ndarray]:
-    """``o_i = Σ_{j≤t_i} (fq_i·fk_j) v_j / (Σ_{j≤t_i} fq_i·fk_j + ε)`` from features ``fq (..., H, L, F)``,
-    ``fk (..., G, S, F)``; 0 where the normaliser is 0. The quadratic form, materialising ``(L, S)``."""
-    zero, one = ops.number(0.0), ops.number(1.0)
-    heads = fq.shape[-3]
-    fk, vh = _repeat_heads(fk, heads), _repeat_heads(ops.array(v), heads)
-    kernel = fq @ numpy.swapaxes(fk, -1, -2)
-    kernel = numpy.where(_allowed(kernel.shape, causal, None), kernel, zero)
-    numerator = kernel @ vh
-    denominator = numpy.sum(kernel, axis=-1, keepdims=True) + ops.number(float(eps))
-    empty = denominator == 0
-    out = numpy.where(empty, zero, numerator / numpy.where(empty, one, denominator))
-    return {"out": out}
-
-
-def _performer_formula(ops: _Ops, q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, *, projection: numpy.ndarray,
-                       kernel: str = "softmax_pos", causal: Any = False, scale: float | None = None) -> dict[str, numpy.ndarray]:
-    """Performer FAVOR+ with an explicit projection ω (m, D), unstabilised (Choromanski et al. 2021, §2.3):
-
-    ``softmax_pos``: ``φ(x) = exp(ωx − ‖x‖²/2)/√m``; ``softmax_trig``: ``exp(‖x‖²/2)/√m [sin ωx, cos ωx]``
-    (x = √scale·q or √scale·k, √scale the float64 the mechanism uses); ``relu``: ``relu(ωx/√m) + 0.001``
-    on the raw q, k. Then ``φ(Q)(φ(K)ᵀV) / φ(Q)φ(K)ᵀ1`` (0 where the denominator is 0).
-    """
-    from reflex.mechanisms.performer import RELU_STABILIZER
-
-    m, dim = projection.shape
-    omega_t = ops.array(projection).T
-    zero = ops.number(0.0)
-    if kernel == "relu":
-        ratio, stabilizer = ops.number(1.0 / math.sqrt(m)), ops.number(RELU_STABILIZER)
-
-        def phi(x: numpy.ndarray) -> numpy.ndarray:
-            u = ratio * (x @ omega_t)
-            return numpy.where(u > 0, u, zero) + stabilizer
-
-        return _kernel_attention(ops, phi(ops.array(q)), phi(ops.array(k)), v, causal=causal, eps=0.0)
-    root = ops.number(math.sqrt(1.0 / math.sqrt(dim) if scale is None else float(scale)))
-    norm = ops.number(1.0) / (ops.number(float(m)) ** ops.number(0.5))
-
-    def phi(x: numpy.ndarray) -> numpy.ndarray:
-        x = root * x
-        u = x @ omega_t
-        half_square = numpy.sum(x * x, axis=-1, keepdims=True) / 2
-        if kernel == "softmax_pos":
-            return norm * ops.exp(u - half_square)
-        return norm * ops.exp(half_square) * numpy.concatenate([ops.sin(u), ops.cos(u)], axis=-1)
-
-    return _kernel_attention(ops, phi(ops.array(q)), phi(ops.array(k)), v, causal=causal, eps=0.0)
-
-
-# key → (formula, the mechanism options it understands; others make mpmath decline)
-_FORMULAS: dict[str, tuple[Callable[..., dict[str, numpy.ndarray]], frozenset[str]]] = {
-    "full": (_softmax_formula, frozenset({"mask", "bias", "causal", "scale", "softcap", "return_lse", "implementation"})),
-    "linear": (_linear_formula, frozenset({"feature_map", "causal", "eps", "implementation"})),
-    "performer": (_performer_formula, frozenset({"projection", "kernel", "causal", "scale", "implementation"})),
-}
-MPMATH_KEYS = tuple(_FORMULAS)
-_FORMULA_INPUTS = ("q", "k", "v")
-
-
-def mpmath_supports(key: str, inputs: Mapping[str, Any], params: Mapping[str, Any]) -> str | None:
-    """None when the mpmath method can certify this case; otherwise the reason it cannot."""
-    if key not in _FORMULAS:
-        return f"no mpmath formula for {key!r} (mpmath certifies {', '.join(MPMATH_KEYS)})"
-    _, understood = _FORMULAS[key]
-    unknown = sorted(set(params) - understood)
-    if unknown:
-        return f"the mpmath formula for {key!r} does not take {', '.join(unknown)}"
-    extra = sorted(set(inputs) - set(_FORMULA_INPUTS) - understood)
-    if extra:
-        return f"the mpmath formula for {key!r} does not take the arrays {', '.join(extra)}"
-    if key == "linear" and params.get("feature_map", "elu") not in ("elu", "relu"):
-        return "the mpmath formula for linear takes feature_map 'elu' or 'relu', not a callable"
-    if key == "performer" and inputs.get("projection") is None:
-        return "the mpmath formula for performer needs an explicit projection (not num_features and seed)"
-    if key == "performer" and params.get("kernel", "softmax_pos") not in ("softmax_pos", "softmax_trig", "relu"):
-        return f"the mpmath formula for performer has no kernel {params.get('kernel')!r}"
-    return None
-
-
-def _products(host: Mapping[str, Any]) -> int:
-    q, k = host["q"], host["k"]
-    return int(math.prod(q.shape[:-1])) * int(k.shape[-2]) * int(q.shape[-1])
-
-
-# --- the bounds -----------------------------------------------------------------------------------
-
-def _gamma(n: Any) -> Any:
-    return n * UNIT_ROUNDOFF / (1 - n * UNIT_ROUNDOFF)
-
-
-def _softmax_bounds(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, parts: Mapping[str, numpy.ndarray], *,
-                    scale: float | None, softcap: float | None, bias: Any) -> dict[str, Any]:
-    """Per-element first-order bounds on out and lse, and the case's condition (see the module docstring)."""
-    u = UNIT_ROUNDOFF
-    heads, _, dim = q.shape[-3:]
-    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
-    z = numpy.asarray(parts["scores"].astype(numpy.float64) if parts["scores"].dtype == object
-                      else parts["scores"], dtype=numpy.float64)
-    probs = numpy.asarray(parts["probs"].astype(numpy.float64) if parts["probs"].dtype == object
-                          else parts["probs"], dtype=numpy.float64)
-    lse = numpy.asarray(parts["lse"].astype(numpy.float64) if parts["lse"].dtype == object
-                        else parts["lse"], dtype=numpy.float64)
-    attended = numpy.isfinite(z)
-    n = attended.sum(axis=-1)
-    z_max = numpy.where(attended, z, -numpy.inf).max(axis=-1, initial=-numpy.inf)
-    z_min = numpy.where(attended, z, numpy.inf).min(axis=-1, initial=numpy.inf)
-    some = n > 0
-    spread = numpy.where(some, z_max - z_min, 0.0)
-    softmax_rel = numpy.where(some, (n + 2 + 2 * spread) * u, 0.0)  # BHH Thm 4.3
-    with numpy.errstate(invalid="ignore"):
-        lse_part = numpy.where(some, numpy.abs(lse + n - z_min) * u, 0.0)  # BHH Thm 4.2
-    qk = numpy.abs(q * scale) @ numpy.swapaxes(numpy.abs(_repeat_heads(k, heads)), -1, -2)
-    term_roundings = (3 if softcap is not None else 0) + (1 if bias is not None else 0)
-    logit = _gamma(dim + 1) * qk + term_roundings * u * numpy.where(attended, numpy.abs(z), 0.0)
-    logit_row = numpy.where(attended, logit, 0.0).max(axis=-1, initial=0.0)
-    abs_v = numpy.abs(_repeat_heads(v, heads))
-    out_bound = (softmax_rel[..., None] * probs.max(axis=-1, initial=0.0)[..., None] * (attended.astype(numpy.float64) @ abs_v)
-                 + (2 * logit_row + _gamma(n + 1))[..., None] * (probs @ abs_v))
-    return {
-        "out": out_bound, "lse": numpy.where(some, lse_part + logit_row, 0.0),
-        "condition": float(spread.max(initial=0.0)), "softmax_bound": float(softmax_rel.max(initial=0.0)),
-        "lse_bound": float(lse_part.max(initial=0.0)), "logit_term": float(logit_row.max(initial=0.0)),
-    }
-
-
 # --- certify --------------------------------------------------------------------------------------
 
 def certify(key: str, inputs: Mapping[str, Any], /, *, method: str = "auto", dps: int = 40, **params: Any) -> Certificate:
@@ -569,13 +349,13 @@ def certify(key: str, inputs: Mapping[str, Any], /, *, method: str = "auto", dps
         return Certificate(key, "longdouble", f"numpy.longdouble (eps {eps:.3g})", outputs, gradients, honoured=honoured,
                            notes=tuple(notes), **_summary(bounds))
     mp = _mpmath()
-    formula, _ = _FORMULAS[key]
+    formula, _ = FORMULAS[key]
     options = {name: value for name, value in {**host, **params}.items()
-               if name not in (*_FORMULA_INPUTS, "return_lse", "implementation")}
+               if name not in (*FORMULA_INPUTS, "return_lse", "implementation")}
     with mp.workdps(dps):
-        parts = formula(_Ops(mp), host["q"], host["k"], host["v"], **options)
-        bounds = (_softmax_bounds(host["q"], host["k"], host["v"], parts, scale=params.get("scale"),
-                                  softcap=params.get("softcap"), bias=host.get("bias")) if formula is _softmax_formula else {})
+        parts = formula(Ops(mp), host["q"], host["k"], host["v"], **options)
+        bounds = (softmax_bounds(host["q"], host["k"], host["v"], parts, scale=params.get("scale"),
+                                  softcap=params.get("softcap"), bias=host.get("bias")) if formula is softmax_formula else {})
         outputs = tuple(_compare(name, value, parts[name], mp=mp, bound=bounds.get(name)) for name, value in float64)
         cross = None
         if longdouble is not None:
@@ -599,7 +379,7 @@ def _choose(method: str, key: str, host: Mapping[str, Any], params: Mapping[str,
     if method == "longdouble":
         _require_longdouble()
         return "longdouble"
-    small = reason is None and _products(host) <= MPMATH_AUTO_PRODUCTS
+    small = reason is None and products(host) <= MPMATH_AUTO_PRODUCTS
     if small or (reason is None and not longdouble_extends_float64()):
         try:
             _mpmath()
@@ -662,10 +442,10 @@ def _longdouble_bounds(key: str, host: Mapping[str, Any], params: Mapping[str, A
     if key != "full" or mpmath_supports(key, host, params) is not None:
         return {}
     options = {name: value for name, value in {**host, **params}.items()
-               if name not in (*_FORMULA_INPUTS, "return_lse", "implementation")}
+               if name not in (*FORMULA_INPUTS, "return_lse", "implementation")}
     with numpy.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        parts = _softmax_formula(_Ops(), host["q"], host["k"], host["v"], **options)
-    return _softmax_bounds(host["q"], host["k"], host["v"], parts, scale=params.get("scale"),
+        parts = softmax_formula(Ops(), host["q"], host["k"], host["v"], **options)
+    return softmax_bounds(host["q"], host["k"], host["v"], parts, scale=params.get("scale"),
                            softcap=params.get("softcap"), bias=host.get("bias"))
 
 
@@ -686,112 +466,6 @@ def case_record(mechanism: registry.Mechanism | str, case: registry.Case, *, met
     except CertificationError as err:
         return {"method": None, "error": str(err)}
 
-
-# --- many cases: the registry ---------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class CaseCertificate:
-    """One registry case's certificate (``certificate``) or why it has none (``error``), and the time taken."""
-
-    key: str
-    size: str
-    variant: str
-    certificate: Certificate | None
-    error: str | None
-    seconds: float
-
-
 def default_method(size: str) -> str:
     """mpmath (where it has the formula) for tiny cases, longdouble for larger ones; auto where longdouble is float64."""
     return "auto" if size == "tiny" or not longdouble_extends_float64() else "longdouble"
-
-
-def certify_registry(keys: Any = None, sizes: Any = ("tiny",), *, method: str | None = None, dps: int = 40, seed: int = 0,
-                     progress: bool = False) -> list[CaseCertificate]:
-    """Certify every case of ``keys`` (default: every registered mechanism) at ``sizes``.
-
-    ``method=None`` picks :func:`default_method` per size. ``progress`` shows a tqdm bar on a
-    terminal (stderr). A case that cannot be certified is returned with its ``error``.
-    """
-    import sys
-    import time
-
-    from tqdm import tqdm
-
-    mechanisms = registry.list_mechanisms() if keys is None else [registry.get(key) for key in keys]
-    for size in sizes:
-        registry.size_scale(size)  # validates
-    jobs = [(m, size, case) for m in mechanisms for size in sizes for case in m.cases(size, seed)]
-    results = []
-    bar = tqdm(jobs, desc="certify", unit="case", disable=not (progress and sys.stderr.isatty()), leave=False)
-    for mechanism, size, case in bar:
-        bar.set_postfix_str(f"{mechanism.key} {size} {case.variant}", refresh=False)
-        start = time.perf_counter()
-        try:
-            cert, error = certify_case(mechanism, case, method=method or default_method(size), dps=dps), None
-        except CertificationError as err:
-            cert, error = None, str(err)
-        except Exception as err:  # noqa: BLE001 - a mechanism failing outright is reported, not fatal to the sweep
-            cert, error = None, f"the mechanism failed: {type(err).__name__}: {err}"
-        results.append(CaseCertificate(mechanism.key, size, case.variant, cert, error, time.perf_counter() - start))
-    return results
-
-
-def format_results(results: list[CaseCertificate]) -> str:
-    """A plain-text table of :func:`certify_registry` results, one case a line."""
-    rows = [("mechanism", "size", "case", "method", "max rel", "bound", "condition", "longdouble", "notes")]
-    for r in results:
-        c = r.certificate
-        if c is None:
-            rows.append((r.key, r.size, r.variant, "-", "-", "-", "-", "-", r.error or ""))
-            continue
-        bounded = [e for e in c.outputs if e.bound is not None]
-        bound = max((e.bound / e.scale for e in bounded if e.scale), default=None)
-        honoured = {True: "yes", None: "equal", False: "NO"}[c.honoured]
-        rows.append((r.key, r.size, r.variant, c.method, f"{c.max_rel:.1e}",
-                     "-" if bound is None else f"{bound:.1e}" + ("" if c.within_bound else " EXCEEDED"),
-                     "-" if c.condition is None else f"{c.condition:.3g}", honoured, "; ".join(c.notes)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows).rstrip()
-
-
-# --- the command line: `reflex certify KEY... [--sizes] [--method] [--dps]` -----------------------
-
-def add_parser(sub: Any) -> None:
-    """Add ``certify`` to the ``reflex`` command's subparsers (called by :mod:`reflex.cli`)."""
-    parser = sub.add_parser("certify", help="float64 error against longdouble / mpmath, per registry case",
-                            description="Run each registry case in float64 and in higher precision and report the "
-                                        "error (docs/precision.md). Exit 1 when a case exceeds its bound, longdouble "
-                                        "is not honoured, or a mechanism fails.")
-    parser.add_argument("keys", nargs="*", metavar="KEY", help="mechanism keys (default: every registered mechanism)")
-    parser.add_argument("--sizes", default="tiny", help="comma-separated sizes: tiny, small, medium, large (default tiny)")
-    parser.add_argument("--method", choices=METHODS, help="default: mpmath where it has the formula for tiny, "
-                                                          "longdouble otherwise")
-    parser.add_argument("--dps", type=int, default=40, help="mpmath decimal digits (default 40, at least 30)")
-    parser.add_argument("--seed", type=int, default=0, help="case seed (default 0)")
-    parser.set_defaults(handler=_cmd_certify)
-
-
-def _cmd_certify(args: Any) -> int:
-    import sys
-    import time
-
-    sizes = [part.strip() for part in args.sizes.split(",") if part.strip()]
-    start = time.perf_counter()
-    try:
-        if args.dps < 30:
-            raise ValueError(f"--dps must be at least 30; got {args.dps}")
-        results = certify_registry(args.keys or None, sizes, method=args.method, dps=args.dps, seed=args.seed, progress=True)
-    except (KeyError, ValueError) as err:
-        print(f"reflex: {err.args[0]}", file=sys.stderr)
-        return 2
-    print(format_results(results))
-    certified = [r for r in results if r.certificate is not None]
-    flagged = [r for r in certified if r.certificate.flagged]
-    failed = [r for r in results if r.error and r.error.startswith("the mechanism failed")]
-    worst = max(certified, key=lambda r: r.certificate.max_rel, default=None)
-    worst_text = "" if worst is None else (f"; worst relative error {worst.certificate.max_rel:.1e} "
-                                           f"({worst.key} {worst.size} {worst.variant})")
-    print(f"certified {len(certified)} of {len(results)} cases of {len({r.key for r in results})} mechanism(s) in "
-          f"{time.perf_counter() - start:.1f} s{worst_text}; {len(flagged)} flagged, {len(failed)} failed")
-    return 1 if flagged or failed else 0

@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     from reflex.show import add_parser as add_show_parser  # `reflex show KEY`: draw a pattern (reflex/show.py)
 
     add_show_parser(sub)
-    from reflex.certify import add_parser as add_certify_parser  # `reflex certify KEY...`: precision (reflex/certify.py)
+    from reflex.certify_cli import add_parser as add_certify_parser  # `reflex certify KEY...` (reflex/certify_cli.py)
 
     add_certify_parser(sub)
     return parser

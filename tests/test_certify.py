@@ -11,8 +11,9 @@ import pytest
 
 import reflex
 from reflex import random, registry
-from reflex.certify import (Certificate, CertificationError, OutputError, case_record, certify, certify_case, certify_registry,
-                            format_results, longdouble_extends_float64)
+from reflex.certify import (Certificate, CertificationError, OutputError, case_record, certify, certify_case,
+                            longdouble_extends_float64)
+from reflex.certify_cli import certify_registry, format_results
 
 mpmath = pytest.importorskip("mpmath")
 needs_longdouble = pytest.mark.skipif(not longdouble_extends_float64(), reason="numpy.longdouble is float64 here")

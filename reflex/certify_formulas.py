@@ -1,0 +1,244 @@
+"""Higher-precision formulas and error bounds for :mod:`reflex.certify`.
+
+The formulas are written from the mechanisms' equations, not from their code, and evaluate on host
+arrays whose elements are mpmath ``mpf`` objects (``Ops(mpmath)``, any precision) or
+``numpy.longdouble`` (``Ops()``): ``full`` (dense softmax attention with masks, bias, softcap, GQA
+and causal alignment), ``linear`` (elu + 1 / relu features) and ``performer`` (FAVOR+ with an
+explicit projection). :func:`softmax_bounds` gives the first-order error bounds of Blanchard,
+Higham & Higham (2021) and the logit term for the softmax formula; the module docstring of
+:mod:`reflex.certify` states them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import numpy
+
+from reflex.mechanisms._patterns import causal_offset, parse_causal
+
+__all__ = ["Ops", "softmax_formula", "linear_formula", "performer_formula", "kernel_attention", "FORMULAS",
+           "FORMULA_INPUTS", "MPMATH_KEYS", "mpmath_supports", "products", "softmax_bounds", "UNIT_ROUNDOFF"]
+
+UNIT_ROUNDOFF = 2.0 ** -53  # u of float64
+
+
+# --- formulas in higher precision (host arrays of mpf objects or of longdouble) -------------------
+
+class Ops:
+    """Elementwise functions and constants for object (mpmath) or longdouble arrays."""
+
+    def __init__(self, mp: Any = None) -> None:
+        self.mp = mp
+        if mp is None:
+            self.exp, self.log, self.tanh, self.sin, self.cos = numpy.exp, numpy.log, numpy.tanh, numpy.sin, numpy.cos
+            self.number = numpy.longdouble
+        else:
+            self.exp, self.log, self.tanh, self.sin, self.cos = (numpy.frompyfunc(f, 1, 1) for f in
+                                                                 (mp.exp, mp.log, mp.tanh, mp.sin, mp.cos))
+            self.number = mp.mpf
+
+    def array(self, x: numpy.ndarray) -> numpy.ndarray:
+        """A float64 host array entered exactly."""
+        if self.mp is None:
+            return numpy.asarray(x, dtype=numpy.longdouble)
+        return numpy.frompyfunc(lambda a: self.mp.mpf(float(a)), 1, 1)(numpy.asarray(x, dtype=numpy.float64)).astype(object)
+
+
+def repeat_heads(x: numpy.ndarray, heads: int) -> numpy.ndarray:
+    """``(..., G, S, ·)`` → ``(..., H, S, ·)``: query head h uses kv head ``h // (H/G)``."""
+    return numpy.repeat(x, heads // x.shape[-3], axis=-3)
+
+
+def allowed(shape: tuple[int, ...], causal: Any, mask: Any) -> numpy.ndarray:
+    """The boolean ``(..., H, L, S)`` attend-map of a mask and a causal alignment."""
+    allowed = numpy.ones(shape, dtype=bool)
+    if mask is not None:
+        allowed &= numpy.broadcast_to(numpy.asarray(mask, dtype=bool), shape)
+    alignment = parse_causal(causal)
+    if alignment is not None:
+        length, key_length = shape[-2:]
+        delta = causal_offset(alignment, length, key_length)
+        allowed &= numpy.arange(key_length)[None, :] <= numpy.arange(length)[:, None] + delta
+    return allowed
+
+
+def softmax_formula(ops: Ops, q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, *, mask: Any = None, bias: Any = None,
+                     causal: Any = False, scale: float | None = None, softcap: float | None = None) -> dict[str, numpy.ndarray]:
+    """Dense softmax attention, term by term as ``full_attention``'s docstring defines it.
+
+    ``Z = cap(scale·Q Kᵀ) + bias``, −∞ where masked or causally excluded; ``m`` the row max (0 for
+    an empty row), ``P = e^{Z − m} / Σ e^{Z − m}``, ``O = P V``, ``lse = m + log Σ e^{Z − m}``; an
+    empty row gives ``O = 0``, ``lse = −∞``. Returns ``out, lse, scores, probs`` in the ops' type.
+    """
+    heads, length, dim = q.shape[-3:]
+    key_length = k.shape[-2]
+    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)  # the float64 the mechanism uses
+    qh, kh, vh = ops.array(q), repeat_heads(ops.array(k), heads), repeat_heads(ops.array(v), heads)
+    z = (qh @ numpy.swapaxes(kh, -1, -2)) * ops.number(scale)
+    if softcap is not None:
+        c = ops.number(float(softcap))
+        z = c * ops.tanh(z / c)
+    if bias is not None:
+        z = z + ops.array(numpy.broadcast_to(numpy.asarray(bias, dtype=numpy.float64), z.shape))
+    ninf, zero, one = ops.number(-math.inf), ops.number(0.0), ops.number(1.0)
+    z = numpy.where(allowed(z.shape, causal, mask), z, ninf)
+    if length == 0 or key_length == 0:
+        out = numpy.full((*z.shape[:-1], v.shape[-1]), zero, dtype=z.dtype)
+        return {"out": out, "lse": numpy.full(z.shape[:-1], ninf, dtype=z.dtype), "scores": z, "probs": z}
+    row_max = numpy.max(z, axis=-1, keepdims=True)
+    shift = numpy.where(row_max == ninf, zero, row_max)
+    weights = ops.exp(z - shift)
+    row_sum = numpy.sum(weights, axis=-1, keepdims=True)
+    empty = row_sum == 0
+    denominator = numpy.where(empty, one, row_sum)
+    probs = weights / denominator
+    out = probs @ vh
+    lse = numpy.where(empty, ninf, shift + ops.log(denominator))[..., 0]
+    return {"out": out, "lse": lse, "scores": z, "probs": probs}
+
+
+def linear_formula(ops: Ops, q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, *, feature_map: str = "elu",
+                    causal: Any = False, eps: float = 1e-6) -> dict[str, numpy.ndarray]:
+    """Linear attention, the quadratic form: ``o_i = Σ_{j≤t_i} φ(q_i)·φ(k_j) v_j / (Σ_{j≤t_i} φ(q_i)·φ(k_j) + ε)``.
+
+    ``φ(x) = elu(x) + 1`` (x + 1 for x > 0, eˣ otherwise) or ``relu``; a query with a zero
+    normaliser outputs 0 (Katharopoulos et al. 2020, §3.2 eq. 4–6, causal §3.3).
+    """
+    zero, one = ops.number(0.0), ops.number(1.0)
+
+    def phi(x: numpy.ndarray) -> numpy.ndarray:
+        positive = x > 0
+        if feature_map == "relu":
+            return numpy.where(positive, x, zero)
+        return numpy.where(positive, x + one, ops.exp(numpy.where(positive, zero, x)))
+
+    return kernel_attention(ops, phi(ops.array(q)), phi(ops.array(k)), v, causal=causal, eps=eps)
+
+
+def kernel_attention(ops: Ops, fq: numpy.ndarray, fk: numpy.ndarray, v: numpy.ndarray, *, causal: Any,
+                      eps: float) -> dict[str, numpy.ndarray]:
+    """``o_i = Σ_{j≤t_i} (fq_i·fk_j) v_j / (Σ_{j≤t_i} fq_i·fk_j + ε)`` from features ``fq (..., H, L, F)``,
+    ``fk (..., G, S, F)``; 0 where the normaliser is 0. The quadratic form, materialising ``(L, S)``."""
+    zero, one = ops.number(0.0), ops.number(1.0)
+    heads = fq.shape[-3]
+    fk, vh = repeat_heads(fk, heads), repeat_heads(ops.array(v), heads)
+    kernel = fq @ numpy.swapaxes(fk, -1, -2)
+    kernel = numpy.where(allowed(kernel.shape, causal, None), kernel, zero)
+    numerator = kernel @ vh
+    denominator = numpy.sum(kernel, axis=-1, keepdims=True) + ops.number(float(eps))
+    empty = denominator == 0
+    out = numpy.where(empty, zero, numerator / numpy.where(empty, one, denominator))
+    return {"out": out}
+
+
+def performer_formula(ops: Ops, q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, *, projection: numpy.ndarray,
+                       kernel: str = "softmax_pos", causal: Any = False, scale: float | None = None) -> dict[str, numpy.ndarray]:
+    """Performer FAVOR+ with an explicit projection ω (m, D), unstabilised (Choromanski et al. 2021, §2.3):
+
+    ``softmax_pos``: ``φ(x) = exp(ωx − ‖x‖²/2)/√m``; ``softmax_trig``: ``exp(‖x‖²/2)/√m [sin ωx, cos ωx]``
+    (x = √scale·q or √scale·k, √scale the float64 the mechanism uses); ``relu``: ``relu(ωx/√m) + 0.001``
+    on the raw q, k. Then ``φ(Q)(φ(K)ᵀV) / φ(Q)φ(K)ᵀ1`` (0 where the denominator is 0).
+    """
+    from reflex.mechanisms.performer import RELU_STABILIZER
+
+    m, dim = projection.shape
+    omega_t = ops.array(projection).T
+    zero = ops.number(0.0)
+    if kernel == "relu":
+        ratio, stabilizer = ops.number(1.0 / math.sqrt(m)), ops.number(RELU_STABILIZER)
+
+        def phi(x: numpy.ndarray) -> numpy.ndarray:
+            u = ratio * (x @ omega_t)
+            return numpy.where(u > 0, u, zero) + stabilizer
+
+        return kernel_attention(ops, phi(ops.array(q)), phi(ops.array(k)), v, causal=causal, eps=0.0)
+    root = ops.number(math.sqrt(1.0 / math.sqrt(dim) if scale is None else float(scale)))
+    norm = ops.number(1.0) / (ops.number(float(m)) ** ops.number(0.5))
+
+    def phi(x: numpy.ndarray) -> numpy.ndarray:
+        x = root * x
+        u = x @ omega_t
+        half_square = numpy.sum(x * x, axis=-1, keepdims=True) / 2
+        if kernel == "softmax_pos":
+            return norm * ops.exp(u - half_square)
+        return norm * ops.exp(half_square) * numpy.concatenate([ops.sin(u), ops.cos(u)], axis=-1)
+
+    return kernel_attention(ops, phi(ops.array(q)), phi(ops.array(k)), v, causal=causal, eps=0.0)
+
+
+# key → (formula, the mechanism options it understands; others make mpmath decline)
+FORMULAS: dict[str, tuple[Callable[..., dict[str, numpy.ndarray]], frozenset[str]]] = {
+    "full": (softmax_formula, frozenset({"mask", "bias", "causal", "scale", "softcap", "return_lse", "implementation"})),
+    "linear": (linear_formula, frozenset({"feature_map", "causal", "eps", "implementation"})),
+    "performer": (performer_formula, frozenset({"projection", "kernel", "causal", "scale", "implementation"})),
+}
+MPMATH_KEYS = tuple(FORMULAS)
+FORMULA_INPUTS = ("q", "k", "v")
+
+
+def mpmath_supports(key: str, inputs: Mapping[str, Any], params: Mapping[str, Any]) -> str | None:
+    """None when the mpmath method can certify this case; otherwise the reason it cannot."""
+    if key not in FORMULAS:
+        return f"no mpmath formula for {key!r} (mpmath certifies {', '.join(MPMATH_KEYS)})"
+    _, understood = FORMULAS[key]
+    unknown = sorted(set(params) - understood)
+    if unknown:
+        return f"the mpmath formula for {key!r} does not take {', '.join(unknown)}"
+    extra = sorted(set(inputs) - set(FORMULA_INPUTS) - understood)
+    if extra:
+        return f"the mpmath formula for {key!r} does not take the arrays {', '.join(extra)}"
+    if key == "linear" and params.get("feature_map", "elu") not in ("elu", "relu"):
+        return "the mpmath formula for linear takes feature_map 'elu' or 'relu', not a callable"
+    if key == "performer" and inputs.get("projection") is None:
+        return "the mpmath formula for performer needs an explicit projection (not num_features and seed)"
+    if key == "performer" and params.get("kernel", "softmax_pos") not in ("softmax_pos", "softmax_trig", "relu"):
+        return f"the mpmath formula for performer has no kernel {params.get('kernel')!r}"
+    return None
+
+
+def products(host: Mapping[str, Any]) -> int:
+    q, k = host["q"], host["k"]
+    return int(math.prod(q.shape[:-1])) * int(k.shape[-2]) * int(q.shape[-1])
+
+
+# --- the bounds -----------------------------------------------------------------------------------
+
+def gamma(n: Any) -> Any:
+    return n * UNIT_ROUNDOFF / (1 - n * UNIT_ROUNDOFF)
+
+
+def softmax_bounds(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, parts: Mapping[str, numpy.ndarray], *,
+                    scale: float | None, softcap: float | None, bias: Any) -> dict[str, Any]:
+    """Per-element first-order bounds on out and lse, and the case's condition (see the module docstring)."""
+    u = UNIT_ROUNDOFF
+    heads, _, dim = q.shape[-3:]
+    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    z = numpy.asarray(parts["scores"].astype(numpy.float64) if parts["scores"].dtype == object
+                      else parts["scores"], dtype=numpy.float64)
+    probs = numpy.asarray(parts["probs"].astype(numpy.float64) if parts["probs"].dtype == object
+                          else parts["probs"], dtype=numpy.float64)
+    lse = numpy.asarray(parts["lse"].astype(numpy.float64) if parts["lse"].dtype == object
+                        else parts["lse"], dtype=numpy.float64)
+    attended = numpy.isfinite(z)
+    n = attended.sum(axis=-1)
+    z_max = numpy.where(attended, z, -numpy.inf).max(axis=-1, initial=-numpy.inf)
+    z_min = numpy.where(attended, z, numpy.inf).min(axis=-1, initial=numpy.inf)
+    some = n > 0
+    spread = numpy.where(some, z_max - z_min, 0.0)
+    softmax_rel = numpy.where(some, (n + 2 + 2 * spread) * u, 0.0)  # BHH Thm 4.3
+    with numpy.errstate(invalid="ignore"):
+        lse_part = numpy.where(some, numpy.abs(lse + n - z_min) * u, 0.0)  # BHH Thm 4.2
+    qk = numpy.abs(q * scale) @ numpy.swapaxes(numpy.abs(repeat_heads(k, heads)), -1, -2)
+    term_roundings = (3 if softcap is not None else 0) + (1 if bias is not None else 0)
+    logit = gamma(dim + 1) * qk + term_roundings * u * numpy.where(attended, numpy.abs(z), 0.0)
+    logit_row = numpy.where(attended, logit, 0.0).max(axis=-1, initial=0.0)
+    abs_v = numpy.abs(repeat_heads(v, heads))
+    out_bound = (softmax_rel[..., None] * probs.max(axis=-1, initial=0.0)[..., None] * (attended.astype(numpy.float64) @ abs_v)
+                 + (2 * logit_row + gamma(n + 1))[..., None] * (probs @ abs_v))
+    return {
+        "out": out_bound, "lse": numpy.where(some, lse_part + logit_row, 0.0),
+        "condition": float(spread.max(initial=0.0)), "softmax_bound": float(softmax_rel.max(initial=0.0)),
+        "lse_bound": float(lse_part.max(initial=0.0)), "logit_term": float(logit_row.max(initial=0.0)),
+    }
