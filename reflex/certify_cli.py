@@ -20,6 +20,7 @@ from reflex.certify import METHODS, Certificate, CertificationError, certify_cas
 
 __all__ = ["CaseCertificate", "certify_registry", "format_results", "add_parser"]
 
+
 @dataclass(frozen=True)
 class CaseCertificate:
     """One registry case's certificate (``certificate``) or why it has none (``error``), and the time taken."""
