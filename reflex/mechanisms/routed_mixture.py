@@ -95,6 +95,58 @@ def routed_mixture_attention(q: Any, k: Any, v: Any, /, *, pathways: Sequence[Ma
         out = term if out is None else out + term
     return out
 
+def _vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, pathways: Sequence[Mapping[str, Any]],
+         compute_dtype: Any = None) -> dict:
+    """VJP of :func:`routed_mixture_attention`: ``O = Σ_p g_p ∘ A_p(q, k, v)``.
+
+    ``dq, dk, dv = Σ_p VJP_p(g_p ∘ dO)`` (each pathway through its own ``reflex.vjp``; a pathway
+    without one raises ``NotImplementedError`` naming it); ``dg_p = Σ_e dO ∘ A_p`` summed over the
+    axes the gates broadcast along; router gates ``g = softmax(Z)``, ``Z = x W_r``:
+    ``dZ = g ∘ (dg − Σ_p g_p dg_p)``, ``dx = dZ W_rᵀ``, ``dW_r = Σ xᵀ dZ``.
+    """
+    from reflex.gradients import vjp as reflex_vjp
+
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    functions = [_pathway(spec) for spec in pathways]
+    p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
+    xp, dtype = p.xp, p.q.dtype
+    router = inputs.get("gates") is None
+    if router:
+        gates = xp.expand_dims(routing_gates(inputs["x"], inputs["w_r"], compute_dtype=dtype), axis=-3)
+    else:
+        gates = xp.astype(inputs["gates"], dtype)
+    d_out = xp.astype(d_out, dtype)
+    grads = {n: xp.zeros(inputs[n].shape, dtype=dtype, device=p.device) for n in ("q", "k", "v")}
+    d_gates = []
+    for index, (spec, (function, params)) in enumerate(zip(pathways, functions)):
+        gate = gates[..., index:index + 1]
+        result = function(p.q, p.k, p.v, **params, compute_dtype=dtype)
+        result = result[0] if isinstance(result, tuple) else result
+        g = reflex_vjp(spec["mechanism"], {"q": p.q, "k": p.k, "v": p.v}, gate * d_out, **params, compute_dtype=dtype)
+        grads = {n: grads[n] + g[n] for n in ("q", "k", "v")}
+        d_gates.append(xp.sum(d_out * result, axis=-1, keepdims=True))
+    d_gate = xp.concat(d_gates, axis=-1)  # (..., H, L, P)
+    if router:
+        d_gate = xp.sum(d_gate, axis=-3)  # the gates are shared by the heads of a token
+        weights = gates[..., 0, :, :]
+        d_logits = weights * (d_gate - xp.sum(weights * d_gate, axis=-1, keepdims=True))
+        x, w_r = xp.astype(inputs["x"], dtype), xp.astype(inputs["w_r"], dtype)
+        d_logits = _reduce_to(xp, d_logits, (*x.shape[:-1], int(w_r.shape[-1])))
+        grads["x"] = d_logits @ xp.matrix_transpose(w_r)
+        grads["w_r"] = xp.matrix_transpose(xp.reshape(x, (-1, int(x.shape[-1])))) @ xp.reshape(d_logits, (-1, int(w_r.shape[-1])))
+    else:
+        grads["gates"] = _reduce_to(xp, d_gate, tuple(int(n) for n in inputs["gates"].shape))
+    return grads
+
+
+def _reduce_to(xp: Any, g: Any, shape: tuple[int, ...]) -> Any:
+    """``g`` summed over the axes an array of ``shape`` was broadcast along, reshaped to ``shape``."""
+    lead = g.ndim - len(shape)
+    full = (1,) * lead + tuple(shape)
+    axes = tuple(i for i, (a, b) in enumerate(zip(g.shape, full)) if b == 1 and a != 1)
+    return xp.reshape(xp.sum(g, axis=axes, keepdims=True) if axes else g, tuple(shape))
+
+
 
 def _cases(size: str, seed: int) -> list[Case]:
     d, gqa = standard(size, seed)
@@ -131,4 +183,5 @@ register(Mechanism(
     },
     cases=_cases,
     example=_example,
+    vjp=_vjp,
 ))
