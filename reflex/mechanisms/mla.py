@@ -60,13 +60,29 @@ class _Inputs:
         self.length, self.key_length = int(q.shape[-2]), int(c_kv.shape[-2])
         self.c_kv = c_kv
         q_pe = q[..., nope:]
+        self.rope = None if rope is None else dict(base=rope_base, convention=rope, compute_dtype=dtype)
         if rope is not None:
             if positions is None:  # queries are the last L of the S positions (as a KV cache)
                 positions = xp.arange(self.key_length - self.length, self.key_length, dtype=xp.int64, device=dev)
-            options = dict(base=rope_base, convention=rope, compute_dtype=dtype)
-            q_pe = apply_rope(q_pe, positions=positions, **options)
-            k_pe = apply_rope(k_pe, positions=key_positions, **options)
+            if key_positions is None:
+                key_positions = xp.arange(self.key_length, dtype=xp.int64, device=dev)
+            q_pe = apply_rope(q_pe, positions=positions, **self.rope)
+            k_pe = apply_rope(k_pe, positions=key_positions, **self.rope)
+        self.positions, self.key_positions = positions, key_positions
         self.q_nope, self.q_pe, self.k_pe = q[..., :nope], q_pe, k_pe
+
+    def unrotate(self, d_rotated: Any, positions: Any) -> Any:
+        """The VJP of the rotation: R(p)ᵀ = R(−p) (a rotation is orthogonal); identity without RoPE."""
+        return d_rotated if self.rope is None else apply_rope(d_rotated, positions=-positions, **self.rope)
+
+    def naive(self) -> _kernels.Prepared:
+        """The decompressed problem: q = [q_nope | R q_pe], k_h = [W_UK_h c | R k_pe], v_h = W_UV_h c."""
+        xp = self.xp
+        keys = xp.concat([self.c_kv @ xp.matrix_transpose(self.w_uk),  # (..., 1, S, d_c) @ (H, d_c, d_nope)
+                          xp.broadcast_to(self.k_pe, (*self.k_pe.shape[:-3], self.heads, self.key_length, self.rot))],
+                         axis=-1)
+        return _kernels.prepare(xp.concat([self.q_nope, self.q_pe], axis=-1), keys,
+                                self.c_kv @ xp.matrix_transpose(self.w_uv), compute_dtype=self.dtype)
 
 
 @typed_options()
@@ -161,10 +177,7 @@ def mla_attention(q: Any, c_kv: Any, k_pe: Any, /, *, w_uk: Any, w_uv: Any, scal
                 rope_base=rope_base, compute_dtype=compute_dtype)
     xp = x.xp
     if form == "naive":
-        keys = xp.concat([x.c_kv @ xp.matrix_transpose(x.w_uk),  # (..., 1, S, d_c) @ (H, d_c, d_nope)
-                          xp.broadcast_to(x.k_pe, (*x.k_pe.shape[:-3], x.heads, x.key_length, x.rot))], axis=-1)
-        p = _kernels.prepare(xp.concat([x.q_nope, x.q_pe], axis=-1), keys, x.c_kv @ xp.matrix_transpose(x.w_uv),
-                             compute_dtype=x.dtype)
+        p = x.naive()
     else:
         q_abs, kv = _absorbed(x)
         p = _kernels.prepare(q_abs, kv, x.c_kv, compute_dtype=x.dtype)
@@ -174,6 +187,47 @@ def mla_attention(q: Any, c_kv: Any, k_pe: Any, /, *, w_uk: Any, w_uv: Any, scal
     if form == "absorbed":
         out = out @ xp.matrix_transpose(x.w_uv)  # W_UV (P c) per head
     return (out, lse) if return_lse else out
+
+
+def _mla_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, scale: float, form: str = "naive",
+             rope: str | None = "interleaved", rope_base: float = 10000.0, causal: Any = False, compute_dtype: Any = None,
+             implementation: str = "auto") -> dict:
+    """VJP of :func:`mla_attention` (both forms have the same derivative; computed on the naive form).
+
+    The engine's backward (dense, or FA2 Alg. 2 tiled) gives dQ, dK_h, dV_h of the decompressed
+    problem; then ``dq = [dQ_nope | R(p)ᵀ dQ_pe]``, ``dc = Σ_h (dK_nope,h W_UK,h + dV_h W_UV,h)``,
+    ``dW_UK,h = Σ_batch dK_nope,hᵀ c``, ``dW_UV,h = Σ_batch dV_hᵀ c``, ``dk_pe = R(p')ᵀ Σ_h dK_pe,h``,
+    with ``R(p)ᵀ = R(−p)``. ``positions``, ``key_positions`` and ``mask`` are constants.
+    """
+    from reflex.mechanisms import _grad
+
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}; got {form!r}")
+    x = _Inputs(inputs["q"], inputs["c_kv"], inputs["k_pe"], inputs["w_uk"], inputs["w_uv"], rope=rope,
+                positions=inputs.get("positions"), key_positions=inputs.get("key_positions"), rope_base=rope_base,
+                compute_dtype=compute_dtype)
+    xp = x.xp
+    p = x.naive()
+    masks, tile_active = mask_and_causal(p, inputs.get("mask"), causal)
+    grads = _grad.softmax_attention_vjp(p, xp.astype(d_out, x.dtype),
+                                        None if d_lse is None else xp.astype(d_lse, x.dtype),
+                                        scale=_kernels.resolve_scale(scale, 1), mask=masks, tile_active=tile_active,
+                                        implementation=implementation)
+    d_k_nope, d_k_rot = grads.dk[..., :x.nope], grads.dk[..., x.nope:]
+    batch_axes = tuple(range(d_k_nope.ndim - 3))
+
+    def over_batch(g: Any) -> Any:
+        return xp.sum(g, axis=batch_axes) if batch_axes else g
+
+    c_t = xp.matrix_transpose(x.c_kv)  # (..., 1, d_c, S)
+    d_c = xp.sum(d_k_nope @ x.w_uk + grads.dv @ x.w_uv, axis=-3, keepdims=True)
+    return {
+        "q": xp.concat([grads.dq[..., :x.nope], x.unrotate(grads.dq[..., x.nope:], x.positions)], axis=-1),
+        "c_kv": d_c,
+        "k_pe": x.unrotate(xp.sum(d_k_rot, axis=-3, keepdims=True), x.key_positions),
+        "w_uk": over_batch(xp.matrix_transpose(c_t @ d_k_nope)),  # (H, d_nope, d_c)
+        "w_uv": over_batch(xp.matrix_transpose(c_t @ grads.dv)),  # (H, E, d_c)
+    }
 
 
 def _mla_inputs(seed: int, *, batch: int, heads: int, length: int, key_length: int, nope: int, rot: int,
@@ -238,4 +292,5 @@ register(Mechanism(
     reference=_reference,
     returns_lse=True,
     example=_example,
+    vjp=_mla_vjp,
 ))
