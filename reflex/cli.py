@@ -19,6 +19,7 @@ import statistics
 import sys
 import textwrap
 import time
+import warnings
 from typing import Any, Callable, Mapping, NoReturn, Sequence
 
 import numpy
@@ -290,17 +291,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     one line (``reflex: ...``) and returns 2; set ``REFLEX_TRACEBACK=1`` to see the traceback."""
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        with warnings.catch_warnings():
+            if args.command == "run":  # NumPy's overflow warnings: the overflow guard reports it in one line
+                warnings.simplefilter("ignore", RuntimeWarning)
+            return args.handler(args)
     except BrokenPipeError:  # `reflex info full | head -1`: the reader left early
         try:
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - flushing at exit must not raise again
         finally:
             print("reflex: output closed before it was all written (broken pipe)", file=sys.stderr)
         return 2
-    except (UsageError, ValueError, TypeError, KeyError) as err:
+    except (UsageError, ValueError, TypeError, KeyError, FloatingPointError, MemoryError) as err:
         if os.environ.get("REFLEX_TRACEBACK"):
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        if isinstance(err, MemoryError):
+            message = f"out of memory ({err or 'the inputs or scores do not fit'}); try a smaller --seq or --heads"
         command = " ".join(part for part in ("reflex", args.command, getattr(args, "key", None)) if part)
         print(f"{command}: {message}", file=sys.stderr)
         return 2
