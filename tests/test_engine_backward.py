@@ -22,7 +22,7 @@ from tests.helpers import assert_vjp_matches_finite_differences, max_abs, qkv_ho
 
 
 # Engine mechanisms with a short VJP of their own over recorded engine calls (several calls merged).
-RECORDED_VJPS = {"longformer", "axial", "bp_tree", "hierarchical", "compressive", "routed_mixture"}
+RECORDED_VJPS = {"longformer", "axial", "bp_tree", "hierarchical", "compressive", "routed_mixture", "task_prior"}
 
 
 def _engine_vjp_keys() -> list[str]:
@@ -63,7 +63,7 @@ def test_the_shared_vjp_covers_the_engine_mechanisms():
     expected = {"full", "sliding_window", "dilated", "global", "random", "block_local", "strided", "bigbird", "star",
                 "sparse_pattern", "e2lsh", "routing", "topk", "block_topk", "indexer_topk", "adaptive",
                 "recurrent_memory", "longformer", "axial", "bp_tree", "hierarchical",
-                "compressive", "routed_mixture"}
+                "compressive", "routed_mixture", "task_prior", "gaussian_prior", "gaussian_transformer"}
     assert expected <= covered
 
 
@@ -429,3 +429,20 @@ def test_cli_lists_and_shows_vjp(capsys):
                                                if not m.has_vjp)
     assert main(["info", "full"]) == 0
     assert "vjp             yes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key", ["gaussian_prior", "gaussian_transformer", "task_prior"])
+def test_prior_terms_dense_equals_tiled(key, backend, small_tiles):
+    """Differentiable prior terms (per-row and per-head parameters) summed over tiles on every backend."""
+    m = reflex.get(key)
+    for case in m.cases("tiny", 0):
+        result = case.call(m, return_lse=True)
+        d_out, d_lse = _cotangents(*result)
+        inputs = {n: backend.asarray(x) for n, x in case.inputs.items()}
+        grads = [reflex.vjp(key, inputs, backend.asarray(d_out), d_lse=backend.asarray(d_lse),
+                            implementation=implementation, **case.params) for implementation in ("dense", "tiled")]
+        reference = reflex.vjp(key, dict(case.inputs), d_out, d_lse=d_lse, implementation="dense", **case.params)
+        assert set(grads[0]) == set(reference)
+        for name in reference:
+            for g in grads:
+                assert max_abs(backend.to_numpy(g[name]), reference[name]) <= 1e-13, (case.variant, name)

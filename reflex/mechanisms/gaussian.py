@@ -89,18 +89,72 @@ def gaussian_prior_attention(q: Any, k: Any, v: Any, /, *, centers: Any, sigmas:
     p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
     if (sigmas is None) == (windows is None):
         raise ValueError("pass exactly one of sigmas and windows (sigma = sigma_per_window * window)")
-    centre = _per_row(p, "centers", centers)
-    width = _per_row(p, "sigmas", sigmas) if sigmas is not None else float(sigma_per_window) * _per_row(p, "windows", windows)
-    _check_widths(p, "sigmas" if sigmas is not None else "sigma_per_window * windows", width)
-    inv_two_var = 1.0 / (2.0 * width * width)
-
-    def prior(rows: Any, cols: Any) -> Any:
-        j = p.xp.astype(cols, p.q.dtype)
-        offset = j - _rows_of(p, centre, rows)
-        return -(offset * offset) * _rows_of(p, inv_two_var, rows)
-
+    prior = _LocalnessPrior(p, centers, sigmas, windows, float(sigma_per_window))
     return _run(p, prior, mask=mask, causal=causal, scale=_kernels.resolve_scale(scale, p.dim),
                 return_lse=return_lse, implementation=implementation)
+
+
+def _place_rows(xp: Any, per_row: Any, rows: Any, length: int) -> Any:
+    """Per-row values of the tile rows ``rows (l, 1)`` (consecutive) placed on a zero ``(..., L)`` axis."""
+    first, count = int(rows[0, 0]), int(rows.shape[0])
+    lead = per_row.shape[:-1]
+    zeros = [xp.zeros((*lead, n), dtype=per_row.dtype, device=device_of(per_row)) for n in (first, length - first - count)]
+    return xp.concat([zeros[0], per_row, zeros[1]], axis=-1)
+
+
+def _reduce_param(xp: Any, g: Any, padded: tuple[int, ...], shape: tuple[int, ...]) -> Any:
+    """``g`` summed over the axes the 1-padded parameter shape ``padded`` broadcasts along, shaped ``shape``."""
+    lead = g.ndim - len(padded)
+    full = (1,) * lead + tuple(padded)
+    axes = tuple(i for i, (a, b) in enumerate(zip(g.shape, full)) if b == 1 and a != 1)
+    return xp.reshape(xp.sum(g, axis=axes, keepdims=True) if axes else g, tuple(shape))
+
+
+class _LocalnessPrior:
+    """The Gaussian localness prior ``G_ij = −(j − P_i)²·c_i``, ``c_i = 1/(2σ_i²)``, as a differentiable
+    engine term (``params``: the array inputs centers, and sigmas or windows).
+
+    Backward: ``dP_i = Σ_j dG_ij·2(j − P_i)c_i``, ``dσ_i = Σ_j dG_ij·(j − P_i)²/σ_i³`` (``dc = −dσ·σ³``),
+    ``dW_i = ρ·dσ_i`` for σ = ρW.
+    """
+
+    def __init__(self, p: _kernels.Prepared, centers: Any, sigmas: Any, windows: Any, rho: float) -> None:
+        self.p = p
+        self.centre = _per_row(p, "centers", centers)
+        if sigmas is not None:
+            self.width = _per_row(p, "sigmas", sigmas)
+            self.width_name, self.rho, width_input = "sigmas", 1.0, sigmas
+        else:
+            self.width = rho * _per_row(p, "windows", windows)
+            self.width_name, self.rho, width_input = "windows", rho, windows
+        _check_widths(p, "sigmas" if sigmas is not None else "sigma_per_window * windows", self.width)
+        self.inv_two_var = 1.0 / (2.0 * self.width * self.width)
+        self.params = {"centers": centers, self.width_name: width_input}
+        self.padded = {"centers": tuple(self.centre.shape), self.width_name: tuple(self.width.shape)}
+
+    def __call__(self, rows: Any, cols: Any) -> Any:
+        p = self.p
+        offset = p.xp.astype(cols, p.q.dtype) - _rows_of(p, self.centre, rows)
+        return -(offset * offset) * _rows_of(p, self.inv_two_var, rows)
+
+    def vjp(self, rows: Any, cols: Any, d_value: Any) -> dict[str, Any]:
+        p = self.p
+        xp = p.xp
+        offset = xp.astype(cols, p.q.dtype) - _rows_of(p, self.centre, rows)
+        c = _rows_of(p, self.inv_two_var, rows)
+        d_centre = xp.sum(d_value * 2.0 * offset * c, axis=-1)  # (..., l)
+        width = _rows_of(p, self.width, rows)
+        d_width = xp.sum(d_value * (offset * offset), axis=-1) / (width[..., 0] ** 3)
+        out = {}
+        for name, per_row in (("centers", d_centre), (self.width_name, self.rho * d_width)):
+            padded = self.padded[name]
+            if padded[-1] == 1:
+                per_row = xp.sum(per_row, axis=-1, keepdims=True)
+            else:
+                per_row = _place_rows(xp, per_row, rows, p.length)
+            if hasattr(self.params[name], "shape"):
+                out[name] = _reduce_param(xp, per_row, padded, tuple(self.params[name].shape))
+        return out
 
 
 @typed_options()
@@ -123,12 +177,7 @@ def gaussian_transformer_attention(q: Any, k: Any, v: Any, /, *, w: Any, b: Any,
     Language Inference", AAAI, §3.2 (Gaussian prior, eq. 6–8).
     """
     p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
-    w_h, b_h = _per_head(p, "w", w), _per_head(p, "b", b)
-
-    def prior(rows: Any, cols: Any) -> Any:
-        d = p.xp.astype(rows - cols, p.q.dtype)
-        return -p.xp.abs(w_h * (d * d) + b_h)
-
+    prior = _DistancePrior(p, w, b)
     return _run(p, prior, mask=mask, causal=causal, scale=_kernels.resolve_scale(scale, p.dim),
                 return_lse=return_lse, implementation=implementation)
 
@@ -165,6 +214,38 @@ def hard_gaussian_attention(q: Any, k: Any, v: Any, /, *, offsets: int | Sequenc
         return -(d * d) * inv_two_var
 
     return _run(p, prior, mask=mask, causal=causal, scale=0.0, return_lse=return_lse, implementation=implementation)
+
+class _DistancePrior:
+    """The Gaussian Transformer prior ``G_ij = −|w_h (i − j)² + b_h|`` as a differentiable engine term
+    (``params``: ``w`` and ``b`` where given as arrays). Backward with ``u = w d² + b``:
+    ``dw_h = −Σ dG·sign(u)·d²``, ``db_h = −Σ dG·sign(u)`` (subgradient 0 where u = 0)."""
+
+    def __init__(self, p: _kernels.Prepared, w: Any, b: Any) -> None:
+        self.p = p
+        self.w_h, self.b_h = _per_head(p, "w", w), _per_head(p, "b", b)
+        self.params = {name: a for name, a in (("w", w), ("b", b)) if hasattr(a, "shape")}
+
+    def _parts(self, rows: Any, cols: Any) -> tuple[Any, Any]:
+        d = self.p.xp.astype(rows - cols, self.p.q.dtype)
+        d2 = d * d
+        return d2, self.w_h * d2 + self.b_h
+
+    def __call__(self, rows: Any, cols: Any) -> Any:
+        return -self.p.xp.abs(self._parts(rows, cols)[1])
+
+    def vjp(self, rows: Any, cols: Any, d_value: Any) -> dict[str, Any]:
+        xp = self.p.xp
+        d2, u = self._parts(rows, cols)
+        du = -d_value * xp.sign(u)
+        out = {}
+        for name, g in (("w", du * d2), ("b", du)):
+            if name in self.params:
+                g = xp.moveaxis(g, -3, 0)  # u has a head axis (of w_h, b_h: H or 1) third from the end
+                per_head = xp.sum(xp.reshape(g, (int(g.shape[0]), -1)), axis=1)
+                target = tuple(self.params[name].shape)
+                out[name] = xp.reshape(xp.sum(per_head) if (not target or target[0] == 1) else per_head, target)
+        return out
+
 
 
 class _HardGaussianPrior:
@@ -284,12 +365,14 @@ register(Mechanism(
             "sigmas": "σ (..., H, L): Gaussian width per query", "windows": "D (..., H, L): window, σ = ρ·D",
             "sigma_per_window": "ρ, default 0.5 (the paper's σ = D/2)", "mask": "as full", "causal": "as full"},
     cases=_prior_cases, returns_lse=True, example=_prior_example,
+    vjp=_kernels.engine_vjp(gaussian_prior_attention),
 ))
 register(Mechanism(
     key="gaussian_transformer", function=gaussian_transformer_attention, family="G. prior",
     paper="Guo, Zhang & Liu 2019, Gaussian Transformer, AAAI, §3.2",
     params={"w": "number or per-head weights", "b": "number or per-head offsets", "mask": "as full", "causal": "as full"},
     cases=_transformer_cases, returns_lse=True, example=_transformer_example,
+    vjp=_kernels.engine_vjp(gaussian_transformer_attention),
 ))
 register(Mechanism(
     key="hard_gaussian", function=hard_gaussian_attention, family="G. prior",

@@ -76,6 +76,44 @@ def task_prior_attention(q: Any, k: Any, v: Any, /, *, blocks: Any, gamma: Any =
     return _kernels.softmax_attention(p, scale=_kernels.resolve_scale(scale, p.dim), mask=masks, bias=prior,
                                       tile_active=tile_active, implementation=implementation, return_lse=return_lse)
 
+def _reduce_to(xp: Any, g: Any, shape: tuple[int, ...]) -> Any:
+    """``g`` summed over the axes an array of ``shape`` was broadcast along, reshaped to ``shape``."""
+    lead = g.ndim - len(shape)
+    full = (1,) * lead + tuple(shape)
+    axes = tuple(i for i, (a, b) in enumerate(zip(g.shape, full)) if b == 1 and a != 1)
+    return xp.reshape(xp.sum(g, axis=axes, keepdims=True) if axes else g, tuple(shape))
+
+
+def _vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, **params: Any) -> dict:
+    """VJP of :func:`task_prior_attention` through the engine's backward.
+
+    The prior M enters the engine as an array bias, so ``dM`` is the score cotangent summed over
+    the axes M broadcasts along. Back through the direct sum, only the diagonal blocks carry
+    gradient: ``d(A_n γ + β) = dM`` on block n; then ``dA = Σ dM_blocks·γ``, ``dγ = Σ dM_blocks·A``,
+    ``dβ = Σ dM_blocks`` (each summed over its broadcast axes).
+    """
+    _, calls = _kernels.run_recorded(task_prior_attention, inputs, params, return_lse=d_lse is not None)
+    (call,) = calls
+    p = call.p
+    xp, dtype = p.xp, p.q.dtype
+    g = call.backward(d_out, d_lse)
+    blocks = xp.astype(inputs["blocks"], dtype)
+    gamma = inputs.get("gamma")
+    gamma = None if gamma is None else xp.astype(gamma, dtype)
+    n, bl, bs = (int(x) for x in blocks.shape[-3:])
+    d_prior = g.bias[0]  # (..., L, S), the prior's shape
+    split = xp.reshape(d_prior, (*d_prior.shape[:-2], n, bl, n, bs))
+    eye = xp.reshape(xp.eye(n, dtype=xp.bool, device=p.device), (n, 1, n, 1))
+    d_mod = xp.sum(xp.where(eye, split, 0.0), axis=-2)  # (..., n, b_L, b_S): the diagonal blocks
+    grads = {"q": g.dq, "k": g.dk, "v": g.dv,
+             "blocks": _reduce_to(xp, d_mod if gamma is None else d_mod * gamma, tuple(blocks.shape))}
+    if gamma is not None:
+        grads["gamma"] = _reduce_to(xp, d_mod * blocks, tuple(inputs["gamma"].shape))
+    if inputs.get("beta") is not None:
+        grads["beta"] = _reduce_to(xp, d_mod, tuple(inputs["beta"].shape))
+    return grads
+
+
 
 def _cases(size: str, seed: int) -> list[Case]:
     d = dims(size)
@@ -110,4 +148,5 @@ register(Mechanism(
     cases=_cases,
     returns_lse=True,
     example=_example,
+    vjp=_vjp,
 ))
