@@ -173,10 +173,11 @@ def kernelized_vjp(p: _kernels.Prepared, fq: Any, fk: Any, normalise_vjp: Normal
         ds = xp.sum(fq_rows[..., :, :, None] * d_num[..., :, None, :], axis=-4, keepdims=True)
         return ds, xp.sum(fq_rows * d_den, axis=-3, keepdims=True)
 
-    if offset is None:  # every query reads the final state
-        state = xp.matrix_transpose(fk) @ v
-        norm = xp.sum(fk, axis=-2)[..., None, :]
-        d_fq, d_num, d_den = read(fq, state[..., None, :, :], norm, d_o)
+    if offset is None:  # every query reads the final state: plain matrix products
+        state = xp.matrix_transpose(fk) @ v  # (..., G, 1, F, E)
+        norm = xp.sum(fk, axis=-2)[..., :, None]  # (..., G, 1, F, 1)
+        d_num, d_den = normalise_vjp(fq @ state, fq @ norm, d_o)
+        d_fq = d_num @ xp.matrix_transpose(state) + d_den * xp.matrix_transpose(norm)
         big = xp.sum(xp.matrix_transpose(fq) @ d_num, axis=-3, keepdims=True)  # (..., G, 1, F, E)
         small = xp.sum(xp.matrix_transpose(fq) @ d_den, axis=-3, keepdims=True)  # (..., G, 1, F, 1)
         d_fk = v @ xp.matrix_transpose(big) + xp.matrix_transpose(small)

@@ -2,7 +2,8 @@
 
 Each (mechanism, L) runs in a fresh subprocess so that its peak memory (the rise of the process's
 maximum resident set over the inputs already allocated) is its own. Times are the best of
-``--repeats`` calls (after one warm-up call at L ≤ 16384). Full attention is quadratic: above
+``--repeats`` calls (after one warm-up call at L ≤ 16384). ``--backward`` times forward + VJP
+(:func:`reflex.vjp` with a random ``d_out``) instead of the forward alone. Full attention is quadratic: above
 ``--full-max`` it is not run but extrapolated as ``t(L) = t(L₀)·(L/L₀)²`` from the largest measured
 L₀, and the row says so.
 """
@@ -26,10 +27,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--full-max", type=int, default=16384,
                         help="largest L at which full attention is run; above it, extrapolated (default 16384)")
     parser.add_argument("--causal", action="store_true", help="causal linear and performer (prefix sums), causal full")
+    parser.add_argument("--backward", action="store_true", help="time forward + backward (reflex.vjp) per call")
 
 
 def measure(mechanism: str, length: int, heads: int, dim: int, features: int, landmarks: int, repeats: int,
-            causal: bool) -> dict:
+            causal: bool, backward: bool = False) -> dict:
     """Runs inside the subprocess: time and peak-RSS rise of one mechanism at one length."""
 
     import reflex
@@ -42,6 +44,17 @@ def measure(mechanism: str, length: int, heads: int, dim: int, features: int, la
         "nystrom": lambda: reflex.nystrom_attention(q, k, v, num_landmarks=landmarks),
         "full-tiled": lambda: reflex.full_attention(q, k, v, causal=causal, implementation="tiled"),
     }
+    if backward:
+        d_out = random.normal((1, heads, length, dim), seed=(0, 3))
+        inputs = {"q": q, "k": k, "v": v}
+        options = {
+            "linear": ("linear", {"causal": causal}),
+            "performer": ("performer", {"num_features": features, "seed": 1, "causal": causal}),
+            "nystrom": ("nystrom", {"num_landmarks": landmarks}),
+            "full-tiled": ("full", {"causal": causal, "implementation": "tiled"}),
+        }
+        forward, (key, params) = calls[mechanism], options[mechanism]
+        calls[mechanism] = lambda: (forward(), reflex.vjp(key, inputs, d_out, **params))
     return timed_rss(calls[mechanism], repeats=repeats, warmup=1 if length <= 16384 else 0)
 
 
@@ -58,7 +71,7 @@ def run(args) -> int:
             if mechanism != "full-tiled" and length not in lengths:
                 continue
             r = in_subprocess("linear", f"{mechanism} L={length}", mechanism, length, args.heads, args.dim,
-                              args.features, args.landmarks, args.repeats, args.causal)
+                              args.features, args.landmarks, args.repeats, args.causal, args.backward)
             if r is not None:
                 results[mechanism, length] = r
             print(f"  measured {mechanism} L={length}: {r['seconds']:.3f} s" if r else "", file=sys.stderr)
@@ -81,7 +94,8 @@ def run(args) -> int:
                 continue
             speedup = f"{full_seconds / r['seconds']:.1f}x" if full_seconds else "n/a"
             rows.append([length, mechanism, f"{r['seconds']:.3f}", speedup, f"{r['peak_bytes'] / 2**20:.0f}", "measured"])
-    print(f"linear-time mechanisms, NumPy float64, B=1, H={args.heads}, D=E={args.dim}, causal={args.causal}; "
+    print(f"linear-time mechanisms{' forward + backward' if args.backward else ''}, NumPy float64, B=1, "
+          f"H={args.heads}, D=E={args.dim}, causal={args.causal}; "
           f"performer m={args.features} (positive features), nystrom m={args.landmarks} (iterative pinv); "
           f"'full / this' = full-tiled time over this mechanism's time")
     print(table(rows, ["L=S", "mechanism", "seconds", "full / this", "peak MiB", "how"]))
