@@ -419,6 +419,9 @@ def _check_gradients(mechanism: registry.Mechanism, name: str, names: list[str],
                          f"({', '.join(arrays)})")
     d_out, d_lse = _host(d_out), None if d_lse is None else _host(d_lse)
     oracle = vjp(mechanism.key, arrays, d_out, d_lse=d_lse, **params)
+    not_floating = [n for n in grads if n not in oracle]
+    if not_floating:
+        raise ValueError(f"grads names {', '.join(map(repr, not_floating))}, which have no gradient (not floating)")
     convert = _torch_converter() if name == "bfloat16" else (lambda a: a)
     try:
         naive = vjp(mechanism.key, {n: convert(a) for n, a in arrays.items()}, convert(d_out),

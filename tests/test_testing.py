@@ -348,3 +348,25 @@ def test_gradient_rule_rejects_bad_arguments(monkeypatch):
     if reflex.get("full").has_vjp:
         with pytest.raises(ValueError, match="'mask', which are not among the inputs"):
             assert_gradients_match_oracle({"mask": q}, "full", inputs, numpy.zeros((2, 4, 4, 3)), dtype="float32")
+        mask = numpy.ones((4, 4), dtype=bool)
+        with pytest.raises(ValueError, match="'mask', which have no gradient"):
+            assert_gradients_match_oracle({"mask": mask}, "full", {**inputs, "mask": mask}, numpy.zeros((2, 4, 4, 3)),
+                                          dtype="float32")
+
+
+def test_gradient_rule_on_keyword_arrays_and_a_joint_lse_cotangent():
+    """alibi's slopes gradient and (out, lse) differentiated jointly (FA4): the float32 baseline itself
+    passes; a 1 % error in d_slopes alone fails and is named."""
+    q, k, v = (a.astype(numpy.float32) for a in qkv_host(7, heads=4, kv_heads=2, length=9, key_length=9))
+    slopes = reflex.random.uniform((4,), seed=(7, 5), low=0.1, high=1.0).astype(numpy.float32)
+    inputs = {"q": q, "k": k, "v": v, "slopes": slopes}
+    d_out = reflex.random.normal((2, 4, 9, 3), seed=(7, 6))
+    d_lse = reflex.random.normal((2, 4, 9), seed=(7, 7))
+    grads = reflex.vjp("alibi", inputs, d_out, d_lse=d_lse, causal=True, compute_dtype="float32")
+    result = assert_gradients_match_oracle(grads, "alibi", inputs, d_out, d_lse=d_lse, params={"causal": True},
+                                           dtype="float32")
+    assert set(result) == {"q", "k", "v", "slopes"} and all(r.ratio == 1.0 for r in result.values())
+    wrong = {**grads, "slopes": grads["slopes"] * 1.01}
+    with pytest.raises(AssertionError, match=r"^alibi\(causal=True\): float32 .* rule for d_slopes"):
+        assert_gradients_match_oracle(wrong, "alibi", inputs, d_out, d_lse=d_lse, params={"causal": True},
+                                      dtype="float32")
