@@ -16,10 +16,11 @@ from reflex.mechanisms._inputs import Prepared
 
 __all__ = ["tiled", "tiled_backward", "BACKWARD_PARTS"]
 
-# The backward's query blocks are cut into at most this many contiguous parts, each with its own
-# dK, dV accumulators (O(S·D) each), summed in part order at the end: parallel on NumPy, and the
-# same bits on any machine (the parts do not depend on the core count).
-BACKWARD_PARTS = 8
+# On NumPy the backward's query blocks are cut into at most this many contiguous parts, run on a
+# thread each, with their own dK, dV accumulators (O(S·D) each) summed in part order at the end: the
+# same bits on any machine (the parts do not depend on the core count). Other libraries run one
+# part (their items run in order anyway), so one accumulator.
+BACKWARD_PARTS = 4
 
 
 def tiled(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, softcap: float | None = None,
@@ -125,7 +126,7 @@ def _tiled_backward(p: Prepared, out: Any, lse: Any, d_out: Any, d_lse: Any, *, 
     d_o_all, delta_all = cotangents(p, out, d_out, d_lse)
     host_masks = is_plain_numpy(p.q)
     starts = list(range(0, p.length, block_q))
-    size = -(-len(starts) // min(BACKWARD_PARTS, len(starts)))
+    size = -(-len(starts) // (min(BACKWARD_PARTS, len(starts)) if host_masks else 1))
     parts = [starts[n:n + size] for n in range(0, len(starts), size)]
     key_starts = list(range(0, p.key_length, block_k))
     # Array biases with a row axis are written in disjoint row slices by the parts: one accumulator.
