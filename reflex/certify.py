@@ -342,7 +342,7 @@ def certify(key: str, inputs: Mapping[str, Any], /, *, method: str = "auto", dps
     honoured = None if longdouble is None else _honoured(float64, longdouble, notes)
     gradients = _gradients(mechanism, host, params, float64[0][1], notes) if mechanism.vjp is not None else ()
     if chosen == "longdouble":
-        bounds = _longdouble_bounds(key, host, params)
+        bounds = _longdouble_bounds(key, host, params) or _pattern_bounds(mechanism, host, positional, params, longdouble, notes)
         outputs = tuple(_compare(name, value, ref, bound=bounds.get(name))
                         for (name, value), (_, ref) in zip(float64, longdouble))
         eps = float(numpy.finfo(numpy.longdouble).eps)
@@ -447,6 +447,53 @@ def _longdouble_bounds(key: str, host: Mapping[str, Any], params: Mapping[str, A
         parts = softmax_formula(Ops(), host["q"], host["k"], host["v"], **options)
     return softmax_bounds(host["q"], host["k"], host["v"], parts, scale=params.get("scale"),
                            softcap=params.get("softcap"), bias=host.get("bias"))
+
+
+# A restricted-softmax mechanism's longdouble output must equal softmax over its pattern to this (relative).
+_PATTERN_AGREEMENT = 1e-17
+
+
+def _pattern_bounds(mechanism: registry.Mechanism, host: Mapping[str, Any], positional: list[str],
+                    params: Mapping[str, Any], longdouble: list[tuple[str, numpy.ndarray]], notes: list[str]) -> dict[str, Any]:
+    """Bounds for a restricted-softmax mechanism through its explicit pattern (``Mechanism.pattern``).
+
+    The registry says such a mechanism's output equals ``full_attention`` under its boolean pattern.
+    When the softmax formula under that pattern (in longdouble, default or given ``scale``) agrees
+    with the mechanism's own longdouble output and lse to ``_PATTERN_AGREEMENT``, the softmax bounds
+    apply; otherwise (multiplicities, projections or terms beyond the pattern) a note says why not.
+    """
+    if mechanism.pattern is None or not all(name in host for name in FORMULA_INPUTS):
+        return {}
+    accepts = inspect.signature(mechanism.pattern).parameters
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in accepts.values())
+    options = {name: value for name, value in params.items() if takes_any or name in accepts}
+    try:
+        pattern = to_numpy(_call(mechanism.pattern, host, positional, options))
+    except Exception as err:  # noqa: BLE001 - no bounds, said in a note
+        notes.append(f"no softmax bounds: the pattern is not computable here ({type(err).__name__}: {err})")
+        return {}
+    counts = None if pattern.dtype == bool else pattern  # multiplicities: a key attended c times
+    q, k, v = (host[name] for name in FORMULA_INPUTS)
+    with numpy.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        try:
+            parts = softmax_formula(Ops(), q, k, v, mask=pattern if counts is None else None, counts=counts,
+                                    scale=params.get("scale"))
+        except ValueError as err:  # shapes beyond (..., H, L, D) / (..., G, S, D)
+            notes.append(f"no softmax bounds: q, k, v are not attention inputs of the pattern ({err})")
+            return {}
+    for name, value in longdouble:
+        if name in ("out", "lse") and value.shape == parts[name].shape:
+            scale = _scale(value)
+            gap = float(numpy.max(_error_longdouble(value, parts[name]), initial=0.0))
+            if gap > _PATTERN_AGREEMENT * max(scale, 1.0):
+                notes.append(f"no softmax bounds: softmax over the pattern differs from the mechanism by {gap:.1e} "
+                             f"({name}; the mechanism does more than attend its pattern)")
+                return {}
+        elif name in ("out", "lse"):
+            notes.append(f"no softmax bounds: the pattern's {name} shape differs from the mechanism's")
+            return {}
+    notes.append("bounds through the mechanism's pattern (softmax over the keys it attends)")
+    return softmax_bounds(q, k, v, parts, scale=params.get("scale"), softcap=None, bias=None, counts=counts)
 
 
 def certify_case(mechanism: registry.Mechanism | str, case: registry.Case, *, method: str = "auto", dps: int = 40) -> Certificate:

@@ -65,12 +65,15 @@ def allowed(shape: tuple[int, ...], causal: Any, mask: Any) -> numpy.ndarray:
 
 
 def softmax_formula(ops: Ops, q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, *, mask: Any = None, bias: Any = None,
-                     causal: Any = False, scale: float | None = None, softcap: float | None = None) -> dict[str, numpy.ndarray]:
+                     causal: Any = False, scale: float | None = None, softcap: float | None = None,
+                     counts: Any = None) -> dict[str, numpy.ndarray]:
     """Dense softmax attention, term by term as ``full_attention``'s docstring defines it.
 
     ``Z = cap(scale·Q Kᵀ) + bias``, −∞ where masked or causally excluded; ``m`` the row max (0 for
-    an empty row), ``P = e^{Z − m} / Σ e^{Z − m}``, ``O = P V``, ``lse = m + log Σ e^{Z − m}``; an
-    empty row gives ``O = 0``, ``lse = −∞``. Returns ``out, lse, scores, probs`` in the ops' type.
+    an empty row), ``P = c·e^{Z − m} / Σ c·e^{Z − m}``, ``O = P V``, ``lse = m + log Σ c·e^{Z − m}``;
+    an empty row gives ``O = 0``, ``lse = −∞``. ``counts`` c (integers broadcastable to
+    ``(..., H, L, S)``, default 1) count a key attended more than once (a multiplicity pattern; 0 =
+    not attended). Returns ``out, lse, scores, probs`` in the ops' type.
     """
     heads, length, dim = q.shape[-3:]
     key_length = k.shape[-2]
@@ -83,13 +86,19 @@ def softmax_formula(ops: Ops, q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarr
     if bias is not None:
         z = z + ops.array(numpy.broadcast_to(numpy.asarray(bias, dtype=numpy.float64), z.shape))
     ninf, zero, one = ops.number(-math.inf), ops.number(0.0), ops.number(1.0)
-    z = numpy.where(allowed(z.shape, causal, mask), z, ninf)
+    attended = allowed(z.shape, causal, mask)
+    if counts is not None:
+        counts = numpy.broadcast_to(numpy.asarray(counts), z.shape)
+        attended &= counts > 0
+    z = numpy.where(attended, z, ninf)
     if length == 0 or key_length == 0:
         out = numpy.full((*z.shape[:-1], v.shape[-1]), zero, dtype=z.dtype)
         return {"out": out, "lse": numpy.full(z.shape[:-1], ninf, dtype=z.dtype), "scores": z, "probs": z}
     row_max = numpy.max(z, axis=-1, keepdims=True)
     shift = numpy.where(row_max == ninf, zero, row_max)
     weights = ops.exp(z - shift)
+    if counts is not None:
+        weights = weights * ops.array(counts.astype(numpy.float64))
     row_sum = numpy.sum(weights, axis=-1, keepdims=True)
     empty = row_sum == 0
     denominator = numpy.where(empty, one, row_sum)
@@ -210,8 +219,11 @@ def gamma(n: Any) -> Any:
 
 
 def softmax_bounds(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, parts: Mapping[str, numpy.ndarray], *,
-                    scale: float | None, softcap: float | None, bias: Any) -> dict[str, Any]:
-    """Per-element first-order bounds on out and lse, and the case's condition (see the module docstring)."""
+                   scale: float | None, softcap: float | None, bias: Any, counts: Any = None) -> dict[str, Any]:
+    """Per-element first-order bounds on out and lse, and the case's condition (see :mod:`reflex.certify`).
+
+    ``counts``: a multiplicity pattern (a key counted c times is c terms of the sum).
+    """
     u = UNIT_ROUNDOFF
     heads, _, dim = q.shape[-3:]
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
@@ -222,7 +234,10 @@ def softmax_bounds(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, parts: 
     lse = numpy.asarray(parts["lse"].astype(numpy.float64) if parts["lse"].dtype == object
                         else parts["lse"], dtype=numpy.float64)
     attended = numpy.isfinite(z)
-    n = attended.sum(axis=-1)
+    terms = attended.astype(numpy.float64)
+    if counts is not None:
+        terms = terms * numpy.broadcast_to(numpy.asarray(counts, dtype=numpy.float64), z.shape)
+    n = terms.sum(axis=-1)
     z_max = numpy.where(attended, z, -numpy.inf).max(axis=-1, initial=-numpy.inf)
     z_min = numpy.where(attended, z, numpy.inf).min(axis=-1, initial=numpy.inf)
     some = n > 0
@@ -235,7 +250,7 @@ def softmax_bounds(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, parts: 
     logit = gamma(dim + 1) * qk + term_roundings * u * numpy.where(attended, numpy.abs(z), 0.0)
     logit_row = numpy.where(attended, logit, 0.0).max(axis=-1, initial=0.0)
     abs_v = numpy.abs(repeat_heads(v, heads))
-    out_bound = (softmax_rel[..., None] * probs.max(axis=-1, initial=0.0)[..., None] * (attended.astype(numpy.float64) @ abs_v)
+    out_bound = (softmax_rel[..., None] * probs.max(axis=-1, initial=0.0)[..., None] * (terms @ abs_v)
                  + (2 * logit_row + gamma(n + 1))[..., None] * (probs @ abs_v))
     return {
         "out": out_bound, "lse": numpy.where(some, lse_part + logit_row, 0.0),

@@ -347,3 +347,31 @@ def test_fixtures_generate_certify(tmp_path):
                  "--certify", "--quiet"]) == 0
     again = json.loads((tmp_path / "cli" / "manifest.json").read_text())
     assert {case["certificate"]["method"] for case in again["cases"]} == {"mpmath"}
+
+
+@needs_longdouble
+def test_restricted_softmax_bounds_through_the_pattern(monkeypatch):
+    mechanism = registry.get("sliding_window")
+    case = mechanism.cases("tiny", 0)[0]
+    cert = certify_case(mechanism, case, method="longdouble")
+    assert cert.within_bound is True and cert.condition > 0 and cert.softmax_bound > 0
+    assert any("through the mechanism's pattern" in note for note in cert.notes)
+
+    def window(q, k, v, /, *, compute_dtype=None):  # a fast path that loses precision in float64 only
+        out = reflex.full_attention(q, k, v, mask=_band(q, k), compute_dtype=compute_dtype)
+        return out.astype(numpy.float32).astype(numpy.float64) if compute_dtype is None else out
+
+    def _band(q, k):
+        return numpy.abs(numpy.arange(q.shape[-2])[:, None] - numpy.arange(k.shape[-2])[None, :]) <= 1
+
+    _register(monkeypatch, "test_window", window, pattern=lambda q, k, v, /: _band(q, k))
+    flagged = certify("test_window", _case(), method="longdouble")
+    assert flagged.honoured is True and flagged.within_bound is False and flagged.flagged
+    assert flagged.outputs[0].max_abs > 1e3 * flagged.outputs[0].bound
+
+    def unrelated(q, k, v, /, *, compute_dtype=None):  # attends more than its declared pattern says
+        return reflex.full_attention(q, k, v, compute_dtype=compute_dtype)
+
+    _register(monkeypatch, "test_unrelated", unrelated, pattern=lambda q, k, v, /: _band(q, k))
+    loose = certify("test_unrelated", _case(), method="longdouble")
+    assert loose.within_bound is None and any("does more than attend its pattern" in note for note in loose.notes)
