@@ -21,9 +21,10 @@ references), in higher precision:
 Per output (``out``, ``lse`` where the mechanism returns one) and, when the mechanism has a VJP,
 per gradient (``d_q``, ``d_k``, ...; always through longdouble ``compute_dtype``, with a fixed
 cotangent), the certificate gives the max absolute error of float64 against the reference and that
-error relative to the output scale ``max |reference|``. For the softmax formula it adds the
-first-order error bounds of Blanchard, Higham & Higham (2021) and the logit term, and the case's
-condition:
+error relative to the output scale ``max |reference|``. For the softmax formula (``full``, and a
+restricted-softmax mechanism whose longdouble output equals softmax over its explicit
+``Mechanism.pattern`` to 1e-17) it adds the first-order error bounds of Blanchard, Higham & Higham
+(2021) and the logit term, and the case's condition:
 
 - softmax (Thm 4.3, max-shifted): ``max|ĝ − g| / max|g| ≲ (n + 2 + 2·(max x − min x))·u``, n the
   attended keys of the row, ``u = 2⁻⁵³``; lse (Thm 4.2): ``|ŷ − y| ≲ |y + n − min x|·u``.
