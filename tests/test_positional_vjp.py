@@ -316,3 +316,32 @@ def test_relative_shaw_value_term_gradients_at_huge_scores():
         assert numpy.all(numpy.isfinite(numpy.asarray(g))), name
     # rel_v's gradient is Σ_i w_ir dO_i with w the (now one-hot) shares: each row puts dO_i on one bin
     assert numpy.allclose(numpy.sum(grads["rel_v"], axis=0), numpy.sum(d_out, axis=(0, 1, 2)), rtol=0, atol=1e-12)
+
+
+def test_alibi_matches_flex_attention_score_mod():
+    """FlexAttention eager with the ALiBi score_mod ``score + m_h·(kv_idx − q_idx)`` (symmetric=False,
+    top_left), float64: the output everywhere; q, k, v and the captured slopes' gradients where
+    FlexAttention has a backward (CUDA; its CPU path raises for backward)."""
+    torch = _torch()
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    q, k, v = qkv_host(21, heads=4, kv_heads=2, length=6, key_length=9, dim=5, value_dim=3)
+    slopes = random.uniform((4,), seed=(21, 5), low=0.1, high=1.0)
+    params = {"alignment": "top_left", "symmetric": False}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t = {n: torch.from_numpy(a).to(device).requires_grad_(device == "cuda")
+         for n, a in {"q": q, "k": k, "v": v, "slopes": slopes}.items()}
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + t["slopes"][h] * (kv_idx - q_idx)
+
+    out = flex.flex_attention(t["q"], t["k"], t["v"], score_mod=score_mod, enable_gqa=True)
+    expected = reflex.alibi_attention(q, k, v, slopes=slopes, **params)
+    assert max_abs(out.detach().cpu().numpy(), expected) <= 1e-13
+    if device == "cpu":
+        pytest.skip("FlexAttention has no CPU backward: gradients checked on CUDA only")
+    d_out = random.normal(tuple(out.shape), seed=(21, 9))
+    out.backward(torch.from_numpy(d_out).to(device))
+    grads = reflex.vjp("alibi", {"q": q, "k": k, "v": v, "slopes": slopes}, d_out, **params)
+    for name, leaf in t.items():
+        want = leaf.grad.cpu().numpy()
+        assert max_abs(grads[name], want) <= 1e-12 * max(1.0, float(numpy.max(numpy.abs(want)))), name
