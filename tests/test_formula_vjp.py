@@ -411,3 +411,33 @@ def test_capsule_routing_em_unrolled_without_activations(iterations):
     assert_vjp_matches_finite_differences("capsule_routing", {"heads_out": heads_out, "transforms": transforms}, d_out,
                                           params={"variant": "em", "iterations": iterations, "beta_a": 0.3,
                                                   "beta_v": -0.2, "inverse_temperature": 2.0})
+
+
+def _vjp_peak(key, length, **params):
+    import tracemalloc
+
+    q, k, v = qkv_host(22, batch=(1,), heads=1, kv_heads=1, length=length, key_length=length, dim=4, value_dim=4)
+    inputs = {"q": q, "k": k, "v": v}
+    if key == "rfa":
+        inputs["gate"] = random.uniform((1, 1, length), seed=(22, 3), low=0.5, high=1.0)
+        inputs["projection"] = random.normal((8, 4), seed=(22, 4))
+    if key == "nystrom":
+        params["num_landmarks"] = 8
+    d_out = random.normal((1, 1, length, 4), seed=(22, 5))
+    tracemalloc.start()
+    try:
+        reflex.vjp(key, inputs, d_out, **params)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("key,params", [("linear", {"causal": True}), ("rfa", {"causal": True}), ("nystrom", {})])
+def test_backward_memory_is_linear_in_length(key, params):
+    """The causal kernelised backward (reversed prefix sums / the gated reversed scan) and Nyström's never
+    hold an (L, S) array: doubling L at most ~doubles the peak (after a warm-up call: first-call
+    allocations are not the backward's)."""
+    _vjp_peak(key, 64, **params)
+    small, large = _vjp_peak(key, 1024, **params), _vjp_peak(key, 2048, **params)
+    assert large < 2.6 * small
+    assert large < 0.1 * 2048 * 2048 * 8
