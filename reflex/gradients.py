@@ -61,6 +61,12 @@ def vjp(key: str, inputs: Mapping[str, Any], d_out: Any, *, d_lse: Any = None, d
         raise ValueError(f"d_state was given, but {key!r} returns no state")
     xp = namespace(*inputs.values(), *(t for t in (d_out, d_lse, d_state) if t is not None))
     extra = {} if d_state is None else {"d_state": d_state}
+    function = mechanism.function
+    if getattr(function, "generic_layout", False) and params.get("layout", "bhld") != "bhld":
+        return _vjp_in_flash_layout(key, dict(inputs), d_out, d_lse, extra, params)
+    if getattr(function, "generic_sinks", False) and inputs.get("sinks") is not None:
+        return _vjp_with_sinks(mechanism, dict(inputs), d_out, d_lse, extra, params)
+    params.pop("layout", None)
     grads = mechanism.vjp(dict(inputs), d_out, d_lse=d_lse, **extra, **params)
     floating = [name for name, x in inputs.items() if xp.isdtype(x.dtype, "real floating")]
     missing = [name for name in floating if name not in grads]
@@ -71,3 +77,35 @@ def vjp(key: str, inputs: Mapping[str, Any], d_out: Any, *, d_lse: Any = None, d
             raise AssertionError(f"{key!r}'s VJP returned d_{name} of shape {tuple(grads[name].shape)}; "
                                  f"{name} has {tuple(inputs[name].shape)} (a bug in reflex)")
     return {name: grads[name] for name in floating}
+
+
+def _vjp_in_flash_layout(key: str, inputs: dict, d_out: Any, d_lse: Any, extra: dict, params: dict) -> dict:
+    """``layout="blhd"``: the VJP in reflex's layout, with q, k, v, d_out and their gradients transposed."""
+    from reflex.mechanisms._options import LAYOUTS, _swap_heads_and_length
+
+    layout = params.pop("layout")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
+    swapped = {name: _swap_heads_and_length(x) if name in ("q", "k", "v") else x for name, x in inputs.items()}
+    grads = vjp(key, swapped, _swap_heads_and_length(d_out), d_lse=d_lse, **extra, **params)
+    return {name: _swap_heads_and_length(g) if name in ("q", "k", "v") else g for name, g in grads.items()}
+
+
+def _vjp_with_sinks(mechanism: registry.Mechanism, inputs: dict, d_out: Any, d_lse: Any, extra: dict,
+                    params: dict) -> dict:
+    """``sinks=``: the chain rule through the sink merge (:func:`reflex.mechanisms._merge.sinks_vjp`)."""
+    import inspect
+
+    from reflex.mechanisms._merge import sinks_vjp
+
+    sinks = inputs.pop("sinks")
+    xp = namespace(sinks, d_out)
+    signature = inspect.signature(mechanism.function)
+    positional = [n for n, p in signature.parameters.items() if p.kind is inspect.Parameter.POSITIONAL_ONLY]
+    args = [inputs[n] for n in positional if n in inputs]
+    keywords = {n: x for n, x in inputs.items() if n not in positional}
+    out, lse = mechanism.function(*args, **keywords, **{**params, "return_lse": True})
+    d_out_inner, d_lse_inner, d_sinks = sinks_vjp(xp, out, lse, xp.astype(sinks, out.dtype), xp.astype(d_out, out.dtype),
+                                                  None if d_lse is None else xp.astype(d_lse, out.dtype))
+    grads = vjp(mechanism.key, inputs, d_out_inner, d_lse=d_lse_inner, **extra, **params)
+    return {**grads, "sinks": d_sinks}

@@ -327,10 +327,63 @@ def _check_output_dtype(function_name: str, compute_dtype: Any, result: Any) -> 
                         f"computation; reflex never labels a lower-precision answer float64.{hint}")
 
 
-def typed_options(**specs: Spec) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+LAYOUTS = ("bhld", "blhd")
+
+
+def _swap_heads_and_length(x: Any) -> Any:
+    """``(..., A, B, D)`` → ``(..., B, A, D)``: between reflex's (…, H, L, D) and flash-attn's (…, L, H, D)."""
+    xp = namespace(x)
+    axes = list(range(x.ndim))
+    axes[-3], axes[-2] = axes[-2], axes[-3]
+    return xp.permute_dims(x, tuple(axes))
+
+
+def _with_layout_and_sinks(function_name: str, call: Callable[..., Any], args: tuple, kwargs: dict, layout: Any,
+                           sinks: Any) -> Any:
+    """Run ``call`` with q, k, v (the first three positional arrays) in reflex's layout and sinks merged."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be 'bhld' ((..., H, L, D), reflex's) or 'blhd' ((..., L, H, D), flash-attn's "
+                         f"and JAX's); got {layout!r}")
+    if layout == "blhd":
+        for name, x in zip(("q", "k", "v"), args[:3]):
+            _check_positional(name, x)
+            if x.ndim < 3:
+                raise ValueError(f"{name} must have shape (..., L, H, D) with layout='blhd'; got {tuple(x.shape)}")
+        args = tuple(_swap_heads_and_length(x) for x in args[:3]) + tuple(args[3:])
+    want_lse = bool(kwargs.get("return_lse", False))
+    if sinks is not None:
+        q = args[0]
+        _check_positional("q", q)
+        _check_option_array("sinks", sinks, "q", q)
+        heads = int(q.shape[-3])
+        if tuple(sinks.shape) != (heads,):
+            raise ValueError(f"sinks must have shape (H,) = ({heads},); got {tuple(sinks.shape)}")
+        kwargs = {**kwargs, "return_lse": True}
+    result = call(*args, **kwargs)
+    if sinks is not None:
+        from reflex.mechanisms._merge import add_sinks
+
+        out, lse = result[0], result[1]
+        xp = namespace(out)
+        out, lse = add_sinks(xp, out, lse, xp.astype(sinks, out.dtype))
+        result = (out, lse) if want_lse else out
+    if layout == "blhd":
+        result = (_swap_heads_and_length(result[0]), *result[1:]) if isinstance(result, tuple) else (
+            _swap_heads_and_length(result))
+    return result
+
+
+def typed_options(*, engine_options: bool | str | None = None, **specs: Spec) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate a public mechanism function: check its arrays and options (see the module docstring).
 
     ``specs`` add or override :data:`BY_NAME` entries for this function's keyword options.
+
+    Functions whose first positional arrays are ``q, k, v`` also get ``layout="bhld" | "blhd"`` (q, k, v
+    and the output in ``(..., H, L, D)`` or flash-attn's ``(..., L, H, D)``; masks, biases and lse keep
+    reflex's order) and, when they can return an lse, ``sinks (H,)``: per-head logits merged into each
+    row's softmax denominator as a partial with lse ``s_h`` and output 0 (the returned lse includes
+    them). ``engine_options=False`` leaves both out (functions with their own layout); ``"layout"`` leaves
+    out the sinks (a function whose lse is not its output rows' softmax normaliser, or is not second).
     """
 
     def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -341,9 +394,11 @@ def typed_options(**specs: Spec) -> Callable[[Callable[..., Any]], Callable[...,
         table = {name: spec for name, spec in {**BY_NAME, **specs}.items() if name in parameters}
         table.update({n: Int(minimum=0) for n, p in parameters.items() if p.annotation in ("int", int) and n not in table})
         has_alignment = "alignment" in parameters
+        qkv = positional[:3] == ["q", "k", "v"] and engine_options is not False
+        adds_layout = qkv and "layout" not in parameters
+        adds_sinks = qkv and engine_options != "layout" and "return_lse" in parameters and "sinks" not in parameters
 
-        @functools.wraps(function)
-        def checked(*args: Any, **kwargs: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
             try:
                 bound = signature.bind(*args, **kwargs)
             except TypeError as err:
@@ -385,7 +440,22 @@ def typed_options(**specs: Spec) -> Callable[[Callable[..., Any]], Callable[...,
                     _check_output_dtype(function.__name__, values.get("compute_dtype"), result)
             return result
 
-        checked.__signature__ = signature  # type: ignore[attr-defined]
+        @functools.wraps(function)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            layout = kwargs.pop("layout", "bhld") if adds_layout else "bhld"
+            sinks = kwargs.pop("sinks", None) if adds_sinks else None
+            if layout == "bhld" and sinks is None:
+                return run(*args, **kwargs)
+            return _with_layout_and_sinks(function.__name__, run, args, kwargs, layout, sinks)
+
+        extra = []
+        if adds_layout:
+            extra.append(inspect.Parameter("layout", inspect.Parameter.KEYWORD_ONLY, default="bhld", annotation="str"))
+        if adds_sinks:
+            extra.append(inspect.Parameter("sinks", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Any"))
+        checked.__signature__ = signature.replace(parameters=[*parameters.values(), *extra])  # type: ignore[attr-defined]
+        checked.generic_sinks = adds_sinks  # type: ignore[attr-defined]  (reflex.vjp differentiates them)
+        checked.generic_layout = adds_layout  # type: ignore[attr-defined]
         return checked
 
     return decorate

@@ -16,7 +16,7 @@ from reflex.mechanisms._options import typed_options
 __all__ = ["collaborative_attention"]
 
 
-@typed_options()
+@typed_options(engine_options="layout")  # no generic sinks: its output heads are mixtures, not q's heads
 def collaborative_attention(q: Any, k: Any, v: Any, /, *, mixing: Any, mask: Any = None, causal: bool | str = False,
                             scale: float | None = None, return_lse: bool = False, compute_dtype: Any = None,
                             implementation: str = "auto") -> Any:

@@ -59,7 +59,7 @@ def gather_pages(cache: Any, block_table: Any, cache_seqlens: Any, /) -> Any:
     return xp.reshape(xp.take(flat, xp.reshape(rows, (-1,)), axis=0), (batch, max_blocks * block_size, *cache.shape[2:]))
 
 
-@typed_options()
+@typed_options(engine_options=False)  # flash-attn's own packed/paged layout
 def paged_attention(q: Any, k_cache: Any, v_cache: Any, block_table: Any, cache_seqlens: Any, /, *,
                     causal: bool = False, window: Any = (-1, -1), softcap: float | None = None, sinks: Any = None,
                     alibi_slopes: Any = None, scale: float | None = None, return_lse: bool = False,

@@ -14,7 +14,7 @@ from reflex.mechanisms._options import typed_options
 __all__ = ["residual_attention"]
 
 
-@typed_options()
+@typed_options(engine_options="layout")  # no generic sinks: its lse comes third, after the scores
 def residual_attention(q: Any, k: Any, v: Any, /, *, prev_scores: Any = None, mask: Any = None,
                        causal: bool | str = False, scale: float | None = None, return_lse: bool = False,
                        compute_dtype: Any = None, implementation: str = "auto") -> Any:

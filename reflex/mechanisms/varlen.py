@@ -44,7 +44,7 @@ def _segments(values: list[int], xp: Any, device: Any) -> tuple[Any, Any]:
             xp.asarray(starts, dtype=xp.int64, device=device) if total else xp.zeros((0,), dtype=xp.int64, device=device))
 
 
-@typed_options()
+@typed_options(engine_options=False)  # flash-attn's own packed/paged layout
 def varlen_attention(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, /, *, causal: bool = False,
                      alignment: str = "bottom_right", window: Any = (-1, -1), softcap: float | None = None,
                      sinks: Any = None, alibi_slopes: Any = None, scale: float | None = None,
