@@ -25,6 +25,20 @@ import numpy
 __all__ = ["recurrent_scan"]
 
 
+@numba.njit(cache=True)
+def _read(q, s, scale, out):  # pragma: no cover - compiled
+    """out[e] = scale · Σ_d q[d] s[d, e], accumulated row by row of S (contiguous, vectorisable over e)."""
+    value_dim = out.shape[0]
+    for e in range(value_dim):
+        out[e] = 0.0
+    for d in range(q.shape[0]):
+        qd = q[d]
+        for e in range(value_dim):
+            out[e] += qd * s[d, e]
+    for e in range(value_dim):
+        out[e] = scale * out[e]
+
+
 @numba.njit(parallel=True, cache=True)
 def _scan_kernel(q, k, v, decay, beta, a, b, bonus, state, scale, flags, out):  # pragma: no cover - compiled
     n_batch, kv_heads, group, length, dim = q.shape
@@ -37,55 +51,42 @@ def _scan_kernel(q, k, v, decay, beta, a, b, bonus, state, scale, flags, out):  
         s = state[n, g]
         x = numpy.zeros(value_dim)
         u = numpy.zeros(value_dim)
-        factor = numpy.ones(dim)
         for t in range(length):
             if read_before:
                 for r in range(group):
-                    bonus_weight = 0.0
+                    _read(q[n, g, r, t], s, scale, out[n, g, r, t])
                     if use_bonus:
+                        bonus_weight = 0.0
                         for d in range(dim):
                             bonus_weight += q[n, g, r, t, d] * (bonus[n, g, d] * k[n, g, t, d])
-                    for e in range(value_dim):
-                        acc = 0.0
-                        for d in range(dim):
-                            acc += q[n, g, r, t, d] * s[d, e]
-                        out[n, g, r, t, e] = scale * acc
-                        if use_bonus:
+                        for e in range(value_dim):
                             out[n, g, r, t, e] += scale * bonus_weight * v[n, g, t, e]
             if use_ab:
-                for e in range(value_dim):
-                    acc = 0.0
-                    for d in range(dim):
-                        acc += a[n, g, t, d] * s[d, e]
-                    x[e] = acc
+                _read(a[n, g, t], s, 1.0, x)  # x = aᵀ S_{t−1}
             if use_decay:
                 for d in range(dim):
-                    factor[d] = math.exp(decay[n, g, t, d if decay_dim > 1 else 0])
-                for d in range(dim):
+                    factor = math.exp(decay[n, g, t, d if decay_dim > 1 else 0])
                     for e in range(value_dim):
-                        s[d, e] = factor[d] * s[d, e]
+                        s[d, e] = factor * s[d, e]
             if use_ab:
                 for d in range(dim):
+                    bd = b[n, g, t, d]
                     for e in range(value_dim):
-                        s[d, e] = s[d, e] + b[n, g, t, d] * x[e]
-            for e in range(value_dim):
-                u[e] = v[n, g, t, e]
+                        s[d, e] = s[d, e] + bd * x[e]
             if use_beta:
+                _read(k[n, g, t], s, 1.0, u)  # Sᵀ k_t with the decayed S
                 for e in range(value_dim):
-                    acc = 0.0
-                    for d in range(dim):
-                        acc += k[n, g, t, d] * s[d, e]
-                    u[e] = beta[n, g, t] * (u[e] - acc)
+                    u[e] = beta[n, g, t] * (v[n, g, t, e] - u[e])
+            else:
+                for e in range(value_dim):
+                    u[e] = v[n, g, t, e]
             for d in range(dim):
+                kd = k[n, g, t, d]
                 for e in range(value_dim):
-                    s[d, e] = s[d, e] + k[n, g, t, d] * u[e]
+                    s[d, e] = s[d, e] + kd * u[e]
             if not read_before:
                 for r in range(group):
-                    for e in range(value_dim):
-                        acc = 0.0
-                        for d in range(dim):
-                            acc += q[n, g, r, t, d] * s[d, e]
-                        out[n, g, r, t, e] = scale * acc
+                    _read(q[n, g, r, t], s, scale, out[n, g, r, t])
 
 
 def recurrent_scan(q, k, v, *, decay=None, beta=None, a=None, b=None, bonus=None, read_before=False, state,
