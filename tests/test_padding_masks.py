@@ -112,3 +112,25 @@ def test_bad_masks():
     with pytest.raises(ValueError, match="array-API path"):
         reflex.lsh_attention(random.normal((2, 2, 8, 4), seed=1), random.normal((2, 2, 8, 4), seed=2), n_buckets=2,
                              chunk_length=4, seed=0, attention_mask=numpy.ones((2, 8), bool), implementation="numba")
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_padded_vjps_match_finite_differences(separate):
+    from tests.helpers import assert_vjp_matches_finite_differences
+
+    q, k, v = qkv_host(13, length=8, key_length=8, batch=(2,))
+    mask = padding((8, 5), 8)
+    glob = numpy.zeros((2, 8), dtype=bool)
+    glob[0, [0, 7]] = glob[1, 2] = True
+    given = {"q": q, "k": k, "v": v, "attention_mask": mask, "global_mask": glob}
+    if separate:
+        extra = qkv_host(14, length=8, key_length=8)
+        given.update(q_global=extra[0], k_global=extra[1], v_global=extra[2])
+    d_out, d_lse = random.normal((2, 4, 8, 3), seed=15), random.normal((2, 4, 8), seed=16)
+    assert_vjp_matches_finite_differences("longformer", given, d_out, d_lse=d_lse, params={"window": (1, 1)},
+                                          max_entries=30)
+    plan = random.integers((4, 2, 1), seed=17, low=0, high=4)
+    assert_vjp_matches_finite_differences("bigbird", {"q": q, "k": k, "v": v, "plan": plan, "attention_mask": mask},
+                                          d_out, d_lse=d_lse, params={"block_size": 2}, max_entries=30)
+    assert_vjp_matches_finite_differences("nystrom", {"q": q, "k": k, "v": v, "attention_mask": mask}, d_out,
+                                          params={"num_landmarks": 4}, max_entries=30)

@@ -178,9 +178,12 @@ def _cases(size: str, seed: int) -> list[Case]:
     gqa = qkv(seed, kv_heads=2, **shapes)
     plan = draw_plan(None, None, heads, blocks, 2, (seed, 3))
     zeros = random.integers((heads, blocks - 2, 1), seed=(seed, 4), low=0, high=1)  # HF eval-mode plan
+    padded = random.uniform((2, blocks * block_size), seed=(seed, 9)) < 2.0  # item 1: padded from 2.5 blocks on
+    padded[1, (5 * block_size) // 2:] = False
     return [
         Case("plan", {**gqa, "plan": plan}, {"block_size": block_size, "num_random_blocks": 2}, seed=seed),
         Case("eval_mode_zero_plan", {**gqa, "plan": zeros}, {"block_size": block_size}, seed=seed),
+        Case("padded", {**gqa, "plan": plan, "attention_mask": padded}, {"block_size": block_size}, seed=seed),
     ]
 
 

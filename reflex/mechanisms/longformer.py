@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
+from reflex import random
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._inputs import check_padding_mask
@@ -174,10 +174,10 @@ def _padded(p: _kernels.Prepared, q: Any, k: Any, v: Any, projections: tuple[Any
         return ((band.allowed(rows, cols) & xp.take(local_keys, flat, axis=local_keys.ndim - 1))
                 | xp.take(global_keys, flat, axis=global_keys.ndim - 1))
 
-    out, lse = _kernels.softmax_attention(p, scale=scale, mask=local, implementation=implementation, return_lse=True)
-    query_real = xp.reshape(real[..., offset:offset + p.length], (*p.batch, 1, p.length))
-    out = xp.where(query_real[..., None], out, 0.0)  # padded queries output 0 (HF zeroes their probabilities)
-    lse = xp.where(query_real, lse, -math.inf)
+    query_real = xp.reshape(real[..., offset:offset + p.length], (*p.batch, 1, p.length, 1))
+    # a padded query attends nothing: output 0, lse −∞ (HF zeroes its probabilities)
+    out, lse = _kernels.softmax_attention(p, scale=scale, mask=(local, query_real), implementation=implementation,
+                                          return_lse=True)
     query_global = glob[..., offset:offset + p.length]  # (..., L)
     any_global = query_global
     for _ in p.batch:
@@ -208,10 +208,10 @@ def _vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, **params: Any) -> dict:
     split the same way — a global row's ``d_out``/``d_lse`` goes to the global call only — and each
     call's backward maps back: ``dq`` of the global call to the global rows of q (or ``q_global``),
     its ``dk``, ``dv`` to k, v (or ``k_global``, ``v_global``). With ``attention_mask``/``global_mask``
-    (padding) there is no VJP yet (``NotImplementedError``).
+    the same split is made per batch item (:func:`_padded_vjp`).
     """
     if inputs.get("attention_mask") is not None or inputs.get("global_mask") is not None:
-        raise NotImplementedError("longformer: no VJP with attention_mask/global_mask (padding) yet")
+        return _padded_vjp(inputs, d_out, d_lse, params)
     (out, lse), calls = _kernels.run_recorded(longformer_attention, inputs, params, return_lse=True)
     local = calls[0]
     p = local.p
@@ -246,6 +246,45 @@ def _vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, **params: Any) -> dict:
 
 
 
+def _padded_vjp(inputs: dict, d_out: Any, d_lse: Any, params: dict) -> dict:
+    """VJP of the padded path (:func:`_padded`): the local call's backward takes the cotangents of the
+    rows that are not global *in their own item*; the global call (the union of global rows) those
+    that are, per item; padded rows attended nothing and pass nothing on."""
+    _, calls = _kernels.run_recorded(longformer_attention, inputs, params, return_lse=True)
+    local = calls[0]
+    p = local.p
+    xp = p.xp
+    _, _, positions, _, offset = _check(p, params["window"], params.get("global_indices", ()),
+                                        params.get("dilation", 1), params.get("alignment", "top_left"))
+    _, glob = _batch_flags(p, inputs.get("attention_mask"), inputs.get("global_mask"), positions)
+    query_global = glob[..., offset:offset + p.length]  # (..., L), per item
+    flags = xp.reshape(query_global, (*p.batch, 1, p.length))
+    d_out = xp.astype(d_out, p.q.dtype)
+    d_lse = None if d_lse is None else xp.astype(d_lse, p.q.dtype)
+    g = local.backward(xp.where(flags[..., None], 0.0, d_out), None if d_lse is None else xp.where(flags, 0.0, d_lse))
+    grads = {"q": g.dq, "k": g.dk, "v": g.dv}
+    separate = inputs.get("q_global") is not None
+    if len(calls) > 1:
+        any_global = query_global
+        for _ in p.batch:
+            any_global = xp.any(any_global, axis=0)
+        rows = xp.nonzero(any_global)[0]
+        chosen = xp.take(flags, rows, axis=flags.ndim - 1)  # (..., 1, |U|): global in this item
+        gg = calls[1].backward(xp.where(chosen[..., None], xp.take(d_out, rows, axis=d_out.ndim - 2), 0.0),
+                               None if d_lse is None else xp.where(chosen, xp.take(d_lse, rows, axis=d_lse.ndim - 1), 0.0))
+        rank = xp.cumulative_sum(xp.astype(any_global, xp.int64)) - 1
+        rank = xp.where(rank < 0, 0, rank)
+        dq = xp.where(flags[..., None], xp.take(gg.dq, rank, axis=gg.dq.ndim - 2), 0.0)
+        if separate:
+            grads.update(q_global=dq, k_global=gg.dk, v_global=gg.dv)
+        else:
+            grads = {"q": grads["q"] + dq, "k": grads["k"] + gg.dk, "v": grads["v"] + gg.dv}
+    elif separate:
+        grads.update({n: xp.zeros(inputs[n].shape, dtype=p.q.dtype, device=p.device)
+                      for n in ("q_global", "k_global", "v_global")})
+    return grads
+
+
 def _pattern(q: Any, k: Any, v: Any, /, *, window: tuple[int, int], global_indices: Any = (), dilation: int = 1,
              alignment: str = "top_left", **_: Any) -> Any:
     """Band ∪ global keys ∪ global query rows as a boolean ``(..., H, L, S)`` mask."""
@@ -265,11 +304,17 @@ def _cases(size: str, seed: int) -> list[Case]:
     projected = qkv(seed + 1, **shapes)
     separate = {**base, "q_global": projected["q"], "k_global": projected["k"], "v_global": projected["v"]}
     ragged = qkv(seed, heads=d["H"], kv_heads=d["G"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
+    padded = random.uniform((2, d["L"]), seed=(seed, 9)) < 2.0  # item 1: last quarter padded
+    padded[1, d["L"] - max(1, d["L"] // 4):] = False
+    per_item = random.uniform((2, d["L"]), seed=(seed, 10)) < 0.0  # globals: item 0 at 0, item 1 at 1
+    per_item[0, 0] = per_item[1, 1] = True
     return [
         Case("symmetric_global", base, {"window": [1, 1], "global_indices": [0]}, seed=seed),
         Case("separate_projections", separate, {"window": [1, 1], "global_indices": [0, d["L"] - 1]}, seed=seed),
         Case("dilated_bottom_right", ragged, {"window": [2, 0], "dilation": 2, "global_indices": [d["S"] - 1],
                                               "alignment": "bottom_right"}, seed=seed),
+        Case("padded_per_item_globals", {**separate, "attention_mask": padded, "global_mask": per_item},
+             {"window": [1, 1]}, seed=seed),
     ]
 
 

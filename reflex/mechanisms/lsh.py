@@ -415,6 +415,57 @@ def _reference(qk: Any, v: Any, /, *, rotations: Any = None, seed: Any = None, s
     return full_attention(qk, lsh_keys(qk, compute_dtype=compute_dtype), v, mask=counts > 0, bias=bias,
                           scale=1 / math.sqrt(d) if scale is None else scale, compute_dtype=compute_dtype)
 
+def unit_keys_vjp(xp: Any, x: Any, d_keys: Any) -> Any:
+    """The adjoint of ``k̂ = x·r``, ``r = (mean_d x² + ε)^{-1/2}``: ``dx = r·dk̂ − (r³/D)(dk̂·x)·x``."""
+    r = 1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + NORM_EPSILON)
+    dot = xp.sum(d_keys * x, axis=-1, keepdims=True)
+    return r * d_keys - (r * r * r / int(x.shape[-1])) * dot * x
+
+
+def _vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, **params: Any) -> dict:
+    """VJP of :func:`lsh_attention` (array-API path; hashing, sorting and chunk windows are constants).
+
+    Rounds are merged by their lse: with ``w_r = e^{lse_r − LSE}``, ``dO_r = w_r·dO`` and
+    ``dlse_r = w_r·(dL + dO·(O_r − O))``. A round's engine call (gather over its windows, or one dense
+    call without hashing) gives ``dq``, ``dk̂``, ``dv``; a row that saw only itself has ``O_r = v_i``
+    and a constant lse, so it passes ``dO_r`` to ``dv_i`` alone. The shared input gets
+    ``d qk = Σ dq + unit_keys_vjp(Σ dk̂)``; ``rotations`` get 0 (padding, too, is a constant mask).
+    """
+    if inputs.get("attention_mask") is not None:
+        raise NotImplementedError("lsh: no VJP with attention_mask (padding) yet")
+    array_api = lambda length, key_length, requested: "array_api"  # noqa: E731 (the Numba kernels have no backward)
+    (out, lse), calls = _kernels.run_recorded(lsh_attention, inputs, params, return_lse=True, implementation=array_api)
+    qk, v = inputs["qk"], inputs["v"]
+    xp = namespace(qk, v)
+    if not calls:  # L = 0
+        dtype = _kernels.resolve_dtype(xp, params.get("compute_dtype"))
+        return {n: xp.zeros(inputs[n].shape, dtype=dtype, device=device_of(qk)) for n in ("qk", "v")}
+    p = calls[0].p
+    dtype = p.q.dtype
+    d_out = xp.astype(d_out, dtype)
+    d_total = xp.zeros(lse.shape, dtype=dtype, device=p.device) if d_lse is None else xp.astype(d_lse, dtype)
+    rows = xp.reshape(xp.arange(p.length, dtype=xp.int64, device=p.device), (p.length, 1))
+    d_q = d_keys = d_v = None
+    for call in calls:
+        empty = call.lse == -math.inf
+        if call.indices is None:
+            copies = xp.ones(call.lse.shape, dtype=xp.int64, device=p.device)
+        else:
+            copies = xp.sum(xp.astype(call.indices == rows, xp.int64), axis=-1)
+        round_out, round_lse = _self_only(xp, call.out, call.lse, p.v, copies)
+        weight = xp.exp(round_lse - lse)
+        d_round = weight[..., None] * d_out
+        d_round_lse = weight * (d_total + xp.sum(d_out * (round_out - out), axis=-1))
+        keep = xp.logical_not(empty)
+        g = call.backward(xp.where(keep[..., None], d_round, 0.0), xp.where(keep, d_round_lse, 0.0))
+        dv = g.dv + xp.where(empty[..., None], d_round, 0.0)  # a self-only row outputs v_i
+        d_q, d_keys, d_v = (g.dq, g.dk, dv) if d_q is None else (d_q + g.dq, d_keys + g.dk, d_v + dv)
+    grads = {"qk": d_q + unit_keys_vjp(xp, p.q, d_keys), "v": d_v}
+    if inputs.get("rotations") is not None:  # they only choose buckets: a constant selection
+        grads["rotations"] = xp.zeros(inputs["rotations"].shape, dtype=dtype, device=p.device)
+    return grads
+
+
 
 def _cases(size: str, seed: int) -> list[Case]:
     base = {"tiny": 16, "small": 32, "medium": 128, "large": 512}[size]
@@ -426,6 +477,8 @@ def _cases(size: str, seed: int) -> list[Case]:
         return random.normal((heads, dim, n_hashes, half), seed=(seed, stream))
 
     common = {"qk": qk, "v": v}
+    padded = random.uniform((2, base), seed=(seed, 9)) < 2.0  # item 1's last quarter is padding
+    padded[1, base - base // 4:] = False
     return [
         Case("hashed", {**common, "rotations": rot(2, 2, 3)}, {"n_buckets": 4, "n_hashes": 2, "chunk_length": 4},
              positional=("qk", "v"), seed=seed),
@@ -438,6 +491,8 @@ def _cases(size: str, seed: int) -> list[Case]:
              seed=seed),
         Case("no_hashing", common, {"n_buckets": 4, "chunk_length": base, "seed": seed}, positional=("qk", "v"),
              seed=seed),
+        Case("padded", {**common, "rotations": rot(2, 2, 3), "attention_mask": padded},
+             {"n_buckets": 4, "n_hashes": 2, "chunk_length": 4, "causal": True}, positional=("qk", "v"), seed=seed),
     ]
 
 
@@ -476,4 +531,5 @@ register(Mechanism(
     row_separable=False,
     example=_example,
     pattern=_registry_pattern,
+    vjp=_vjp,
 ))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from reflex import random
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import example_qkv, standard
 from reflex.mechanisms._inputs import check_padding_mask
@@ -286,7 +287,16 @@ def _cases(size: str, seed: int) -> list[Case]:
         Case("iterative_batch_init", gqa, {"num_landmarks": m, "pinv_init": "batch"}, seed=seed),
         Case("exact", gqa, {"num_landmarks": m, "pinv": "exact"}, seed=seed),
         Case("regularized", gqa, {"num_landmarks": m, "pinv": "regularized", "eps": 1e-3}, seed=seed),
+        Case("padded", {**gqa, "attention_mask": _padding_mask(d["S"], seed)}, {"num_landmarks": m, "pinv_init": "batch"},
+             seed=seed),
     ]
+
+
+def _padding_mask(length: int, seed: int) -> Any:
+    """Host ``(2, length)`` padding mask: item 0 all real, item 1 with its last third padded."""
+    mask = random.uniform((2, length), seed=(seed, 9)) < 2.0  # all True
+    mask[1, length - max(1, length // 3):] = False
+    return mask
 
 
 def _reference(q: Any, k: Any, v: Any, /, *, num_landmarks: int, pinv: str = "iterative", iterations: int = 6,
