@@ -1,5 +1,7 @@
-"""Backward pieces the formula mechanisms share: softmax and division VJPs, GQA group sums, and the
-reverse-mode of the kernelised core (:func:`reflex.mechanisms.linear._kernelized`).
+"""Backward pieces the formula mechanisms share: softmax and division VJPs, the VJP of a masked
+attention map times V, the engine's backward for a derived problem (pooled, projected, compressed
+q/k/v), GQA group sums, and the reverse mode of the kernelised core
+(:func:`reflex.mechanisms.linear._kernelized`).
 
 Every function works on compute-dtype arrays of one namespace; none allocates an ``(L, S)`` array
 unless its inputs already are one. Notation: a cotangent ``dX`` is ``∂ℓ/∂X`` of the scalar
@@ -62,11 +64,6 @@ def softmax_attention_vjp(p: _kernels.Prepared, d_out: Any, d_lse: Any = None, *
         return _kernels.dense_backward(p, out, lse, d_out, d_lse, **options)
     out, lse = _kernels.tiled(p, **options, tile_active=tile_active)
     return _kernels.tiled_backward(p, out, lse, d_out, d_lse, **options, tile_active=tile_active)
-
-
-def matmul_vjp(xp: Any, a: Any, b: Any, d_c: Any) -> tuple[Any, Any]:
-    """``C = A @ B`` → ``(dA, dB) = (dC Bᵀ, Aᵀ dC)``, before any reduction over broadcast axes."""
-    return d_c @ xp.matrix_transpose(b), xp.matrix_transpose(a) @ d_c
 
 
 def reduce_to(xp: Any, grad: Any, shape: tuple[int, ...]) -> Any:
