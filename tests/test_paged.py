@@ -89,3 +89,43 @@ def test_errors():
     unused[1, :] = -7  # sequence 1 is empty: its table entries are never read
     assert max_abs(reflex.paged_attention(q, k_cache, v_cache, unused, seqlens),
                    reflex.paged_attention(q, k_cache, v_cache, table, seqlens)) == 0.0
+
+
+@pytest.mark.parametrize("case", reflex.get("paged").cases("tiny", 0), ids=lambda c: c.variant)
+def test_gradients_match_finite_differences(case):
+    from tests.helpers import assert_vjp_matches_finite_differences
+
+    out, lse = case.call(reflex.get("paged"), return_lse=True)
+    rng = numpy.random.default_rng(7)
+    grads = assert_vjp_matches_finite_differences("paged", dict(case.inputs), rng.standard_normal(out.shape),
+                                                  d_lse=rng.standard_normal(lse.shape), params=case.params,
+                                                  max_entries=60)
+    unread = numpy.isnan(case.inputs["k_cache"])
+    assert numpy.all(grads["k_cache"][unread] == 0) and numpy.all(grads["v_cache"][numpy.isnan(case.inputs["v_cache"])] == 0)
+
+
+def test_a_block_shared_by_two_sequences_gets_both_gradients():
+    """Prefix caching: two sequences list the same physical block; its gradient is the sum."""
+    rng = numpy.random.default_rng(9)
+    k_cache, v_cache = rng.standard_normal((3, 2, 1, 4)), rng.standard_normal((3, 2, 1, 4))
+    table = numpy.array([[0, 1], [0, 2]], dtype=numpy.int32)
+    seqlens = numpy.array([4, 3], dtype=numpy.int32)
+    q = rng.standard_normal((2, 1, 2, 4))
+    d_out = rng.standard_normal((2, 1, 2, 4))
+    inputs = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_table": table, "cache_seqlens": seqlens}
+    both = reflex.vjp("paged", inputs, d_out)
+    first = reflex.vjp("paged", {**inputs, "block_table": table[:1], "cache_seqlens": seqlens[:1], "q": q[:1]}, d_out[:1])
+    second = reflex.vjp("paged", {**inputs, "block_table": table[1:], "cache_seqlens": seqlens[1:], "q": q[1:]}, d_out[1:])
+    assert max_abs(both["k_cache"], first["k_cache"] + second["k_cache"]) <= 1e-15
+
+
+def test_gradients_on_every_backend(backend):
+    case = reflex.get("paged").cases("tiny", 0)[3]  # sinks and ALiBi
+    out = case.call(reflex.get("paged"))
+    d_out = numpy.random.default_rng(8).standard_normal(out.shape)
+    host = reflex.vjp("paged", dict(case.inputs), d_out, **case.params)
+    got = reflex.vjp("paged", {n: backend.asarray(a) for n, a in case.inputs.items()}, backend.asarray(d_out),
+                     **case.params)
+    assert set(got) == {"q", "k_cache", "v_cache", "sinks", "alibi_slopes"}
+    for name, g in host.items():
+        assert max_abs(backend.to_numpy(got[name]), g) <= 1e-13

@@ -119,3 +119,25 @@ def test_window_accepts_none_for_an_unbounded_side():
     case = reflex.get("varlen").cases("tiny", 0)[0]
     args = [case.inputs[n] for n in case.positional]
     assert max_abs(reflex.varlen_attention(*args, window=(None, 1)), reflex.varlen_attention(*args, window=(-1, 1))) == 0.0
+
+
+@pytest.mark.parametrize("case", reflex.get("varlen").cases("tiny", 0), ids=lambda c: c.variant)
+def test_gradients_match_finite_differences(case):
+    from tests.helpers import assert_vjp_matches_finite_differences
+
+    out, lse = case.call(reflex.get("varlen"), return_lse=True)
+    rng = numpy.random.default_rng(7)
+    assert_vjp_matches_finite_differences("varlen", dict(case.inputs), rng.standard_normal(out.shape),
+                                          d_lse=rng.standard_normal(lse.shape), params=case.params, max_entries=60)
+
+
+def test_gradients_on_every_backend(backend):
+    case = reflex.get("varlen").cases("tiny", 0)[-1]  # sinks and ALiBi
+    out = case.call(reflex.get("varlen"))
+    d_out = numpy.random.default_rng(8).standard_normal(out.shape)
+    host = reflex.vjp("varlen", dict(case.inputs), d_out, **case.params)
+    got = reflex.vjp("varlen", {n: backend.asarray(a) for n, a in case.inputs.items()}, backend.asarray(d_out),
+                     **case.params)
+    assert set(got) == {"q", "k", "v", "sinks", "alibi_slopes"}
+    for name, g in host.items():
+        assert max_abs(backend.to_numpy(got[name]), g) <= 1e-13

@@ -19,7 +19,7 @@ from reflex.backends import device as device_of
 from reflex.backends import namespace
 from reflex.mechanisms._patterns import check_window
 
-__all__ = ["window_sides", "visible", "alibi_term_values", "check_sinks", "check_slopes", "host_ints"]
+__all__ = ["window_sides", "visible", "SequenceAlibi", "check_sinks", "check_slopes", "host_ints", "sequence_vjp"]
 
 
 def window_sides(window: Any, causal: bool) -> tuple[int, int]:
@@ -44,10 +44,31 @@ def visible(rel: Any, left: int, right: int) -> Any:
     return ok
 
 
-def alibi_term_values(slopes: Any, rel: Any, head_axis_shape: tuple[int, ...]) -> Any:
-    """``−m_h·|rel|`` with ``slopes (H,)`` reshaped to ``head_axis_shape`` (e.g. ``(H, 1, 1)``)."""
-    xp = namespace(slopes)
-    return -xp.reshape(slopes, head_axis_shape) * xp.astype(xp.abs(rel), slopes.dtype)
+class SequenceAlibi:
+    """The ALiBi bias ``−m_h·|r|`` as a differentiable engine term (``params``: the slopes).
+
+    ``relative(rows, cols)`` gives ``r``; ``head_shape`` reshapes the slopes ``(H,)`` to broadcast
+    against it (``(H, 1, 1)`` for ``r (l, s)``, ``(1, H, 1, 1)`` for ``r (B, 1, l, s)``). Backward:
+    ``d m_h = −Σ d b · |r|`` over every axis but the head.
+    """
+
+    def __init__(self, slopes: Any, relative: Any, head_shape: tuple[int, ...]) -> None:
+        self.slopes, self.relative, self.head_shape = slopes, relative, head_shape
+        self.params = {"alibi_slopes": slopes}
+
+    def _distance(self, rows: Any, cols: Any) -> Any:
+        xp = namespace(self.slopes)
+        return xp.astype(xp.abs(self.relative(rows, cols)), self.slopes.dtype)
+
+    def __call__(self, rows: Any, cols: Any) -> Any:
+        xp = namespace(self.slopes)
+        return -xp.reshape(self.slopes, self.head_shape) * self._distance(rows, cols)
+
+    def vjp(self, rows: Any, cols: Any, d_value: Any) -> dict[str, Any]:
+        xp = namespace(self.slopes)
+        grad = -d_value * self._distance(rows, cols)  # (..., H, l, s): the head axis is third from the end
+        others = tuple(i for i in range(grad.ndim) if i != grad.ndim - 3)
+        return {"alibi_slopes": xp.sum(grad, axis=others)}
 
 
 def _check_per_head(name: str, x: Any, heads: int, xp: Any, device: Any, dtype: Any) -> Any:
@@ -73,3 +94,33 @@ def check_slopes(slopes: Any, heads: int, xp: Any, device: Any, dtype: Any) -> A
 def host_ints(x: Any) -> list[int]:
     """A small 1-D integer array as Python ints (sequence bookkeeping is host-side)."""
     return [int(x[i]) for i in range(int(x.shape[0]))]
+
+
+def sequence_vjp(function: Any, to_inputs: Any) -> Any:
+    """The VJP of a packed/paged mechanism: its one engine call's backward, mapped back to the inputs.
+
+    ``to_inputs(inputs, params, gradients) -> dict`` maps the engine's ``dq``, ``dk``, ``dv`` (reflex's
+    ``(..., H, L, D)`` layout) to the mechanism's own layout. Sinks: the chain rule of the merge
+    (:func:`reflex.mechanisms._merge.sinks_vjp`); ALiBi slopes: :class:`SequenceAlibi`'s gradient.
+    """
+    from reflex.mechanisms._engine.record import run_recorded
+    from reflex.mechanisms._merge import sinks_vjp
+
+    def vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, **params: Any) -> dict[str, Any]:
+        inner = {name: x for name, x in inputs.items() if name != "sinks"}
+        _, calls = run_recorded(function, inner, params, return_lse=True)
+        (call,) = [c for c in calls if c.p is not None]
+        xp = call.p.xp
+        d_engine = xp.astype(to_inputs.engine_layout(d_out), call.p.q.dtype)
+        d_lse_engine = None if d_lse is None else xp.astype(d_lse, call.p.q.dtype)
+        grads: dict[str, Any] = {}
+        if inputs.get("sinks") is not None:
+            sinks = xp.astype(inputs["sinks"], call.p.q.dtype)
+            d_engine, d_lse_engine, grads["sinks"] = sinks_vjp(xp, call.out, call.lse, sinks, d_engine, d_lse_engine)
+        g = call.backward(d_engine, d_lse_engine)
+        grads.update(to_inputs(inputs, params, g))
+        if inputs.get("alibi_slopes") is not None:
+            grads["alibi_slopes"] = g.bias[0]["alibi_slopes"]
+        return grads
+
+    return vjp

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from reflex import random
@@ -10,8 +11,8 @@ from reflex.backends import namespace, numpy_namespace
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._merge import add_sinks
 from reflex.mechanisms._options import typed_options
-from reflex.mechanisms._sequences import (alibi_term_values, check_sinks, check_slopes, host_ints, visible,
-                                          window_sides)
+from reflex.mechanisms._sequences import (SequenceAlibi, check_sinks, check_slopes, host_ints, sequence_vjp,
+                                          visible, window_sides)
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["paged_attention", "gather_pages"]
@@ -59,6 +60,32 @@ def gather_pages(cache: Any, block_table: Any, cache_seqlens: Any, /) -> Any:
     return xp.reshape(xp.take(flat, xp.reshape(rows, (-1,)), axis=0), (batch, max_blocks * block_size, *cache.shape[2:]))
 
 
+def _pages_adjoint(d_rows: Any, cache: Any, block_table: Any, cache_seqlens: Any) -> Any:
+    """The adjoint of :func:`gather_pages`: ``d_rows (B, S_max, G, ·)`` summed into a cache-shaped array.
+
+    Rows at or beyond a sequence's length are dropped; a block shared by several sequences (prefix
+    caching) receives the sum of their cotangents, added in a fixed order (deterministic).
+    """
+    from reflex.backends.scatter import scatter_add
+
+    xp = namespace(d_rows)
+    num_blocks, block_size = int(cache.shape[0]), int(cache.shape[1])
+    batch, max_blocks = int(block_table.shape[0]), int(block_table.shape[1])
+    lengths = host_ints(cache_seqlens)
+    positions = xp.arange(max_blocks * block_size, dtype=xp.int64, device=device_of(d_rows))
+    table = xp.astype(block_table, xp.int64)
+    rows, values = [], []
+    for b, length in enumerate(lengths):
+        if length:
+            rows.append(xp.take(table[b, :], positions[:length] // block_size) * block_size + positions[:length] % block_size)
+            values.append(xp.reshape(d_rows[b, :length, ...], (length, -1)))
+    width = math.prod(int(n) for n in cache.shape[2:])
+    if not rows:
+        return xp.zeros(tuple(cache.shape), dtype=d_rows.dtype, device=device_of(d_rows))
+    summed = scatter_add(xp.concat(rows), xp.concat(values, axis=0), num_blocks * block_size)
+    return xp.reshape(summed[:, :width], tuple(cache.shape))
+
+
 @typed_options(engine_options=False)  # flash-attn's own packed/paged layout
 def paged_attention(q: Any, k_cache: Any, v_cache: Any, block_table: Any, cache_seqlens: Any, /, *,
                     causal: bool = False, window: Any = (-1, -1), softcap: float | None = None, sinks: Any = None,
@@ -90,6 +117,9 @@ def paged_attention(q: Any, k_cache: Any, v_cache: Any, block_table: Any, cache_
     ``cache_seqlens = 0`` outputs 0 (lse −∞, or s_h with sinks). Raises ``ValueError`` for a block id
     outside the cache among the blocks a sequence uses, or a length beyond its table.
     Equals :func:`gather_pages` followed by :func:`reflex.full_attention` with the length mask.
+
+    Gradients (:func:`reflex.vjp`): q, k_cache, v_cache (summed over every use of a shared block;
+    slots no sequence reads get 0), sinks and alibi_slopes, through the engine's backward.
 
     Source: flash-attn ``flash_attn_with_kvcache`` (paged KV, ``block_table``), vLLM PagedAttention
     (Kwon et al. 2023, SOSP, §4.1).
@@ -123,11 +153,9 @@ def paged_attention(q: Any, k_cache: Any, v_cache: Any, block_table: Any, cache_
     def mask(rows: Any, cols: Any) -> Any:
         return (cols < lengths) & visible(relative(rows, cols), left, right)
 
-    def bias(rows: Any, cols: Any) -> Any:
-        return alibi_term_values(slopes, relative(rows, cols), (1, p.heads, 1, 1))
-
     out, lse = _kernels.softmax_attention(
-        p, scale=_kernels.resolve_scale(scale, p.dim), mask=mask, bias=None if slopes is None else bias,
+        p, scale=_kernels.resolve_scale(scale, p.dim), mask=mask,
+        bias=None if slopes is None else SequenceAlibi(slopes, relative, (1, p.heads, 1, 1)),
         softcap=_kernels.resolve_softcap(softcap), implementation=implementation, return_lse=True)
     if sinks is not None:
         out, lse = add_sinks(xp, out, lse, sinks)
@@ -196,6 +224,20 @@ def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
                 positional=("q", "k_cache", "v_cache", "block_table", "cache_seqlens"), seed=seed)
 
 
+def _to_inputs(inputs: dict, params: dict, g: Any) -> dict[str, Any]:
+    """Engine gradients back to q ``(B, L, H, D)`` and, through the page gather, to the caches."""
+    xp = namespace(g.dq)
+    table, seqlens = inputs["block_table"], inputs["cache_seqlens"]
+    return {
+        "q": xp.permute_dims(g.dq, (0, 2, 1, 3)),
+        "k_cache": _pages_adjoint(xp.permute_dims(g.dk, (0, 2, 1, 3)), inputs["k_cache"], table, seqlens),
+        "v_cache": _pages_adjoint(xp.permute_dims(g.dv, (0, 2, 1, 3)), inputs["v_cache"], table, seqlens),
+    }
+
+
+_to_inputs.engine_layout = lambda d_out: namespace(d_out).permute_dims(d_out, (0, 2, 1, 3))  # type: ignore[attr-defined]
+
+
 register(Mechanism(
     key="paged",
     function=paged_attention,
@@ -215,4 +257,5 @@ register(Mechanism(
     reference=_reference,
     returns_lse=True,
     example=_example,
+    vjp=sequence_vjp(paged_attention, _to_inputs),
 ))

@@ -11,8 +11,8 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._merge import add_sinks
 from reflex.mechanisms._options import typed_options
 from reflex.mechanisms._patterns import check_alignment
-from reflex.mechanisms._sequences import (alibi_term_values, check_sinks, check_slopes, host_ints, visible,
-                                          window_sides)
+from reflex.mechanisms._sequences import (SequenceAlibi, check_sinks, check_slopes, host_ints, sequence_vjp,
+                                          visible, window_sides)
 from reflex.registry import Case, Mechanism, register
 
 __all__ = ["varlen_attention"]
@@ -78,6 +78,8 @@ def varlen_attention(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: An
     Raises ``ValueError`` for offsets that do not start at 0, decrease, do not end at the token
     count, or differ in batch count between q and k.
 
+    Gradients (:func:`reflex.vjp`): q, k, v, sinks and alibi_slopes, through the engine's backward.
+
     Source: flash-attn ``flash_attn_varlen_func`` (Dao 2023, FlashAttention-2 §3.3, varlen API);
     FlexAttention document masking (attention-gym).
     """
@@ -112,16 +114,14 @@ def varlen_attention(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: An
         rel, same = relative(rows, cols)
         return same & visible(rel, left, right)
 
-    def bias(rows: Any, cols: Any) -> Any:
-        return alibi_term_values(slopes, relative(rows, cols)[0], (p.heads, 1, 1))
-
     def tile_active(i0: int, i1: int, j0: int, j1: int) -> bool:  # sequences overlap (block diagonal)
         first_q, last_q = _sequence_of(cu_q, i0), _sequence_of(cu_q, i1 - 1)
         first_k, last_k = _sequence_of(cu_k, j0), _sequence_of(cu_k, j1 - 1)
         return first_q <= last_k and first_k <= last_q
 
     out, lse = _kernels.softmax_attention(
-        p, scale=_kernels.resolve_scale(scale, p.dim), mask=mask, bias=None if slopes is None else bias,
+        p, scale=_kernels.resolve_scale(scale, p.dim), mask=mask,
+        bias=None if slopes is None else SequenceAlibi(slopes, lambda r, c: relative(r, c)[0], (p.heads, 1, 1)),
         softcap=_kernels.resolve_softcap(softcap), tile_active=tile_active, implementation=implementation,
         return_lse=True)
     if sinks is not None:
@@ -193,6 +193,15 @@ def _example(seq: int, heads: int, dim: int, seed: int) -> Case:
                 seed=seed)
 
 
+def _to_inputs(inputs: dict, params: dict, g: Any) -> dict[str, Any]:
+    """Engine gradients ``(H, T, ·)`` back to the packed ``(T, H, ·)`` layout."""
+    xp = namespace(g.dq)
+    return {name: xp.permute_dims(grad, (1, 0, 2)) for name, grad in (("q", g.dq), ("k", g.dk), ("v", g.dv))}
+
+
+_to_inputs.engine_layout = lambda d_out: namespace(d_out).permute_dims(d_out, (1, 0, 2))  # type: ignore[attr-defined]
+
+
 register(Mechanism(
     key="varlen",
     function=varlen_attention,
@@ -212,4 +221,5 @@ register(Mechanism(
     reference=_reference,
     returns_lse=True,
     example=_example,
+    vjp=sequence_vjp(varlen_attention, _to_inputs),
 ))
