@@ -93,8 +93,8 @@ def _check_block_indices(p: Any, block_indices: Any, blocks: int) -> Any:
     return xp.astype(block_indices, xp.int64)
 
 
-def _selected(p: Any, block_indices: Any, block_size: int, scale: float, offset: int) -> Any:
-    """Token-causal attention over the tokens of each query's selected blocks (gather kernel)."""
+def _selected_tokens(p: Any, block_indices: Any, block_size: int, offset: int) -> Any:
+    """Key lists ``(..., H, L, n·b)`` of the selected branch: each selected block's tokens, token-causal, −1 padding."""
     xp = p.xp
     count = int(block_indices.shape[-1])
     # per query head: kv group h // (H/G) (repeat-interleave)
@@ -106,9 +106,7 @@ def _selected(p: Any, block_indices: Any, block_size: int, scale: float, offset:
     keep = (xp.expand_dims(blocks, axis=-1) >= 0)
     keep = xp.reshape(xp.broadcast_to(keep, (*blocks.shape, block_size)), tuple(tokens.shape))
     keep = keep & (tokens <= query_token) & (tokens < p.key_length)  # token-causal inside the blocks
-    indices = xp.where(keep, tokens, xp.asarray(-1, dtype=xp.int64, device=p.device))
-    out, _ = _kernels.gather(p, indices, scale=scale)
-    return out
+    return xp.where(keep, tokens, xp.asarray(-1, dtype=xp.int64, device=p.device))
 
 
 @typed_options()
@@ -182,35 +180,119 @@ def nsa_attention(q: Any, k: Any, v: Any, /, *, g_cmp: Any = None, g_slc: Any = 
     Sparse Attention", arXiv:2502.11089, §3.2 (eq. 5: gated branches), §3.3.1–3.3.3 (compression,
     selection with forced initial and local blocks, sliding window).
     """
-    p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
-    block_size = check_positive_int("block_size", block_size)
-    block_counts = check_positive_int("block_counts", block_counts, minimum=0)
-    window = check_positive_int("window", window, minimum=0)
-    gates = {name: _check_gate(p, name, g) for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa))}
-    if all(g is None for g in gates.values()):
-        raise ValueError("pass at least one gate (g_cmp, g_slc, g_swa): a branch without a gate is left out")
-    if gates["g_swa"] is not None and window == 0:
-        raise ValueError("g_swa was given but window is 0 (no sliding branch); pass window >= 1")
-    scale = _kernels.resolve_scale(scale, p.dim)
-    window_scale = _kernels.resolve_scale(window_scale, p.dim)
+    run = _Setup(q, k, v, (g_cmp, g_slc, g_swa), block_size=block_size, block_counts=block_counts,
+                 block_indices=block_indices, window=window, scale=scale, window_scale=window_scale,
+                 compute_dtype=compute_dtype)
+    out = sum(gate[..., None] * branch_out for gate, (branch_out, _) in zip(run.gates.values(), run.branches())
+              if gate is not None)
+    return (out, run.chosen) if return_block_indices else out
+
+
+class _Setup:
+    """Validated inputs of :func:`nsa_attention`, the selection, and the three branches' engine calls."""
+
+    def __init__(self, q: Any, k: Any, v: Any, gates: tuple[Any, Any, Any], *, block_size: Any, block_counts: Any,
+                 block_indices: Any, window: Any, scale: Any, window_scale: Any, compute_dtype: Any) -> None:
+        p = self.p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
+        self.block_size = check_positive_int("block_size", block_size)
+        block_counts = check_positive_int("block_counts", block_counts, minimum=0)
+        self.window = check_positive_int("window", window, minimum=0)
+        self.gates = {name: _check_gate(p, name, g) for name, g in zip(("g_cmp", "g_slc", "g_swa"), gates)}
+        if all(g is None for g in self.gates.values()):
+            raise ValueError("pass at least one gate (g_cmp, g_slc, g_swa): a branch without a gate is left out")
+        if self.gates["g_swa"] is not None and self.window == 0:
+            raise ValueError("g_swa was given but window is 0 (no sliding branch); pass window >= 1")
+        self.scale = _kernels.resolve_scale(scale, p.dim)
+        self.window_scale = _kernels.resolve_scale(window_scale, p.dim)
+        self.offset = p.key_length - p.length
+        blocks = -(-p.key_length // self.block_size)
+        if block_indices is None:
+            self.chosen = _select(p, self.block_size, block_counts, self.scale, self.offset)
+        else:
+            self.chosen = _check_block_indices(p, block_indices, blocks)
+
+    def branches(self, d_out: Any = None) -> list[tuple[Any, Any]]:
+        """Per branch (compressed, selected, sliding) ``(output, gradients or None)``; ``(None, None)``
+        for a branch without a gate. With ``d_out`` (the branch's own cotangents, in that order) each
+        engine call's backward runs too (selection constant)."""
+        from reflex.mechanisms import _grad
+
+        p, results = self.p, []
+        d_outs = d_out if d_out is not None else (None, None, None)
+        if self.gates["g_cmp"] is None:
+            results.append((None, None))
+        else:
+            pc, visible = _compressed(p, self.block_size, self.scale, self.offset)
+            out = _kernels.softmax_attention(pc, scale=self.scale, mask=visible)
+            grads = None if d_out is None else _grad.softmax_attention_vjp(pc, d_outs[0], None, scale=self.scale,
+                                                                           mask=visible)
+            results.append((out, grads))
+        if self.gates["g_slc"] is None:
+            results.append((None, None))
+        else:
+            tokens = _selected_tokens(p, self.chosen, self.block_size, self.offset)
+            out, lse = _kernels.gather(p, tokens, scale=self.scale)
+            grads = None if d_out is None else _kernels.gather_backward(p, tokens, out, lse, d_outs[1], None,
+                                                                        scale=self.scale)
+            results.append((out, grads))
+        if self.gates["g_swa"] is None:
+            results.append((None, None))
+        else:
+            band = band_pattern(self.window - 1, 0, self.offset)
+            options = dict(scale=self.window_scale, mask=band.allowed, tile_active=band.tile_active)
+            out = _kernels.softmax_attention(p, **options)
+            results.append((out, None if d_out is None else _grad.softmax_attention_vjp(p, d_outs[2], None, **options)))
+        return results
+
+
+def _unpool(xp: Any, d_pooled: Any, length: int, block_size: int) -> Any:
+    """Adjoint of :func:`_pool_blocks`: each position gets its block's gradient over the block's size."""
+    blocks, dim = int(d_pooled.shape[-2]), int(d_pooled.shape[-1])
+    full = length // block_size
+    parts = []
+    if full:
+        spread = xp.broadcast_to(xp.expand_dims(d_pooled[..., :full, :], axis=-2),
+                                 (*d_pooled.shape[:-2], full, block_size, dim))
+        parts.append(xp.reshape(spread, (*d_pooled.shape[:-2], full * block_size, dim)) / block_size)
+    if blocks > full:
+        rest = length - full * block_size
+        parts.append(xp.broadcast_to(d_pooled[..., full:, :], (*d_pooled.shape[:-2], rest, dim)) / rest)
+    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=-2)
+
+
+def _nsa_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, block_size: int = 64, block_counts: int = 16,
+             window: int = 0, scale: Any = None, window_scale: Any = None, return_block_indices: bool = False,
+             compute_dtype: Any = None) -> dict:
+    """VJP of :func:`nsa_attention` with the selection held constant (top-n is piecewise constant).
+
+    ``dg_b = Σ_E dO∘o_b`` and ``do_b = g_b·dO`` per branch; the compressed branch's engine backward gives
+    dq and the pooled dk̄, dv̄, spread back over each block divided by its size; the selected branch
+    runs the gather kernel's backward (scatter-add over the listed tokens); the sliding branch the
+    engine's band backward. dq, dk, dv are the sums over the branches.
+    """
+    run = _Setup(inputs["q"], inputs["k"], inputs["v"], tuple(inputs.get(n) for n in ("g_cmp", "g_slc", "g_swa")),
+                 block_size=block_size, block_counts=block_counts, block_indices=inputs.get("block_indices"),
+                 window=window, scale=scale, window_scale=window_scale, compute_dtype=compute_dtype)
+    p = run.p
     xp = p.xp
-    offset = p.key_length - p.length
-    blocks = -(-p.key_length // block_size)
-    if block_indices is None:
-        chosen = _select(p, block_size, block_counts, scale, offset)
-    else:
-        chosen = _check_block_indices(p, block_indices, blocks)
-    out = xp.zeros((*p.batch, p.heads, p.length, p.value_dim), dtype=p.q.dtype, device=p.device)
-    if gates["g_cmp"] is not None:
-        pc, visible = _compressed(p, block_size, scale, offset)
-        out = out + gates["g_cmp"][..., None] * _kernels.softmax_attention(pc, scale=scale, mask=visible)
-    if gates["g_slc"] is not None:
-        out = out + gates["g_slc"][..., None] * _selected(p, chosen, block_size, scale, offset)
-    if gates["g_swa"] is not None:
-        band = band_pattern(window - 1, 0, offset)
-        out = out + gates["g_swa"][..., None] * _kernels.softmax_attention(
-            p, scale=window_scale, mask=band.allowed, tile_active=band.tile_active)
-    return (out, chosen) if return_block_indices else out
+    d_out = xp.astype(d_out, p.q.dtype)
+    gates = list(run.gates.values())
+    results = run.branches(tuple(None if g is None else g[..., None] * d_out for g in gates))
+    d_q = xp.zeros(p.q.shape, dtype=p.q.dtype, device=p.device)
+    d_k = xp.zeros(p.k.shape, dtype=p.q.dtype, device=p.device)
+    d_v = xp.zeros(p.v.shape, dtype=p.q.dtype, device=p.device)
+    grads = {}
+    for index, (name, gate, (out, g)) in enumerate(zip(run.gates, gates, results)):
+        if gate is None:
+            continue
+        grads[name] = xp.sum(d_out * out, axis=-1)
+        d_q = d_q + g.dq
+        if index == 0:  # compressed: back through the block means
+            d_k = d_k + _unpool(xp, g.dk, p.key_length, run.block_size)
+            d_v = d_v + _unpool(xp, g.dv, p.key_length, run.block_size)
+        else:
+            d_k, d_v = d_k + g.dk, d_v + g.dv
+    return {"q": d_q, "k": d_k, "v": d_v, **grads}
 
 
 def _cases(size: str, seed: int) -> list[Case]:
@@ -255,4 +337,5 @@ register(Mechanism(
     },
     cases=_cases,
     example=_example,
+    vjp=_nsa_vjp,
 ))
