@@ -27,13 +27,14 @@ Forms (all agree to round-off; tests hold them to 1e-12):
 
   .. math::
 
-      (I - \\mathrm{tril}_{-1}A^{ab}) X = (A\\circ e^{\\Gamma'}) S_0 + \\mathrm{tril}_{-1}(A^{ak}) V
+      (I - \\mathrm{tril}_{-1}A^{ab}) X = (\\mathcal{A}\\circ e^{\\Gamma'}) S_0 + \\mathrm{tril}_{-1}(A^{ak}) V
       \\quad\\text{(forward substitution; the WY/UT representation of the low-rank updates)}\\\\
       O = \\tau[(Q\\circ e^{\\Gamma})S_0 + \\mathrm{tril}(A^{qk})V + \\mathrm{tril}(A^{qb})X],\\quad
       S_C = e^{\\Gamma_C}\\circ S_0 + (K\\circ e^{Y_{C,\\cdot}})^\\top V + (B\\circ e^{Y_{C,\\cdot}})^\\top X
 
-  where ``A^{xy}_{ij} = Σ_d x_{id} y_{jd} e^{Y_{ijd}}`` (``Y′`` for rows read from ``a``), ``Γ`` the
-  inclusive and ``Γ′`` the exclusive cumulative log decay from the chunk start. X holds ``a_tᵀS_{t−1}``
+  where 𝒜, B, K, Q, V are the chunk's rows of a, b, k, q, v, ``A^{xy}_{ij} = Σ_d x_{id} y_{jd} e^{Y_{ijd}}``
+  (``Y′`` for rows read from ``a``), ``Γ`` the inclusive and ``Γ′`` the exclusive cumulative log decay
+  from the chunk start. X holds ``a_tᵀS_{t−1}``
   for every t of the chunk. Read-before-write uses ``Y′`` and ``Γ′`` for the queries.
 - **parallel**: the same with one chunk spanning T — the quadratic ``(T, T)`` masked form.
 

@@ -11,7 +11,6 @@ from reflex.mechanisms._inputs import check_array, prepare, resolve_scale
 from reflex.mechanisms._options import typed_options
 from reflex.mechanisms._patterns import check_positive_int
 from reflex.registry import Case, Mechanism, register
-from reflex.mechanisms._options import typed_options
 
 __all__ = ["linear_recurrent_attention"]
 
