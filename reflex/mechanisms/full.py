@@ -57,6 +57,13 @@ def full_attention(q: Any, k: Any, v: Any, /, *, mask: Any = None, bias: Any = N
     )
 
 
+def _flash_layout(x: Any) -> Any:
+    """A host ``(..., H, L, D)`` array in flash-attn's ``(..., L, H, D)`` layout."""
+    from reflex.backends import numpy_namespace
+
+    return numpy_namespace().permute_dims(x, (*range(x.ndim - 3), x.ndim - 2, x.ndim - 3, x.ndim - 1))
+
+
 def _cases(size: str, seed: int) -> list[Case]:
     d = dims(size)
     shapes = dict(heads=d["H"], length=d["L"], key_length=d["S"], dim=d["D"], value_dim=d["E"])
@@ -74,6 +81,9 @@ def _cases(size: str, seed: int) -> list[Case]:
         Case("mask", {**gqa, "mask": mask}, {}, seed=seed),
         Case("bias", {**gqa, "bias": bias}, {}, seed=seed),
         Case("softcap", gqa, {"softcap": 2.0, "scale": 1.0}, seed=seed),
+        Case("sinks", {**gqa, "mask": mask, "sinks": random.normal((d["H"],), seed=(seed, 5))}, {}, seed=seed),
+        Case("layout_blhd", {name: _flash_layout(x) for name, x in gqa.items()}, {"layout": "blhd", "causal": "bottom_right"},
+             seed=seed),
     ]
 
 

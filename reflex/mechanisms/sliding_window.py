@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from reflex import random
 from reflex.backends import is_plain_numpy
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import qkv, standard
@@ -141,6 +142,7 @@ def _cases(size: str, seed: int) -> list[Case]:
         Case("bottom_right", gqa, {"window": [w, 1], "alignment": "bottom_right"}, seed=seed),
         Case("unbounded_left", gqa, {"window": [-1, 1]}, seed=seed),
         Case("self_only", gqa, {"window": [0, 0]}, seed=seed),
+        Case("causal_sinks", {**gqa, "sinks": random.normal((d["H"],), seed=(seed, 5))}, {"window": [w, 0]}, seed=seed),
     ]
 
 
