@@ -431,8 +431,7 @@ def _vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, **params: Any) -> dict:
     and a constant lse, so it passes ``dO_r`` to ``dv_i`` alone. The shared input gets
     ``d qk = Σ dq + unit_keys_vjp(Σ dk̂)``; ``rotations`` get 0 (padding, too, is a constant mask).
     """
-    if inputs.get("attention_mask") is not None:
-        raise NotImplementedError("lsh: no VJP with attention_mask (padding) yet")
+    # attention_mask: padded keys are a constant mask of the recorded calls
     array_api = lambda length, key_length, requested: "array_api"  # noqa: E731 (the Numba kernels have no backward)
     (out, lse), calls = _kernels.run_recorded(lsh_attention, inputs, params, return_lse=True, implementation=array_api)
     qk, v = inputs["qk"], inputs["v"]
