@@ -22,7 +22,8 @@ from tests.helpers import assert_vjp_matches_finite_differences, max_abs, qkv_ho
 
 
 # Engine mechanisms with a short VJP of their own over recorded engine calls (several calls merged).
-RECORDED_VJPS = {"longformer", "axial", "bp_tree", "hierarchical", "compressive", "routed_mixture", "task_prior"}
+RECORDED_VJPS = {"longformer", "axial", "bp_tree", "hierarchical", "compressive", "routed_mixture", "task_prior",
+                 "lsh"}
 
 
 def _engine_vjp_keys() -> list[str]:
@@ -63,7 +64,7 @@ def test_the_shared_vjp_covers_the_engine_mechanisms():
     expected = {"full", "sliding_window", "dilated", "global", "random", "block_local", "strided", "bigbird", "star",
                 "sparse_pattern", "e2lsh", "routing", "topk", "block_topk", "indexer_topk", "adaptive",
                 "recurrent_memory", "longformer", "axial", "bp_tree", "hierarchical",
-                "compressive", "routed_mixture", "task_prior", "gaussian_prior", "gaussian_transformer"}
+                "compressive", "routed_mixture", "task_prior", "gaussian_prior", "gaussian_transformer", "lsh"}
     assert expected <= covered
 
 
