@@ -190,6 +190,15 @@ def as_low_rank(t: Terms) -> Terms:
     return replace(t, a=a, b=t.beta * t.k, v=t.beta * t.v, beta=None)
 
 
+def _window(t: Terms, c0: int, c1: int) -> Terms:
+    """The terms of tokens [c0, c1)."""
+    def cut(x: Any) -> Any:
+        return None if x is None else x[..., c0:c1, :]
+
+    return replace(t, q=cut(t.q), k=cut(t.k), v=cut(t.v), decay=cut(t.decay), beta=cut(t.beta), a=cut(t.a),
+                   b=cut(t.b))
+
+
 def _pair(xp: Any, x: Any, y: Any, weights: Any) -> Any:
     """``Σ_d x_id y_jd W_ijd`` → ``(..., n, n)``; ``W (..., n, n, Dd)``, Dd = 1 by a matrix product."""
     if int(weights.shape[-1]) == 1:
@@ -200,19 +209,18 @@ def _pair(xp: Any, x: Any, y: Any, weights: Any) -> Any:
 def chunked(t: Terms, state: Any, *, scale: float, chunk: int) -> tuple[Any, Any]:
     """The chunked form of the module docstring, chunk by chunk (the last one may be shorter)."""
     xp = t.xp
-    t = as_low_rank(t)
-    if t.read_before and t.a is not None:
+    if t.read_before and (t.a is not None or t.beta is not None):
         raise ValueError("read-before-write with a low-rank update is not a form of this core")
     T, dev = t.length, t.device
-    decay = t.decay
-    if decay is None:
-        decay = xp.zeros((*t.k.shape[:-1], 1), dtype=t.q.dtype, device=dev)
     outs = []
     for c0 in range(0, T, chunk):
         c1 = min(c0 + chunk, T)
         n = c1 - c0
-        q, k, v = t.q[..., c0:c1, :], t.k[..., c0:c1, :], t.v[..., c0:c1, :]
-        g = decay[..., c0:c1, :]  # (..., G, 1, n, Dd)
+        part = as_low_rank(_window(t, c0, c1))  # the delta correction as a, b per chunk: memory O(C)
+        q, k, v = part.q, part.k, part.v
+        g = part.decay  # (..., G, 1, n, Dd)
+        if g is None:
+            g = xp.zeros((*k.shape[:-1], 1), dtype=k.dtype, device=dev)
         rows = xp.reshape(xp.arange(n, dtype=xp.int64, device=dev), (n, 1))
         cols = xp.reshape(xp.arange(n, dtype=xp.int64, device=dev), (1, n))
         # Segment sums Y[i, j] = Σ_{j<s≤i} g_s: a cumulative sum over s of g_s masked to s > j.
@@ -222,13 +230,13 @@ def chunked(t: Terms, state: Any, *, scale: float, chunk: int) -> tuple[Any, Any
         gamma = xp.cumulative_sum(g, axis=-2)  # Γ_i, inclusive, ≤ 0
         to_end = seg[..., n - 1, :, :]  # Γ_C − Γ_j as Σ_{j<s≤C} g_s, (..., n, Dd)
         decay_end = xp.exp(xp.matrix_transpose(gamma[..., n - 1:n, :]))  # (..., Dd, 1)
-        if t.read_before or t.a is not None:
+        if part.read_before or part.a is not None:
             # Exclusive: Y′[i, j] = Y[i−1, j] for j < i, and Γ′_i = Γ_{i−1}.
             shifted = xp.concat([xp.zeros_like(seg[..., :1, :, :]), seg[..., :n - 1, :, :]], axis=-3)
             exclusive = xp.where((rows > cols)[..., None], xp.exp(shifted), 0.0)
             gamma_ex = xp.concat([xp.zeros_like(gamma[..., :1, :]), gamma[..., :n - 1, :]], axis=-2)
-        if t.a is not None:
-            a, b = t.a[..., c0:c1, :], t.b[..., c0:c1, :]
+        if part.a is not None:
+            a, b = part.a, part.b
             a_ab = _pair(xp, a, b, exclusive)
             rhs = (a * xp.exp(gamma_ex)) @ state + _pair(xp, a, k, exclusive) @ v
             xs = []  # forward substitution: x_i = rhs_i + Σ_{j<i} A^{ab}_ij x_j
@@ -238,17 +246,17 @@ def chunked(t: Terms, state: Any, *, scale: float, chunk: int) -> tuple[Any, Any
                     x = x + a_ab[..., i:i + 1, :i] @ xp.concat(xs, axis=-2)
                 xs.append(x)
             x = xp.concat(xs, axis=-2)
-        if t.read_before:
+        if part.read_before:
             o = (q * xp.exp(gamma_ex)) @ state + _pair(xp, q, k, exclusive) @ v
             if t.bonus is not None:
                 o = o + _scalar_read(xp, q, k, t.bonus, v, 1.0)
         else:
             o = (q * xp.exp(gamma)) @ state + _pair(xp, q, k, inclusive) @ v
-            if t.a is not None:
+            if part.a is not None:
                 o = o + _pair(xp, q, b, inclusive) @ x
         outs.append(scale * o)
         new = decay_end * state + xp.matrix_transpose(k * xp.exp(to_end)) @ v
-        if t.a is not None:
+        if part.a is not None:
             new = new + xp.matrix_transpose(b * xp.exp(to_end)) @ x
         state = new
     if not outs:
