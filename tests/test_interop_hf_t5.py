@@ -125,25 +125,9 @@ def test_buckets_bit_identical(bidirectional, num_buckets, max_distance):
                       f"misrounds {misrounded.size} of the configuration's {ratios.size} log inputs", stacklevel=1)
 
 
-def _formula32(bidirectional, num_buckets, max_distance, log32):
-    """Hugging Face's float32 bucket formula with the float32 log ``log32(n, e)``, on the host."""
-    rel = POSITIONS
-    offset = numpy.zeros_like(rel)
-    if bidirectional:
-        num_buckets //= 2
-        offset = (rel > 0) * num_buckets
-        n = numpy.abs(rel)
-    else:
-        n = -numpy.minimum(rel, 0)
-    exact = num_buckets // 2
-    f32 = numpy.float32
-    log_ratio = log32(numpy.maximum(n, exact), exact)
-    scaled = (log_ratio / f32(math.log(max_distance / exact))).astype(f32) * f32(num_buckets - exact)
-    large = numpy.minimum(exact + scaled.astype(f32).astype(numpy.int64), num_buckets - 1)
-    return offset + numpy.where(n < exact, n, large)
-
-
-def _formula(bidirectional, num_buckets, max_distance, log):
+def _formula(bidirectional, num_buckets, max_distance, log, dtype=numpy.float64):
+    """Hugging Face's bucket formula on the host with the log ``log(n, e)``, its arithmetic in
+    ``dtype`` (float32 as Hugging Face, each step rounded; float64 to show what a float64 formula picks)."""
     rel = POSITIONS
     offset = numpy.zeros_like(rel)
     if bidirectional:
@@ -154,9 +138,14 @@ def _formula(bidirectional, num_buckets, max_distance, log):
         n = -numpy.minimum(rel, 0)
     exact = num_buckets // 2
     with numpy.errstate(divide="ignore"):
-        scaled = log(numpy.maximum(n, exact), exact) / math.log(max_distance / exact) * (num_buckets - exact)
-    large = numpy.minimum(exact + scaled.astype(numpy.int64), num_buckets - 1)
+        log_ratio = log(numpy.maximum(n, exact), exact)
+        scaled = (log_ratio / dtype(math.log(max_distance / exact))).astype(dtype) * dtype(num_buckets - exact)
+    large = numpy.minimum(exact + scaled.astype(dtype).astype(numpy.int64), num_buckets - 1)
     return offset + numpy.where(n < exact, n, large)
+
+
+def _formula32(bidirectional, num_buckets, max_distance, log32):
+    return _formula(bidirectional, num_buckets, max_distance, log32, dtype=numpy.float32)
 
 
 def test_configs_exercise_float32_rounding():
