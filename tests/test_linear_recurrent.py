@@ -312,3 +312,18 @@ def test_vjp_equals_autograd_through_every_form(rule, per_dim, strong):
     d_out = random.normal((1, 4, 7, 2), seed=(14, 7))
     d_state = random.normal((1, 2, 3, 2), seed=(14, 8))
     check_vjp_against_autograd_of_every_form("linear_recurrent", host, d_out, d_state, update_rule=rule)
+
+
+@pytest.mark.parametrize("slab", [1, 2, 3])
+@pytest.mark.parametrize("rule,per_dim", RULES)
+def test_chunked_slabs_of_any_size_agree(monkeypatch, rule, per_dim, slab):
+    """The chunked form groups chunks in slabs (state-independent work batched): 1, 2 or 3 chunks per
+    slab, T = 17 with chunks of 4 (a short last chunk), equals the recurrence."""
+    from reflex.mechanisms import _recurrent
+
+    host = inputs(15, rule=rule, per_dim=per_dim, length=17)
+    want = call_host(host, rule, "recurrent", slice(0, 17), host.get("initial_state"))
+    decay_dim = 5 if per_dim else 1
+    monkeypatch.setattr(_recurrent, "SLAB_ELEMENTS", slab * 2 * 2 * 4 * 4 * max(decay_dim, 8))
+    got = call_host(host, rule, "chunked", slice(0, 17), host.get("initial_state"))
+    assert max_abs(got[0], want[0]) <= 1e-12 and max_abs(got[1], want[1]) <= 1e-12

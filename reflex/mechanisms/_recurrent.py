@@ -206,59 +206,85 @@ def _pair(xp: Any, x: Any, y: Any, weights: Any) -> Any:
     return xp.sum(x[..., :, None, :] * y[..., None, :, :] * weights, axis=-1)
 
 
+SLAB_ELEMENTS = 1 << 21  # budget of one slab's (chunks, C, C, Dd) segment-sum arrays, per batch·head
+
+
 def chunked(t: Terms, state: Any, *, scale: float, chunk: int) -> tuple[Any, Any]:
-    """The chunked form of the module docstring, chunk by chunk (the last one may be shorter)."""
+    """The chunked form of the module docstring (the last chunk may be shorter).
+
+    Chunks go in slabs of m equal chunks: everything that does not depend on the incoming state —
+    segment sums, the forward substitution (for ``X = W S_0 + U``: ``W = T(𝒜∘e^{Γ′})``,
+    ``U = T tril₋₁(A^{ak}) V``, the WY/UT factors), the intra-chunk products — for the m chunks at
+    once, then the m states in sequence, a few matrix products per chunk.
+    """
     xp = t.xp
     if t.read_before and (t.a is not None or t.beta is not None):
         raise ValueError("read-before-write with a low-rank update is not a form of this core")
     T, dev = t.length, t.device
+    lead = math.prod(int(n) for n in t.k.shape[:-2])
+    decay_dim = 1 if t.decay is None else int(t.decay.shape[-1])
+    per_slab = max(1, SLAB_ELEMENTS // max(1, lead * chunk * chunk * max(decay_dim, 8)))
+    bonus = None if t.bonus is None else xp.expand_dims(t.bonus, axis=-2)
     outs = []
-    for c0 in range(0, T, chunk):
-        c1 = min(c0 + chunk, T)
-        n = c1 - c0
-        part = as_low_rank(_window(t, c0, c1))  # the delta correction as a, b per chunk: memory O(C)
-        q, k, v = part.q, part.k, part.v
-        g = part.decay  # (..., G, 1, n, Dd)
-        if g is None:
-            g = xp.zeros((*k.shape[:-1], 1), dtype=k.dtype, device=dev)
+    c0 = 0
+    while c0 < T:
+        n = min(chunk, T - c0)
+        m = max(1, min(per_slab, (T - c0) // n))
+        c1 = c0 + m * n
+        part = as_low_rank(_window(t, c0, c1))  # the delta correction as a, b per slab: memory O(slab)
+
+        def chunks(x: Any) -> Any:  # (..., m·n, X) → (..., m, n, X)
+            return xp.reshape(x, (*x.shape[:-2], m, n, int(x.shape[-1])))
+
+        q, k, v = chunks(part.q), chunks(part.k), chunks(part.v)
+        g = chunks(part.decay) if part.decay is not None else xp.zeros((*k.shape[:-1], 1), dtype=k.dtype, device=dev)
         rows = xp.reshape(xp.arange(n, dtype=xp.int64, device=dev), (n, 1))
         cols = xp.reshape(xp.arange(n, dtype=xp.int64, device=dev), (1, n))
         # Segment sums Y[i, j] = Σ_{j<s≤i} g_s: a cumulative sum over s of g_s masked to s > j.
-        later = (rows > cols)[..., None]  # (s, j, 1)
-        seg = xp.cumulative_sum(xp.where(later, g[..., :, None, :], 0.0), axis=-3)  # (..., n_i, n_j, Dd)
-        inclusive = xp.where((rows >= cols)[..., None], xp.exp(seg), 0.0)
+        seg = xp.cumulative_sum(xp.where((rows > cols)[..., None], g[..., :, None, :], 0.0), axis=-3)
         gamma = xp.cumulative_sum(g, axis=-2)  # Γ_i, inclusive, ≤ 0
-        to_end = seg[..., n - 1, :, :]  # Γ_C − Γ_j as Σ_{j<s≤C} g_s, (..., n, Dd)
-        decay_end = xp.exp(xp.matrix_transpose(gamma[..., n - 1:n, :]))  # (..., Dd, 1)
+        to_end = xp.exp(seg[..., n - 1, :, :])  # e^{Γ_C − Γ_j}, Γ_C − Γ_j as Σ_{j<s≤C} g_s
+        decay_end = xp.exp(xp.matrix_transpose(gamma[..., n - 1:n, :]))  # (..., m, Dd, 1)
         if part.read_before or part.a is not None:
             # Exclusive: Y′[i, j] = Y[i−1, j] for j < i, and Γ′_i = Γ_{i−1}.
             shifted = xp.concat([xp.zeros_like(seg[..., :1, :, :]), seg[..., :n - 1, :, :]], axis=-3)
             exclusive = xp.where((rows > cols)[..., None], xp.exp(shifted), 0.0)
             gamma_ex = xp.concat([xp.zeros_like(gamma[..., :1, :]), gamma[..., :n - 1, :]], axis=-2)
+        if part.read_before:
+            q_state = q * xp.exp(gamma_ex)
+            o_intra = _pair(xp, q, k, exclusive) @ v
+            if bonus is not None:
+                o_intra = o_intra + _scalar_read(xp, q, k, bonus, v, 1.0)
+        else:
+            inclusive = xp.where((rows >= cols)[..., None], xp.exp(seg), 0.0)
+            q_state = q * xp.exp(gamma)
+            o_intra = _pair(xp, q, k, inclusive) @ v
+        state_intra = xp.matrix_transpose(k * to_end) @ v  # (..., m, D, E)
         if part.a is not None:
-            a, b = part.a, part.b
+            a, b = chunks(part.a), chunks(part.b)
             a_ab = _pair(xp, a, b, exclusive)
-            rhs = (a * xp.exp(gamma_ex)) @ state + _pair(xp, a, k, exclusive) @ v
-            xs = []  # forward substitution: x_i = rhs_i + Σ_{j<i} A^{ab}_ij x_j
+            rhs = xp.concat([a * xp.exp(gamma_ex), _pair(xp, a, k, exclusive) @ v], axis=-1)
+            xs = []  # forward substitution: x_i = rhs_i + Σ_{j<i} A^{ab}_ij x_j, for [W | U] at once
             for i in range(n):
                 x = _row(rhs, i)
                 if i:
                     x = x + a_ab[..., i:i + 1, :i] @ xp.concat(xs, axis=-2)
                 xs.append(x)
-            x = xp.concat(xs, axis=-2)
-        if part.read_before:
-            o = (q * xp.exp(gamma_ex)) @ state + _pair(xp, q, k, exclusive) @ v
-            if t.bonus is not None:
-                o = o + _scalar_read(xp, q, k, t.bonus, v, 1.0)
-        else:
-            o = (q * xp.exp(gamma)) @ state + _pair(xp, q, k, inclusive) @ v
+            solved = xp.concat(xs, axis=-2)
+            D = int(a.shape[-1])
+            w, u = solved[..., :D], solved[..., D:]
+            q_b = _pair(xp, q, b, inclusive)
+            b_end = xp.matrix_transpose(b * to_end)
+        for j in range(m):
+            o = q_state[..., j, :, :] @ state + o_intra[..., j, :, :]
+            new = decay_end[..., j, :, :] * state + state_intra[..., j, :, :]
             if part.a is not None:
-                o = o + _pair(xp, q, b, inclusive) @ x
-        outs.append(scale * o)
-        new = decay_end * state + xp.matrix_transpose(k * xp.exp(to_end)) @ v
-        if part.a is not None:
-            new = new + xp.matrix_transpose(b * xp.exp(to_end)) @ x
-        state = new
+                x = w[..., j, :, :] @ state + u[..., j, :, :]  # a_tᵀS_{t−1} for the chunk's t
+                o = o + q_b[..., j, :, :] @ x
+                new = new + b_end[..., j, :, :] @ x
+            outs.append(scale * o)
+            state = new
+        c0 = c1
     if not outs:
         shape = (*t.q.shape[:-1], int(t.v.shape[-1]))
         return xp.zeros(shape, dtype=t.q.dtype, device=dev), state
