@@ -192,25 +192,27 @@ def _case_gradients(mechanism: registry.Mechanism, case: registry.Case, cid: str
 
 def _shape_problem(case: registry.Case, shape: Mapping[str, int], output: numpy.ndarray | None) -> str | None:
     """Why ``case`` does not have the requested ``shape`` (None when it has): q (or qk) must be
-    (B, H, L, D), k and v (…, G or H, L, D), and the output keep q's batch axes and length."""
+    (B, H, L, D), k and v (…, G or H, L, D) — (B, L, H, D) and (…, L, G or H, D) for a case with
+    ``layout="blhd"`` — and the output keep q's batch axes and length."""
     q = case.inputs.get("q", case.inputs.get("qk"))
     if q is None or getattr(q, "ndim", 0) < 3:
         return "its case has no (…, H, L, D) query input q to shape"
-    want = {"B": (q.shape[:-3], (shape.get("B"),)), "H": (q.shape[-3], shape.get("H")),
-            "L": (q.shape[-2], shape.get("L")), "D": (q.shape[-1], shape.get("D"))}
+    heads, length = (-2, -3) if case.params.get("layout") == "blhd" else (-3, -2)
+    want = {"B": (q.shape[:-3], (shape.get("B"),)), "H": (q.shape[heads], shape.get("H")),
+            "L": (q.shape[length], shape.get("L")), "D": (q.shape[-1], shape.get("D"))}
     for name in ("k", "v"):
         x = case.inputs.get(name)
         if x is not None and getattr(x, "ndim", 0) >= 3:
-            want[f"{name}.L"] = (x.shape[-2], shape.get("L"))
+            want[f"{name}.L"] = (x.shape[length], shape.get("L"))
             want[f"{name}.D"] = (x.shape[-1], shape.get("D"))
             if "G" in shape:  # the requested kv heads, or one kv head per query head (MHA variants)
-                want[f"{name}.G"] = (x.shape[-3] in (shape["G"], q.shape[-3]), True)
+                want[f"{name}.G"] = (x.shape[heads] in (shape["G"], q.shape[heads]), True)
     for what, (got, expected) in want.items():
         if expected is not None and expected != (None,) and got != expected:
             shapes = ", ".join(f"{n} {tuple(a.shape)}" for n, a in sorted(case.inputs.items()) if n in ("q", "qk", "k", "v"))
             return f"its case builder does not build the requested shape {_shape_tag(shape)} ({shapes})"
     if output is not None and (output.ndim != q.ndim or output.shape[:-3] != q.shape[:-3]
-                               or output.shape[-2] != q.shape[-2]):
+                               or output.shape[length] != q.shape[length]):
         return f"its output {tuple(output.shape)} does not follow the query's batch and length {tuple(q.shape)}"
     return None
 

@@ -9,9 +9,13 @@ from pathlib import Path
 import numpy
 import pytest
 
+import reflex
 from reflex import fixtures
 from reflex.backends import safetensors_file
 from reflex.cli import main
+
+
+N = len(reflex.get("full").cases("tiny", 0))  # cases of full per size
 
 
 def _run(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -43,7 +47,7 @@ def test_generate_shape_options_dtypes_and_format(tmp_path, capsys):
     assert fixture_set.format == "safetensors" and fixture_set.manifest["dtypes"] == ["float64", "float32"]
     assert fixture_set.manifest["shapes"] == {"heads": [4], "kv_heads": [1, 2], "lengths": [5, 9], "head_dims": [16]}
     assert fixture_set["full-gqa-0-H4_G1_L9_D16"].inputs["k"].shape == (2, 1, 9, 16)
-    assert len(fixture_set) == 4 * 7
+    assert len(fixture_set) == 4 * N
     assert "skipped 12 case(s) that cannot take the requested shapes" in out
     assert "  axial rows_then_cols at tiny H4_G1_L5_D16: its case builder does not build the requested shape" in out
     assert "  ... and 2 more" in out and "100%" not in err  # stderr is not a terminal: no bar
@@ -59,7 +63,7 @@ def test_generate_quiet_prints_only_the_digest(tmp_path, capsys):
 def test_progress_bar_only_on_a_terminal(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     code, _, err = _run(["fixtures", "generate", "--out", str(tmp_path), "--mechanisms", "full", "--sizes", "tiny"], capsys)
-    assert code == 0 and "100%" in err and "7/7" in err
+    assert code == 0 and "100%" in err and f"{N}/{N}" in err
     code, _, err = _run(["fixtures", "verify", str(tmp_path), "--quiet"], capsys)
     assert code == 0 and err == ""
 
@@ -79,7 +83,7 @@ def test_generate_usage_errors_are_one_line(tmp_path, capsys, argv, message):
 def test_verify_digest_quiet_and_unlisted_files(generated, capsys):
     digest = fixtures.load(generated).digest
     code, out, err = _run(["fixtures", "verify", str(generated), "--digest", digest], capsys)
-    assert code == 0 and out.startswith(f"verified 7 cases in {generated}: hashes match") and digest in out
+    assert code == 0 and out.startswith(f"verified {N} cases in {generated}: hashes match") and digest in out
     code, out, err = _run(["fixtures", "verify", str(generated), "--digest", "f" * 64], capsys)
     assert code == 1 and f"differs from the pinned {'f' * 64}" in err
     code, out, err = _run(["fixtures", "verify", str(generated), "--digest", "xyz"], capsys)
@@ -106,10 +110,11 @@ def test_check_table_quiet_require_all_and_safetensors(generated, tmp_path, caps
                                       "(atol + rtol·|ref|), PASS when ≤ 1")
     row = next(line for line in lines if line.startswith("full-gqa-0 "))
     assert row.split()[-2:] == ["1.00e-12", "PASS"] and "0.00e+00" in row
-    assert lines[-1] == "1 passed, 0 failed, 6 not exported"
+    assert lines[-1] == f"1 passed, 0 failed, {N - 1} not exported"
     code, out, _ = _run(["fixtures", "check", str(generated), str(exported), "--require-all"], capsys)
     assert code == 1 and any(line.startswith("full-mha-0 ") and line.endswith("NOT EXPORTED (FAIL)") for line in out.splitlines())
-    assert out.splitlines()[-1] == "1 passed, 6 failed, 6 not exported (the 6 not exported count as failed: --require-all)"
+    assert out.splitlines()[-1] == (f"1 passed, {N - 1} failed, {N - 1} not exported (the {N - 1} not exported count as "
+                                    f"failed: --require-all)")
     code, out, _ = _run(["fixtures", "check", str(generated), str(exported), "--require-all", "--quiet"], capsys)
     assert code == 1 and "rule:" not in out and out.splitlines()[0] == "FAIL full-mha-0 output: not exported (--require-all)"
     near = fixture_set["full-gqa-0"].output.astype(numpy.float32)
