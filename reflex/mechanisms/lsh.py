@@ -444,15 +444,25 @@ def _vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, **params: Any) -> dict:
     d_out = xp.astype(d_out, dtype)
     d_total = xp.zeros(lse.shape, dtype=dtype, device=p.device) if d_lse is None else xp.astype(d_lse, dtype)
     rows = xp.reshape(xp.arange(p.length, dtype=xp.int64, device=p.device), (p.length, 1))
-    d_q = d_keys = d_v = None
+    rounds = []
     for call in calls:
-        empty = call.lse == -math.inf
         if call.indices is None:
             copies = xp.ones(call.lse.shape, dtype=xp.int64, device=p.device)
         else:
             copies = xp.sum(xp.astype(call.indices == rows, xp.int64), axis=-1)
-        round_out, round_lse = _self_only(xp, call.out, call.lse, p.v, copies)
-        weight = xp.exp(round_lse - lse)
+        rounds.append(_self_only(xp, call.out, call.lse, p.v, copies))
+    # w_r = e^{lse_r − m} / Σ e^{lse_r' − m} as in _combine (e^{lse_r − LSE} loses ~1e-11 at lse ≈ −1e5)
+    top = rounds[0][1]
+    for _, round_lse in rounds[1:]:
+        top = xp.maximum(top, round_lse)
+    shifted = [xp.exp(round_lse - top) for _, round_lse in rounds]
+    norm = shifted[0]
+    for s in shifted[1:]:
+        norm = norm + s
+    d_q = d_keys = d_v = None
+    for call, (round_out, _), s in zip(calls, rounds, shifted):
+        empty = call.lse == -math.inf
+        weight = s / norm
         d_round = weight[..., None] * d_out
         d_round_lse = weight * (d_total + xp.sum(d_out * (round_out - out), axis=-1))
         keep = xp.logical_not(empty)
