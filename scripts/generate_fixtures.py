@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Write a golden fixture set: ``python scripts/generate_fixtures.py --out DIR [--mechanisms k1,k2] [--sizes tiny,small] [--seed S]``.
 
-A thin wrapper over ``reflex fixtures generate`` (same options, same exit codes); the format is
-described in ``docs/fixtures.md``.
+A thin wrapper over ``reflex fixtures generate`` (same options — also ``--lengths``, ``--head-dims``,
+``--heads``, ``--kv-heads``, ``--batch``, ``--dtypes``, ``--format``, ``--quiet`` —, same exit codes);
+the format is described in ``docs/fixtures.md``.
 """
 
 from __future__ import annotations
