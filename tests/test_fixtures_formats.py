@@ -11,7 +11,7 @@ import numpy
 import pytest
 
 import reflex
-from reflex import fixtures, registry
+from reflex import fixture_schema, fixtures, registry
 from reflex.backends import npz, safetensors_file
 from reflex.fixtures import FixtureError
 from reflex.mechanisms import _cases
@@ -29,6 +29,7 @@ def _bytes(folder: Path) -> dict[str, bytes]:
 
 
 def test_case_shape_reaches_dims_and_qkv_and_is_undone():
+    assert fixture_schema.SHAPE_LETTERS == _cases.SHAPE_LETTERS  # the manifest's letters are case_shape's
     assert _cases.dims("tiny") == {"L": 4, "S": 7, "D": 8, "E": 6, "H": 4, "G": 2, "B": 2}
     with _cases.case_shape(L=129, D=64, H=8, B=1):
         assert _cases.dims("tiny") == {"L": 129, "S": 129, "D": 64, "E": 64, "H": 8, "G": 2, "B": 1}
