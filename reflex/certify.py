@@ -13,7 +13,8 @@ references), in higher precision:
   no long double: certification runs on the host.
 - ``"mpmath"``: an independent evaluation of the mechanism's formula in mpmath at ``dps`` decimal
   digits (default 40), written here from the equations, not from the engine: the engine's dense
-  softmax kernel (``full``: masks, bias, softcap, GQA, both causal alignments), linear attention
+  softmax kernel (``full``: masks, bias, softcap, GQA, both causal alignments, attention sinks,
+  the ``blhd`` layout), linear attention
   (``linear``: elu + 1 and relu feature maps, causal) and Performer (``performer`` with an explicit
   projection: positive, trigonometric and relu features, causal; unstabilised, the exact formula).
   Slow (pure Python): tiny cases.
@@ -351,12 +352,8 @@ def certify(key: str, inputs: Mapping[str, Any], /, *, method: str = "auto", dps
                            notes=tuple(notes), **_summary(bounds))
     mp = _mpmath()
     formula, _ = FORMULAS[key]
-    options = {name: value for name, value in {**host, **params}.items()
-               if name not in (*FORMULA_INPUTS, "return_lse", "implementation")}
     with mp.workdps(dps):
-        parts = formula(Ops(mp), host["q"], host["k"], host["v"], **options)
-        bounds = (softmax_bounds(host["q"], host["k"], host["v"], parts, scale=params.get("scale"),
-                                  softcap=params.get("softcap"), bias=host.get("bias")) if formula is softmax_formula else {})
+        parts, bounds = _evaluate(formula, Ops(mp), host, params)
         outputs = tuple(_compare(name, value, parts[name], mp=mp, bound=bounds.get(name)) for name, value in float64)
         cross = None
         if longdouble is not None:
@@ -442,12 +439,26 @@ def _longdouble_bounds(key: str, host: Mapping[str, Any], params: Mapping[str, A
     """For the softmax formula (``full``): bounds from the formula evaluated in longdouble; else none."""
     if key != "full" or mpmath_supports(key, host, params) is not None:
         return {}
-    options = {name: value for name, value in {**host, **params}.items()
-               if name not in (*FORMULA_INPUTS, "return_lse", "implementation")}
     with numpy.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        parts = softmax_formula(Ops(), host["q"], host["k"], host["v"], **options)
-    return softmax_bounds(host["q"], host["k"], host["v"], parts, scale=params.get("scale"),
-                           softcap=params.get("softcap"), bias=host.get("bias"))
+        return _evaluate(softmax_formula, Ops(), host, params)[1]
+
+
+def _evaluate(formula: Callable[..., dict[str, numpy.ndarray]], ops: Ops, host: Mapping[str, Any],
+              params: Mapping[str, Any]) -> tuple[dict[str, numpy.ndarray], dict[str, Any]]:
+    """A formula's parts (``out`` in the mechanism's layout) and, for the softmax formula, its bounds."""
+    flash = params.get("layout", "bhld") == "blhd"  # q, k, v and out as (..., L, H, D)
+    q, k, v = (numpy.swapaxes(host[name], -3, -2) if flash else host[name] for name in FORMULA_INPUTS)
+    options = {name: value for name, value in {**host, **params}.items()
+               if name not in (*FORMULA_INPUTS, "return_lse", "implementation", "layout")}
+    parts = formula(ops, q, k, v, **options)
+    bounds = {}
+    if formula is softmax_formula:
+        bounds = softmax_bounds(q, k, v, parts, scale=params.get("scale"), softcap=params.get("softcap"),
+                                bias=host.get("bias"), sinks=host.get("sinks"))
+    if flash:
+        parts = {**parts, "out": numpy.swapaxes(parts["out"], -3, -2)}
+        bounds = {**bounds, "out": numpy.swapaxes(bounds["out"], -3, -2)} if "out" in bounds else bounds
+    return parts, bounds
 
 
 # A restricted-softmax mechanism's longdouble output must equal softmax over its pattern to this (relative).

@@ -66,14 +66,16 @@ def allowed(shape: tuple[int, ...], causal: Any, mask: Any) -> numpy.ndarray:
 
 def softmax_formula(ops: Ops, q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, *, mask: Any = None, bias: Any = None,
                      causal: Any = False, scale: float | None = None, softcap: float | None = None,
-                     counts: Any = None) -> dict[str, numpy.ndarray]:
+                     counts: Any = None, sinks: Any = None) -> dict[str, numpy.ndarray]:
     """Dense softmax attention, term by term as ``full_attention``'s docstring defines it.
 
     ``Z = cap(scale·Q Kᵀ) + bias``, −∞ where masked or causally excluded; ``m`` the row max (0 for
     an empty row), ``P = c·e^{Z − m} / Σ c·e^{Z − m}``, ``O = P V``, ``lse = m + log Σ c·e^{Z − m}``;
     an empty row gives ``O = 0``, ``lse = −∞``. ``counts`` c (integers broadcastable to
     ``(..., H, L, S)``, default 1) count a key attended more than once (a multiplicity pattern; 0 =
-    not attended). Returns ``out, lse, scores, probs`` in the ops' type.
+    not attended). ``sinks (H,)``: a per-head logit ``s_h`` in every row's denominator with value 0
+    (``P = e^{Z − m'} / (Σ e^{Z − m'} + e^{s_h − m'})``, ``m' = max(m, s_h)``; the lse includes it, an
+    empty row gets ``O = 0``, ``lse = s_h``). Returns ``out, lse, scores, probs`` in the ops' type.
     """
     heads, length, dim = q.shape[-3:]
     key_length = k.shape[-2]
@@ -95,11 +97,17 @@ def softmax_formula(ops: Ops, q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarr
         out = numpy.full((*z.shape[:-1], v.shape[-1]), zero, dtype=z.dtype)
         return {"out": out, "lse": numpy.full(z.shape[:-1], ninf, dtype=z.dtype), "scores": z, "probs": z}
     row_max = numpy.max(z, axis=-1, keepdims=True)
+    sink = None
+    if sinks is not None:
+        sink = numpy.broadcast_to(ops.array(numpy.asarray(sinks, dtype=numpy.float64))[:, None, None], row_max.shape)
+        row_max = numpy.where(sink > row_max, sink, row_max)
     shift = numpy.where(row_max == ninf, zero, row_max)
     weights = ops.exp(z - shift)
     if counts is not None:
         weights = weights * ops.array(counts.astype(numpy.float64))
     row_sum = numpy.sum(weights, axis=-1, keepdims=True)
+    if sink is not None:
+        row_sum = row_sum + ops.exp(sink - shift)
     empty = row_sum == 0
     denominator = numpy.where(empty, one, row_sum)
     probs = weights / denominator
@@ -179,9 +187,10 @@ def performer_formula(ops: Ops, q: numpy.ndarray, k: numpy.ndarray, v: numpy.nda
 
 # key → (formula, the mechanism options it understands; others make mpmath decline)
 FORMULAS: dict[str, tuple[Callable[..., dict[str, numpy.ndarray]], frozenset[str]]] = {
-    "full": (softmax_formula, frozenset({"mask", "bias", "causal", "scale", "softcap", "return_lse", "implementation"})),
-    "linear": (linear_formula, frozenset({"feature_map", "causal", "eps", "implementation"})),
-    "performer": (performer_formula, frozenset({"projection", "kernel", "causal", "scale", "implementation"})),
+    "full": (softmax_formula, frozenset({"mask", "bias", "causal", "scale", "softcap", "return_lse", "implementation",
+                                         "sinks", "layout"})),
+    "linear": (linear_formula, frozenset({"feature_map", "causal", "eps", "implementation", "layout"})),
+    "performer": (performer_formula, frozenset({"projection", "kernel", "causal", "scale", "implementation", "layout"})),
 }
 MPMATH_KEYS = tuple(FORMULAS)
 FORMULA_INPUTS = ("q", "k", "v")
@@ -219,10 +228,12 @@ def gamma(n: Any) -> Any:
 
 
 def softmax_bounds(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, parts: Mapping[str, numpy.ndarray], *,
-                   scale: float | None, softcap: float | None, bias: Any, counts: Any = None) -> dict[str, Any]:
+                   scale: float | None, softcap: float | None, bias: Any, counts: Any = None,
+                   sinks: Any = None) -> dict[str, Any]:
     """Per-element first-order bounds on out and lse, and the case's condition (see :mod:`reflex.certify`).
 
-    ``counts``: a multiplicity pattern (a key counted c times is c terms of the sum).
+    ``counts``: a multiplicity pattern (a key counted c times is c terms of the sum). ``sinks (H,)``:
+    one more term per row, an exact logit with value 0.
     """
     u = UNIT_ROUNDOFF
     heads, _, dim = q.shape[-3:]
@@ -233,10 +244,19 @@ def softmax_bounds(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, parts: 
                           else parts["probs"], dtype=numpy.float64)
     lse = numpy.asarray(parts["lse"].astype(numpy.float64) if parts["lse"].dtype == object
                         else parts["lse"], dtype=numpy.float64)
+    qk = numpy.abs(q * scale) @ numpy.swapaxes(numpy.abs(repeat_heads(k, heads)), -1, -2)
+    abs_v = numpy.abs(repeat_heads(v, heads))
+    multiplicity = numpy.ones(z.shape) if counts is None else numpy.broadcast_to(numpy.asarray(counts, dtype=numpy.float64), z.shape)
+    if sinks is not None:  # the sink: one more column, its logit exact (no q·k), its value 0
+        sink = numpy.broadcast_to(numpy.asarray(sinks, dtype=numpy.float64)[:, None, None], (*z.shape[:-1], 1))
+        with numpy.errstate(invalid="ignore"):
+            sink_prob = numpy.exp(sink - lse[..., None])
+        z, probs = numpy.concatenate([z, sink], axis=-1), numpy.concatenate([probs, sink_prob], axis=-1)
+        qk = numpy.concatenate([qk, numpy.zeros(sink.shape)], axis=-1)
+        multiplicity = numpy.concatenate([multiplicity, numpy.ones(sink.shape)], axis=-1)
+        abs_v = numpy.concatenate([abs_v, numpy.zeros((*abs_v.shape[:-2], 1, abs_v.shape[-1]))], axis=-2)
     attended = numpy.isfinite(z)
-    terms = attended.astype(numpy.float64)
-    if counts is not None:
-        terms = terms * numpy.broadcast_to(numpy.asarray(counts, dtype=numpy.float64), z.shape)
+    terms = attended * multiplicity
     n = terms.sum(axis=-1)
     z_max = numpy.where(attended, z, -numpy.inf).max(axis=-1, initial=-numpy.inf)
     z_min = numpy.where(attended, z, numpy.inf).min(axis=-1, initial=numpy.inf)
@@ -245,11 +265,9 @@ def softmax_bounds(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, parts: 
     softmax_rel = numpy.where(some, (n + 2 + 2 * spread) * u, 0.0)  # BHH Thm 4.3
     with numpy.errstate(invalid="ignore"):
         lse_part = numpy.where(some, numpy.abs(lse + n - z_min) * u, 0.0)  # BHH Thm 4.2
-    qk = numpy.abs(q * scale) @ numpy.swapaxes(numpy.abs(repeat_heads(k, heads)), -1, -2)
     term_roundings = (3 if softcap is not None else 0) + (1 if bias is not None else 0)
     logit = gamma(dim + 1) * qk + term_roundings * u * numpy.where(attended, numpy.abs(z), 0.0)
     logit_row = numpy.where(attended, logit, 0.0).max(axis=-1, initial=0.0)
-    abs_v = numpy.abs(repeat_heads(v, heads))
     out_bound = (softmax_rel[..., None] * probs.max(axis=-1, initial=0.0)[..., None] * (terms @ abs_v)
                  + (2 * logit_row + gamma(n + 1))[..., None] * (probs @ abs_v))
     return {

@@ -204,7 +204,8 @@ cert.outputs[0].max_rel, cert.outputs[0].bound, cert.condition, cert.flagged
   in arbitrary precision (default 40 digits, `--dps`), written in `reflex/certify.py` from the
   equations, not from the engine, as SciPy checks its special functions (inputs enter exactly
   through `mpf(float(x))`). Formulas: the engine's dense softmax attention (`full`: masks, bias,
-  softcap, GQA, both causal alignments, fully masked rows), linear attention (`linear`: elu + 1
+  softcap, GQA, both causal alignments, fully masked rows, attention sinks, the `blhd` layout),
+  linear attention (`linear`: elu + 1
   and relu feature maps, causal) and Performer (`performer` with an explicit projection: positive,
   trigonometric and relu features, causal; the unstabilised formula, which the mechanism's
   stabilisation must equal exactly). The other formula mechanisms (cosFormer, RFA, Nyström,
