@@ -77,10 +77,11 @@ def test_readme_states_what_users_need():
     readme = (ROOT / "README.md").read_text()
     assert "--index-url https://download.pytorch.org/whl/cpu" in readme  # torch's CPU build, anywhere
     assert 'jax.config.update("jax_enable_x64", True)' in readme
-    assert "reflex.vjp(" in readme and "(B, L, H, D)" in readme and "not* accepted" in readme
+    assert "reflex.vjp(" in readme and "(B, L, H, D)" in readme and 'layout="blhd"' in readme
+    assert "wrong answers, not an error" in readme
     conventions = (ROOT / "docs" / "conventions.md").read_text()
-    for phrase in ("True = attend", "j ≤ i + S − L", "lse = −∞", "h // (H/G)", "NOT accepted", "FloatingPointError",
-                   "Masked keys are inert"):
+    for phrase in ("True = attend", "j ≤ i + S − L", "lse = −∞", "h // (H/G)", "wrong answers, not an error",
+                   'layout="blhd"', "FloatingPointError", "Masked keys are inert"):
         assert phrase in conventions, phrase
 
 

@@ -38,7 +38,8 @@ def test_reflex_cases_are_the_registry_cases():
     params = reflex_cases("full", sizes=("tiny", "small"))
     cases = [p.values[0] for p in params]
     registered = [c.variant for c in reflex.get("full").cases("tiny", 0)]
-    assert [c.variant for c in cases] == registered * 2 and [c.size for c in cases] == ["tiny"] * 7 + ["small"] * 7
+    count = len(registered)
+    assert [c.variant for c in cases] == registered * 2 and [c.size for c in cases] == ["tiny"] * count + ["small"] * count
     assert [p.id for p in params][:2] == ["full-mha-0", "full-gqa-0"] and all(p.id == c.id for p, c in zip(params, cases))
     assert all(isinstance(c, OracleCase) and c.key == "full" for c in cases)
     only = reflex_cases("full", sizes="tiny", variants=("gqa",))
@@ -146,4 +147,4 @@ def test_documented_example_passes(pytester):
     pytester.makepyfile(test_example=(ROOT / "examples" / "test_with_reflex_plugin.py").read_text())
     result = _run(pytester, "-q")
     outcomes = result.parseoutcomes()
-    assert result.ret == 0 and outcomes.get("passed", 0) >= 17 and "failed" not in outcomes, result.stdout.str()
+    assert result.ret == 0 and outcomes.get("passed", 0) >= 18 and "failed" not in outcomes, result.stdout.str()

@@ -80,6 +80,8 @@ def test_emulated_kernels_meet_the_row_and_the_flash_rule(fmt):
     measure = _kernels()
     tol = testing.tolerance(fmt).atol
     for case in reflex.get("full").cases("small", 0):
+        if not measure.supported(case):
+            continue
         inputs, params = dict(case.inputs), dict(case.params)
         got = measure.kernel(inputs, params, fmt)
         extra = {n: a for n, a in inputs.items() if n not in "qkv"}
