@@ -170,13 +170,16 @@ def test_usage_errors_exit_2(capsys, tmp_path):
         assert exit_info.value.code == 2
 
 
+FULL_TINY = len(reflex.get("full").cases("tiny", 2))  # full's registered cases at size tiny
+
+
 @pytest.fixture
 def generated(tmp_path, capsys) -> Path:
     folder = tmp_path / "set"
     assert main(["fixtures", "generate", "--out", str(folder), "--mechanisms", "full", "--sizes", "tiny",
                  "--seed", "2"]) == 0
     captured = capsys.readouterr()
-    assert captured.out.startswith(f"wrote 7 cases of 1 mechanism(s) (sizes tiny, seed 2) to {folder}: ")
+    assert captured.out.startswith(f"wrote {FULL_TINY} cases of 1 mechanism(s) (sizes tiny, seed 2) to {folder}: ")
     assert "100%" not in captured.err  # a tqdm bar only when stderr is a terminal (tests/test_fixtures_cli.py)
     return folder
 
@@ -184,7 +187,7 @@ def generated(tmp_path, capsys) -> Path:
 def test_fixtures_generate_and_verify(generated, capsys):
     assert fixtures.load(generated).manifest["seed"] == 2
     assert main(["fixtures", "verify", str(generated)]) == 0
-    assert capsys.readouterr().out.startswith(f"verified 7 cases in {generated}: hashes match, 7 recomputed bitwise")
+    assert capsys.readouterr().out.startswith(f"verified {FULL_TINY} cases in {generated}: hashes match, {FULL_TINY} recomputed bitwise")
     target = generated / "full-softcap-0.npz"
     data = bytearray(target.read_bytes())
     data[-100] ^= 0x10
@@ -201,12 +204,12 @@ def test_fixtures_check(generated, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("rule: |err| ≤ atol + rtol·|ref| per element")
     assert out.splitlines()[1].split() == ["case", "array", "dtype", "max", "abs", "err/bound", "atol", "rtol", "status"]
-    assert "full-gqa-0" in out and out.rstrip().endswith("7 passed, 0 failed, 0 not exported")
+    assert "full-gqa-0" in out and out.rstrip().endswith(f"{FULL_TINY} passed, 0 failed, 0 not exported")
 
     numpy.savez(exported, **{"full-gqa-0": fixture_set["full-gqa-0"].output + 0.02})
     assert main(["fixtures", "check", str(generated), str(exported)]) == 1
     out = capsys.readouterr().out
-    assert "FAIL full-gqa-0 output:" in out and "1 failed, 6 not exported" in out
+    assert "FAIL full-gqa-0 output:" in out and f"1 failed, {FULL_TINY - 1} not exported" in out
     assert main(["fixtures", "check", str(generated), str(exported), "--dtype", "bfloat16"]) == 0
     capsys.readouterr()
     assert main(["fixtures", "check", str(generated), str(exported), "--dtype", "bfloat16", "--require-all"]) == 1
@@ -231,7 +234,7 @@ def test_generate_fixtures_script_is_the_cli(tmp_path, monkeypatch, capsys):
                                       "--sizes", "tiny"])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(ROOT / "scripts" / "generate_fixtures.py"), run_name="__main__")
-    assert exit_info.value.code == 0 and "wrote 7 cases" in capsys.readouterr().out
+    assert exit_info.value.code == 0 and f"wrote {len(reflex.get('full').cases('tiny', 0))} cases" in capsys.readouterr().out
     reference = tmp_path / "api"
     fixtures.generate(reference, ["full"], ["tiny"])
     assert (out / "manifest.json").read_bytes() == (reference / "manifest.json").read_bytes()
