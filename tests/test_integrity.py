@@ -204,3 +204,12 @@ def test_a_library_that_cannot_hold_float64_is_refused():
     q, k, v = (jnp.asarray(a, dtype=jnp.float32) for a in qkv_host(0, length=3, key_length=4))
     with pytest.raises(TypeError, match="jax_enable_x64"):
         reflex.full_attention(q, k, v)
+
+
+def test_low_precision_emulation_overflows_as_that_dtype():
+    """compute_dtype=float16 emulates a float16 kernel: its overflow is the answer, not an error."""
+    q, k, v = qkv_host(0, length=3, key_length=4)
+    out = reflex.full_attention(q * 300, k * 300, v, compute_dtype="float16")
+    assert not numpy.all(numpy.isfinite(numpy.asarray(out, dtype=numpy.float64)))
+    with pytest.raises(FloatingPointError):
+        reflex.full_attention(q * 1e160, k * 1e160, v)

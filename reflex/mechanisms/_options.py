@@ -15,7 +15,9 @@ wrapper checks
 and after it returns, the overflow guard: an output that is not finite although every input is finite
 means ``scale·q·k`` (or another intermediate) overflowed float64. reflex raises
 :class:`FloatingPointError` there instead of returning NaN (NaN or ±inf in the inputs still flows to
-the rows that use them). Finally, the output must have the compute dtype: a library that cannot hold
+the rows that use them). A run with a low-precision ``compute_dtype`` (float32, float16, bfloat16)
+emulates that precision, overflow included, and is not guarded. Finally, the output must have the
+compute dtype: a library that cannot hold
 it (JAX without x64) is refused, never answered in a lower precision.
 
 Specs are found by parameter name (:data:`BY_NAME`); a mechanism overrides or adds specs with keyword
@@ -292,10 +294,15 @@ def _arrays_in(value: Any) -> list[Any]:
     return []
 
 
+LOW_PRECISION = ("float32", "float16", "bfloat16")
+
+
 def _overflow_guard(function_name: str, arrays: dict[str, Any], result: Any) -> None:
     """Raise when the output is not finite although every input array is."""
     out = result[0] if isinstance(result, tuple) else result
     if not is_array(out) or _all_finite(out):
+        return
+    if _dtype_text(out.dtype) in LOW_PRECISION:  # an emulated low-precision run overflows as that dtype does
         return
     if all(_all_finite(a) for value in arrays.values() for a in _arrays_in(value)):
         sizes = ", ".join(f"max |{name}| = {float(namespace(a).max(namespace(a).abs(a))):.3g}"
