@@ -200,6 +200,7 @@ def _padded(p: _kernels.Prepared, q: Any, k: Any, v: Any, projections: tuple[Any
         lse = xp.where(flags, xp.take(g_lse, rank, axis=g_lse.ndim - 1), lse)
     return (out, lse) if return_lse else out
 
+
 def _vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, **params: Any) -> dict:
     """VJP of :func:`longformer_attention` through the engine's backward.
 
