@@ -213,3 +213,27 @@ def test_low_precision_emulation_overflows_as_that_dtype():
     assert not numpy.all(numpy.isfinite(numpy.asarray(out, dtype=numpy.float64)))
     with pytest.raises(FloatingPointError):
         reflex.full_attention(q * 1e160, k * 1e160, v)
+
+
+@pytest.mark.parametrize("key,name", [("talking_heads", "v"), ("talking_heads", "k"), ("performer", "k"),
+                                      ("probsparse", "v")])
+def test_formula_mechanisms_keep_unattended_non_finite_keys_inert(key, name):
+    """NaN in the last key/value under causal masking reaches only the rows that attend it.
+
+    (probsparse's *keys* are read by its query selection, and predictive's convolved maps weigh every
+    key: there a non-finite key legitimately changes every row.)"""
+    m = reflex.get(key)
+    case = next(c for c in m.cases("tiny", 0) if c.params.get("causal"))
+    base = m.function(*(case.inputs[n] for n in case.positional),
+                      **{n: a for n, a in case.inputs.items() if n not in case.positional}, **case.params)
+    base = numpy.asarray(base[0] if isinstance(base, tuple) else base)
+    target = name if name in case.inputs else case.positional[-1]
+    poisoned = case.inputs[target].copy()
+    poisoned[..., -1, :] = numpy.nan
+    inputs = {**case.inputs, target: poisoned}
+    out = m.function(*(inputs[n] for n in case.positional), **{n: a for n, a in inputs.items() if n not in case.positional},
+                     **case.params)
+    out = numpy.asarray(out[0] if isinstance(out, tuple) else out)
+    hit = ~numpy.isfinite(out).all(axis=-1)
+    assert hit.sum() < hit.size, f"{key}: NaN in one {target} row leaked into every row"
+    assert max_abs(out[~hit], base[~hit]) <= 1e-13

@@ -20,3 +20,19 @@ def vector_norm(xp: Any, x: Any, *, axis: int = -1, keepdims: bool = True) -> An
     norm = xp.where(xp.isfinite(s), safe * xp.sqrt(xp.sum(y * y, axis=axis, keepdims=True)), s)
     norm = xp.where(s == 0, 0.0, norm)
     return norm if keepdims else xp.squeeze(norm, axis=axis)
+
+
+def inert_matmul(xp: Any, weights: Any, values: Any) -> Any:
+    """``weights @ values`` where a zero weight never lets a non-finite value through (0·NaN = NaN).
+
+    Attention maps hold exact zeros at masked pairs; a NaN or ±∞ stored in a value row that a map row
+    does not attend must not reach it. Fast path: finite values, the plain product. Otherwise the
+    non-finite entries are zeroed for the product, and an output entry whose row gives a nonzero
+    weight to a non-finite value in its column is NaN (garbage in, garbage out, where it was used).
+    """
+    if bool(xp.all(xp.isfinite(values))):
+        return weights @ values
+    bad = ~xp.isfinite(values)
+    clean = xp.where(bad, 0.0, values)
+    used = xp.astype(weights != 0, values.dtype) @ xp.astype(bad, values.dtype)
+    return xp.where(used > 0, float("nan"), weights @ clean)

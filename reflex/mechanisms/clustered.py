@@ -21,7 +21,6 @@ def _check_count(name: str, value: Any, low: int, high: int) -> int:
     return int(value)
 
 
-@typed_options()
 def cluster_queries(p: _kernels.Prepared, *, num_clusters: Any, assignment: Any, iterations: int, seed: Any) -> tuple[Any, int]:
     """The cluster of every query ``(..., H, L)`` int64 and the cluster count C.
 

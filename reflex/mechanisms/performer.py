@@ -97,6 +97,11 @@ def performer_attention(q: Any, k: Any, v: Any, /, *, projection: Any = None, nu
     return _kernelized(p, features_q, features_k, safe_divide(xp), offset=causal_shift(p, causal), form=form)
 
 
+def _finite_or_floor(xp: Any, x: Any) -> Any:
+    """``x`` with non-finite entries replaced by −∞ (left out of a max; an all-non-finite block gives −∞)."""
+    return xp.where(xp.isfinite(x), x, -math.inf)
+
+
 def _half_square_norm(xp: Any, x: Any) -> Any:
     return 0.5 * xp.sum(x * x, axis=-1, keepdims=True)
 
@@ -116,10 +121,12 @@ def _features(xp: Any, kernel: str, qg: Any, kg: Any, omega_t: Any, root: float,
             x = root * kg[..., j0:j1, :]
             return x @ omega_t - _half_square_norm(xp, x)  # ωᵀx − ‖x‖²/2
 
-        # one stabilising constant per (batch, kv head): the max over every key and feature
+        # one stabilising constant per (batch, kv head): the max over every key and feature (it
+        # cancels; non-finite exponents are left out so a NaN key reaches only the rows that use it)
         shift = None
         for j0 in range(0, key_length, block):
-            top = xp.max(key_exponent(j0, min(j0 + block, key_length)), axis=(-2, -1), keepdims=True)
+            top = xp.max(_finite_or_floor(xp, key_exponent(j0, min(j0 + block, key_length))), axis=(-2, -1),
+                         keepdims=True)
             shift = top if shift is None else xp.maximum(shift, top)
 
         def query_pos(i0: int, i1: int) -> Any:
@@ -131,7 +138,8 @@ def _features(xp: Any, kernel: str, qg: Any, kg: Any, omega_t: Any, root: float,
     # softmax_trig: exp(‖x‖²/2)/√m [sin ωᵀx, cos ωᵀx]; the query's exp(‖x‖²/2) cancels.
     shift = None
     for j0 in range(0, key_length, block):
-        top = xp.max(_half_square_norm(xp, root * kg[..., j0:min(j0 + block, key_length), :]), axis=(-2, -1), keepdims=True)
+        top = xp.max(_finite_or_floor(xp, _half_square_norm(xp, root * kg[..., j0:min(j0 + block, key_length), :])),
+                     axis=(-2, -1), keepdims=True)
         shift = top if shift is None else xp.maximum(shift, top)
 
     def trig(x: Any) -> Any:

@@ -37,7 +37,6 @@ def _check_samples(p: _kernels.Prepared, sample_indices: Any) -> Any:
     return xp.astype(sample_indices, xp.int64)
 
 
-@typed_options()
 def probsparse_sparsity(p: _kernels.Prepared, sample_indices: Any, scale: float, block: int = 4096) -> Any:
     """``M(q_i) = max_j s_ij − mean_j s_ij`` over each query's sampled keys ``(L, n)`` → ``(..., H, L)``.
 

@@ -11,6 +11,7 @@ from reflex.backends import namespace
 from reflex.mechanisms._cases import dims
 from reflex.mechanisms._kernels import resolve_dtype
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._numerics import inert_matmul
 from reflex.mechanisms._options import typed_options
 
 __all__ = ["shared_map_attention"]
@@ -47,7 +48,7 @@ def shared_map_attention(weights: Any, v: Any, /, *, compute_dtype: Any = None) 
         raise ValueError(f"v is on device {device_of(v)}; weights are on {device_of(weights)}")
     dtype = resolve_dtype(xp, compute_dtype)
     a = xp.reshape(xp.astype(weights, dtype), (*weights.shape[:-3], kv_heads, heads // kv_heads, length, key_length))
-    out = a @ xp.expand_dims(xp.astype(v, dtype), axis=-3)
+    out = inert_matmul(xp, a, xp.expand_dims(xp.astype(v, dtype), axis=-3))
     return xp.reshape(out, (*weights.shape[:-3], heads, length, int(v.shape[-1])))
 
 

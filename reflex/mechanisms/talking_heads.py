@@ -11,6 +11,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims
 from reflex.mechanisms._patterns import mask_and_causal
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._numerics import inert_matmul
 from reflex.mechanisms._options import typed_options
 
 __all__ = ["talking_heads_attention", "mix_heads"]
@@ -75,7 +76,7 @@ def talking_heads_attention(q: Any, k: Any, v: Any, /, *, p_logits: Any, p_weigh
                              compute_dtype=p.q.dtype)
     masks, _ = mask_and_causal(blank, mask, causal)
     weights = _kernels.weights(blank, scale=0.0, mask=masks, bias=logits)
-    return mix_heads(weights, p_weights) @ xp.astype(v, p.q.dtype)
+    return inert_matmul(xp, mix_heads(weights, p_weights), xp.astype(v, p.q.dtype))
 
 
 def _mixing_gradient(xp: Any, x: Any, d_y: Any) -> Any:
