@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from reflex.mechanisms._engine.record import record, record_opaque
+from reflex.mechanisms._engine.window import restrict
 from reflex.mechanisms._engine.terms import (Gradients, TermGradient, _as_tuple, _evaluate, _grids, _group_queries,
                                              _group_term, _in_compute_dtype, _scores, _softmax_parts, _ungroup,
                                              capped_scores, cotangents, empty_result, finish, guarded, guarded_backward,
@@ -28,6 +29,7 @@ def dense(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, soft
     """Dense masked softmax attention: ``(out (..., H, L, E), lse (..., H, L))``.
 
     Non-finite K or V entries reach only the rows that attend them (:func:`~.terms.guarded`)."""
+    p, mask, bias, _, _ = restrict(p, mask, bias)  # a distributed window, if any (window.py)
     result = guarded(p, lambda c: _dense(c, scale=scale, mask=mask, bias=bias, softcap=softcap))
     record("dense", p, dict(scale=scale, mask=mask, bias=bias, softcap=softcap), result)
     return result

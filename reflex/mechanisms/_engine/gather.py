@@ -7,6 +7,7 @@ from typing import Any
 
 from reflex.backends import parallel_map
 from reflex.mechanisms._engine.record import record
+from reflex.mechanisms._engine.window import restrict
 from reflex.mechanisms._engine.terms import (Gradients, TermGradient, _as_tuple, _in_compute_dtype, _scores,
                                              _softmax_parts, capped_scores, empty_result, finish, guarded,
                                              guarded_backward, probabilities, zero_gradients)
@@ -28,6 +29,7 @@ def gather(p: Prepared, indices: Any, *, scale: float, mask: Any = None, bias: A
     under ``GATHER_BLOCK_ELEMENTS``), on a thread per core for NumPy. Non-finite K or V entries
     reach only the rows that list them unmasked (:func:`~.terms.guarded`).
     """
+    p, mask, bias, _, indices = restrict(p, mask, bias, indices=indices)  # a distributed window (window.py)
     options = dict(scale=scale, mask=mask, bias=bias, softcap=softcap, block_q=block_q)
     result = guarded(p, lambda c: _gather(c, indices, **options))
     record("gather", p, options, result, indices)

@@ -8,6 +8,7 @@ from typing import Any
 from reflex.backends import is_plain_numpy, parallel_map
 from reflex.mechanisms._engine.dense import _group_sum_product
 from reflex.mechanisms._engine.record import record
+from reflex.mechanisms._engine.window import restrict
 from reflex.mechanisms._engine.terms import (Gradients, TermGradient, TileActive, _as_tuple, _evaluate, _grids,
                                              _group_queries, _group_term, _in_compute_dtype, _safe_max, _scores,
                                              _slice_tile, _ungroup, capped_scores, cotangents, empty_result, finish,
@@ -39,6 +40,7 @@ def tiled(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, soft
     """
     if block_q < 1 or block_k < 1:
         raise ValueError(f"block_q and block_k must be positive; got {block_q}, {block_k}")
+    p, mask, bias, tile_active, _ = restrict(p, mask, bias, tile_active)  # a distributed window (window.py)
     options = dict(scale=scale, mask=mask, bias=bias, softcap=softcap, tile_active=tile_active, block_q=block_q,
                    block_k=block_k)
     result = guarded(p, lambda c: _tiled(c, **options))
