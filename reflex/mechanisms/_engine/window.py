@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextvars
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 from reflex.mechanisms._inputs import Prepared
@@ -31,10 +31,12 @@ __all__ = ["Window", "window", "current_window", "restrict"]
 
 @dataclass(frozen=True)
 class Window:
-    """Query rows ``[i0, i1)`` and keys ``[j0, j1)`` (``None``: all of them)."""
+    """Query rows ``[i0, i1)`` and keys ``[j0, j1)`` (``None``: all of them). ``seen`` lists the
+    unrestricted ``(L, S)`` of every engine call made inside the window, in order."""
 
     rows: tuple[int, int] | None = None
     keys: tuple[int, int] | None = None
+    seen: list = field(default_factory=list)
 
 
 _WINDOW: contextvars.ContextVar[Window | None] = contextvars.ContextVar("reflex_engine_window", default=None)
@@ -108,6 +110,7 @@ def restrict(p: Prepared, mask: Any, bias: Any, tile_active: Any = None,
     w = _WINDOW.get()
     if w is None:
         return p, mask, bias, tile_active, indices
+    w.seen.append((p.length, p.key_length))
     i0, i1 = _clip(w.rows, p.length)
     j0, j1 = _clip(w.keys, p.key_length)
     if (i0, i1, j0, j1) == (0, p.length, 0, p.key_length):
