@@ -45,7 +45,7 @@ from reflex.mechanisms._engine.window import window
 from reflex.mechanisms._merge import merge_partials
 from reflex.registry import get
 
-__all__ = ["run", "spans", "local_client"]
+__all__ = ["run", "spans", "local_client", "connect", "build_fixture_cases"]
 
 _KERNELS = ("dense", "tiled", "gather")
 
@@ -264,3 +264,49 @@ def _run_blocks(distributed: Any, client: Any, key: str, scattered: Any, params:
     lse = xp.concat(lses, axis=-1) if len(lses) > 1 else lses[0]
     return (out, lse) if return_lse else out
 
+
+def connect(address: str | None = None, *, n_workers: int | None = None) -> Any:
+    """A ``Client``: on the scheduler at ``address``, or on a new local cluster when ``address`` is
+    ``None`` or ``"local"`` (``n_workers`` processes, default one per core)."""
+    if address is None or address == "local":
+        return local_client(n_workers)
+    return _import_distributed().Client(address)
+
+
+def _fixture_case(cid: str, size: str, shape: dict, key: str, case: Any, dtypes: list, fmt: str,
+                  certify: bool) -> tuple[Any, Any]:
+    """One fixture case on a worker: ``(_build(...) result, certificate or None)``."""
+    from reflex.fixture_build import _build
+
+    mechanism = get(key)
+    built = _build(cid, size, shape, mechanism, case, dtypes, fmt)
+    certificate = None
+    if certify and not isinstance(built, str):
+        from reflex.certify import case_record, default_method
+
+        certificate = case_record(mechanism, case, method=default_method(size))
+    return built, certificate
+
+
+def build_fixture_cases(client: Any, cases: list, dtypes: list, fmt: str, certify: bool, *,
+                        progress: bool = False) -> list[tuple[Any, Any]]:
+    """The fixture cases ``(cid, size, shape, mechanism, case)`` computed as Dask tasks, in order.
+
+    Each task runs the serial builder (:func:`reflex.fixture_build._build`) on one case, so the
+    arrays (and the files :func:`reflex.fixtures.generate` writes from them) are the serial ones.
+    ``client``: a ``Client`` or a scheduler address. Any failed task raises; nothing is returned.
+    """
+    distributed = _import_distributed()
+    own = isinstance(client, str)
+    if own:
+        client = connect(client)
+    try:
+        futures = [client.submit(_fixture_case, cid, size, dict(shape), mechanism.key, case, list(dtypes), fmt,
+                                 certify, pure=False) for cid, size, shape, mechanism, case in cases]
+        return _gather(distributed, client, futures, progress)
+    finally:
+        if own:
+            cluster = getattr(client, "cluster", None)
+            client.close()
+            if cluster is not None:
+                cluster.close()

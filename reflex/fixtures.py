@@ -65,7 +65,7 @@ __all__ = [
 def generate(out_dir: str | os.PathLike[str], mechanisms: Iterable[str] | None = None,
              sizes: Sequence[str] = DEFAULT_SIZES, seed: int = 0, *, progress: bool = False,
              shapes: Mapping[str, Iterable[int]] | None = None, dtypes: Iterable[str] | None = None,
-             format: str = "npz", certify: bool = False) -> dict[str, Any]:
+             format: str = "npz", certify: bool = False, client: Any = None) -> dict[str, Any]:
     """Write a fixture set for ``mechanisms`` (default: every registered one) at ``sizes`` into ``out_dir``.
 
     Args:
@@ -80,6 +80,9 @@ def generate(out_dir: str | os.PathLike[str], mechanisms: Iterable[str] | None =
             error against mpmath for tiny cases where reflex has the formula, else longdouble) as the
             case entry's ``certificate``.
         progress: show a tqdm bar on stderr.
+        client: a ``dask.distributed.Client`` (or a scheduler address): each case is computed as
+            a Dask task (:func:`reflex.distributed.build_fixture_cases`) and the files are written
+            here in the same order, so the set is byte-identical to the serial one.
 
     Cases are ordered by mechanism key, size, shape, then the case builder's order. Files of the
     same name are overwritten; nothing else in ``out_dir`` is touched. Returns the manifest (also
@@ -104,10 +107,16 @@ def generate(out_dir: str | os.PathLike[str], mechanisms: Iterable[str] | None =
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     entries, skipped = [], list(plan.skipped)
+    remote = None
+    if client is not None:
+        from reflex.distributed import build_fixture_cases
+
+        remote = build_fixture_cases(client, plan.cases, dtypes, format, certify, progress=progress)
     bar = tqdm(plan.cases, desc="fixtures", unit="case", file=sys.stderr, disable=not progress, leave=True)
     for cid, size, shape, mechanism, case in bar:
         bar.set_postfix_str(cid, refresh=False)
-        built = _build(cid, size, shape, mechanism, case, dtypes, format)
+        built, certificate = remote.pop(0) if remote is not None else (
+            _build(cid, size, shape, mechanism, case, dtypes, format), None)
         if isinstance(built, str):
             skipped.append(_skip(mechanism.key, size, shape, case.variant, built))
             continue
@@ -115,7 +124,8 @@ def generate(out_dir: str | os.PathLike[str], mechanisms: Iterable[str] | None =
         if certify:
             from reflex.certify import case_record, default_method
 
-            entry["certificate"] = case_record(mechanism, case, method=default_method(size))
+            entry["certificate"] = (certificate if remote is not None
+                                    else case_record(mechanism, case, method=default_method(size)))
         data = _file_bytes(members, format)
         npz.write_atomic(folder / entry["file"], data)
         entries.append({**entry, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})

@@ -51,16 +51,27 @@ def _generate(args: argparse.Namespace) -> int:
     shapes = {option: getattr(args, option) for option in ("batch", "heads", "kv_heads", "lengths", "head_dims")
               if getattr(args, option) is not None}
     start = time.perf_counter()
+    client = None
+    if args.dask is not None:
+        from reflex.distributed import connect
+
+        client = connect(args.dask)
     try:
         manifest = fixtures.generate(args.out, _split(args.mechanisms), _split(args.sizes), args.seed,
                                      progress=_progress(args), shapes=shapes, dtypes=_split(args.dtypes),
-                                     format=args.format, certify=args.certify)
+                                     format=args.format, certify=args.certify, client=client)
     except KeyError as err:  # unknown mechanism, with close matches
         return _fail(err.args[0], 2)
     except fixtures.FixtureError as err:
         return _fail(str(err), 1)
     except ValueError as err:
         return _fail(str(err), 2)
+    finally:
+        if client is not None:
+            cluster = getattr(client, "cluster", None) if args.dask == "local" else None
+            client.close()
+            if cluster is not None:
+                cluster.close()
     digest = fixtures.digest(manifest)
     if args.quiet:
         print(digest)
@@ -138,6 +149,9 @@ def add_parser(sub: Any) -> None:
     generate.add_argument("--format", choices=("npz", "safetensors"), default="npz", help="case files (default npz)")
     generate.add_argument("--certify", action="store_true", help="record each case's float64 error against "
                           "higher precision in the manifest (docs/precision.md)")
+    generate.add_argument("--dask", nargs="?", const="local", metavar="ADDRESS",
+                          help="compute the cases as Dask tasks: on a new local cluster (bare) or on the scheduler "
+                               "at ADDRESS; the set is byte-identical to the serial one (needs reflex-attention[distributed])")
     generate.add_argument("--quiet", **quiet)
     generate.set_defaults(handler=_generate)
     verify = fixtures_sub.add_parser("verify", help="check hashes, the manifest and recompute every case")
