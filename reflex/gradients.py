@@ -62,6 +62,11 @@ def vjp(key: str, inputs: Mapping[str, Any], d_out: Any, *, d_lse: Any = None, d
     xp = namespace(*inputs.values(), *(t for t in (d_out, d_lse, d_state) if t is not None))
     extra = {} if d_state is None else {"d_state": d_state}
     function = mechanism.function
+    generic = [n for n in getattr(function, "generic_terms", ()) if inputs.get(n) is not None
+               or params.get(n) is not None]
+    if generic and not getattr(mechanism.vjp, "shared_engine", False):
+        raise NotImplementedError(f"{key!r}'s VJP is its own, not the engine's shared one: it does not differentiate "
+                                  f"the generic {', '.join(generic)} option(s)")
     if getattr(function, "generic_layout", False) and params.get("layout", "bhld") != "bhld":
         return _vjp_in_flash_layout(key, dict(inputs), d_out, d_lse, extra, params)
     if getattr(function, "generic_sinks", False) and inputs.get("sinks") is not None:

@@ -240,7 +240,8 @@ BY_NAME: dict[str, Spec] = {
 BOOLEAN_ARRAYS = frozenset({"mask", "block_mask", "attention_mask", "dropout_mask", "global_mask"})
 INTEGER_ARRAYS = frozenset({"indices", "indptr", "plan", "assignment", "global_indices", "sample_indices",
                             "key_positions", "positions", "block_table", "cache_seqlens",
-                            "cu_seqlens_q", "cu_seqlens_k", "seqlens_q", "seqlens_k", "block_indices"})
+                            "cu_seqlens_q", "cu_seqlens_k", "seqlens_q", "seqlens_k", "block_indices",
+                            "key_leftpad"})
 
 
 def _is_masked_array(x: Any) -> bool:
@@ -380,6 +381,37 @@ def _with_layout_and_sinks(function_name: str, call: Callable[..., Any], args: t
     return result
 
 
+_ENGINE_TERMS = ("mask", "bias", "softcap", "seqlens_q", "seqlens_k", "key_leftpad")
+
+
+def _run_with_terms(function_name: str, run: Callable[..., Any], terms: dict, *args: Any, **kwargs: Any) -> Any:
+    """``run(*args, **kwargs)`` with the engine options the mechanism does not declare itself appended to its
+    engine calls (:mod:`reflex.mechanisms._engine.extra`); q, k are the first two positional arrays, in
+    reflex's layout."""
+    from reflex.mechanisms._engine.extra import ExtraTerms, extra_terms
+
+    if len(args) < 2:
+        raise TypeError(f"{function_name}: q and k must be passed positionally")
+    q, k = args[0], args[1]
+    _check_positional("q", q)
+    _check_positional("k", k)
+    if q.ndim < 3 or k.ndim < 3:
+        raise ValueError(f"{function_name}: q and k must have shape (..., H, L, D); got {tuple(q.shape)}, {tuple(k.shape)}")
+    values = {}
+    for name, value in terms.items():
+        if value is None:
+            continue
+        if name == "softcap":
+            values[name] = BY_NAME["softcap"].check(name, value)
+            continue
+        _check_option_array(name, value, "q", q)
+        values[name] = value
+    spec = ExtraTerms(function_name, tuple(int(n) for n in q.shape[:-3]), int(q.shape[-3]), int(q.shape[-2]),
+                      int(k.shape[-2]), **values)
+    with extra_terms(spec):
+        return run(*args, **kwargs)
+
+
 def typed_options(*, engine_options: bool | str | None = None, **specs: Spec) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate a public mechanism function: check its arrays and options (see the module docstring).
 
@@ -404,6 +436,9 @@ def typed_options(*, engine_options: bool | str | None = None, **specs: Spec) ->
         qkv = positional[:3] == ["q", "k", "v"] and engine_options is not False
         adds_layout = qkv and "layout" not in parameters
         adds_sinks = qkv and engine_options != "layout" and "return_lse" in parameters and "sinks" not in parameters
+        # the engine's own options (mask, bias, softcap, padded lengths) on every engine mechanism lacking them
+        adds_terms = [n for n in _ENGINE_TERMS if n not in parameters] if (
+            qkv and engine_options != "layout" and "return_lse" in parameters) else []
 
         def run(*args: Any, **kwargs: Any) -> Any:
             try:
@@ -451,6 +486,12 @@ def typed_options(*, engine_options: bool | str | None = None, **specs: Spec) ->
         def checked(*args: Any, **kwargs: Any) -> Any:
             layout = kwargs.pop("layout", "bhld") if adds_layout else "bhld"
             sinks = kwargs.pop("sinks", None) if adds_sinks else None
+            terms = {n: kwargs.pop(n) for n in adds_terms if n in kwargs}
+            if any(value is not None for value in terms.values()):
+                inner = functools.partial(_run_with_terms, function.__name__, run, terms)
+                if layout == "bhld" and sinks is None:
+                    return inner(*args, **kwargs)
+                return _with_layout_and_sinks(function.__name__, inner, args, kwargs, layout, sinks)
             if layout == "bhld" and sinks is None:
                 return run(*args, **kwargs)
             return _with_layout_and_sinks(function.__name__, run, args, kwargs, layout, sinks)
@@ -460,7 +501,10 @@ def typed_options(*, engine_options: bool | str | None = None, **specs: Spec) ->
             extra.append(inspect.Parameter("layout", inspect.Parameter.KEYWORD_ONLY, default="bhld", annotation="str"))
         if adds_sinks:
             extra.append(inspect.Parameter("sinks", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Any"))
+        extra.extend(inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Any")
+                     for n in adds_terms)
         checked.__signature__ = signature.replace(parameters=[*parameters.values(), *extra])  # type: ignore[attr-defined]
+        checked.generic_terms = tuple(adds_terms)  # type: ignore[attr-defined]
         checked.generic_sinks = adds_sinks  # type: ignore[attr-defined]  (reflex.vjp differentiates them)
         checked.generic_layout = adds_layout  # type: ignore[attr-defined]
         return checked

@@ -87,7 +87,8 @@ def band_pattern(left: int, right: int, offset: int = 0) -> Pattern:
         lowest, highest = j0 - (i1 - 1) - offset, (j1 - 1) - i0 - offset
         return (right < 0 or lowest <= right) and (left < 0 or highest >= -left)
 
-    return Pattern(allowed=allowed, tile_active=tile_active)
+    # a per-sequence offset array (B, 1, 1, 1) (padded batches): every tile may hold an allowed pair
+    return Pattern(allowed=allowed, tile_active=tile_active if isinstance(offset, int) else None)
 
 
 # --- content-based selection (issue 5: topk, block_topk, indexer_topk, adaptive, lsh) ----------
@@ -221,12 +222,23 @@ def any_pattern(*patterns: Pattern) -> Pattern:
 __all__ += ["mask_and_causal"]
 
 
-def mask_and_causal(p: Any, mask: Any, causal: Any) -> tuple[list[Any], Callable[[int, int, int, int], bool] | None]:
-    """The mask terms of ``full_attention``'s ``mask=`` and ``causal=`` options: ``(terms, tile_active)``."""
+def mask_and_causal(p: Any, mask: Any, causal: Any, *,
+                    per_sequence: bool = False) -> tuple[list[Any], Callable[[int, int, int, int], bool] | None]:
+    """The mask terms of ``full_attention``'s ``mask=`` and ``causal=`` options: ``(terms, tile_active)``.
+
+    ``per_sequence``: the mechanism takes padded lengths (``seqlens_q``/``seqlens_k``/``key_leftpad``,
+    :mod:`reflex.mechanisms._engine.extra`): the causal diagonal is aligned per sequence."""
+    from reflex.mechanisms._engine.extra import sequence_offset, supports_padding
+
     terms: list[Any] = [] if mask is None else [_kernels.check_term(p, "mask", mask, boolean=True)]
     alignment = parse_causal(causal)
+    if per_sequence:
+        supports_padding()
     if alignment is None:
         return terms, None
+    offset = sequence_offset(p, alignment, causal_offset(alignment, p.length, p.key_length)) if per_sequence else 0
+    if not isinstance(offset, int):
+        return terms + [band_pattern(-1, 0, offset).allowed], None
     pattern = causal_pattern(alignment, p.length, p.key_length)
     return terms + [pattern.allowed], pattern.tile_active
 

@@ -10,7 +10,8 @@ from reflex.backends import device as device_of
 from reflex.backends import namespace, numpy_namespace
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, qkv
-from reflex.mechanisms._patterns import causal_offset, causal_pattern
+from reflex.mechanisms._engine.extra import sequence_offset
+from reflex.mechanisms._patterns import band_pattern, causal_offset
 from reflex.mechanisms._relative import sum_to
 from reflex.registry import Case, Mechanism, register
 from reflex.mechanisms._options import typed_options
@@ -153,10 +154,11 @@ def alibi_attention(q: Any, k: Any, v: Any, /, *, slopes: Any = None, causal: bo
         slopes = alibi_slopes(p.heads, xp=xp, device=p.device, dtype=dtype)
     else:
         slopes = _check_slopes(p, slopes)
-    offset = causal_offset(alignment, p.length, p.key_length)
+    # per sequence with padded lengths: a (B, 1, 1, 1) offset array (reflex.mechanisms._engine.extra)
+    offset = sequence_offset(p, alignment, causal_offset(alignment, p.length, p.key_length))
     masks, tile_active = [], None
     if causal:
-        pattern = causal_pattern(alignment, p.length, p.key_length)
+        pattern = band_pattern(-1, 0, offset)  # j <= i + offset
         masks, tile_active = [pattern.allowed], pattern.tile_active
     return _kernels.softmax_attention(
         p, scale=_kernels.resolve_scale(scale, p.dim), mask=masks, bias=_alibi_term(slopes, offset, symmetric),

@@ -9,6 +9,8 @@ from reflex import random
 from reflex.backends import is_plain_numpy
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import qkv, standard
+from reflex.mechanisms._engine.extra import active as extra_terms_active
+from reflex.mechanisms._engine.extra import sequence_offset
 from reflex.mechanisms._patterns import (band_pattern, causal_offset, check_alignment, check_window,
                                          dilated_band_pattern, explicit_mask)
 from reflex.registry import Case, Mechanism, register
@@ -42,6 +44,11 @@ def band_module(p: _kernels.Prepared, implementation: str, *arrays: Any) -> Any:
     """
     if implementation not in _BAND_MODULES:
         return None
+    if extra_terms_active() is not None:  # a caller's mask/bias/softcap/lengths: the engine composes them
+        if implementation != "auto":
+            raise ValueError(f"implementation={implementation!r} takes no mask/bias/softcap/seqlens options; use "
+                             f"'dense', 'tiled' or 'auto'")
+        return None
     eligible = all(is_plain_numpy(a) for a in arrays if a is not None) and p.q.dtype == p.xp.float64
     if not eligible:
         if implementation != "auto":
@@ -74,8 +81,8 @@ def band_indices(p: _kernels.Prepared, left: int, right: int, offset: int, dilat
 
 @typed_options()
 def sliding_window_attention(q: Any, k: Any, v: Any, /, *, window: tuple[int, int], alignment: str = "top_left",
-                             scale: float | None = None, dropout_mask: Any = None, dropout_p: float = 0.0,
-                             return_lse: bool = False, compute_dtype: Any = None, implementation: str = "auto") -> Any:
+                             scale: float | None = None, return_lse: bool = False, compute_dtype: Any = None,
+                             implementation: str = "auto") -> Any:
     """Sliding-window attention: each query attends the keys within ``(left, right)`` of its position.
 
     .. math::
@@ -94,11 +101,6 @@ def sliding_window_attention(q: Any, k: Any, v: Any, /, *, window: tuple[int, in
         alignment: ``"top_left"`` (δ = 0: query i sits at key i) or ``"bottom_right"`` (δ = S − L:
             the last query sits at the last key, as flash-attn and ONNX with a KV cache of S − L).
         scale: multiplies q·k; default 1/√D.
-        dropout_mask: boolean keep mask broadcastable to ``(..., H, L, S)`` (True = keep), read when
-            ``dropout_p > 0``: ``O = (P∘M)·V/(1 − p)``, lse undropped (as :func:`full_attention`).
-            The band kernels do not take it: ``"auto"`` runs the engine then, ``"numpy"`` and
-            ``"numba"`` raise ``ValueError``.
-        dropout_p: dropout rate in [0, 1); 0 (default) is no dropout.
         return_lse: also return the natural-log logsumexp of each row's scores.
         compute_dtype: arithmetic dtype (default float64).
         implementation: ``"numpy"`` (vectorised windowed-softmax kernel: plain NumPy inputs,
@@ -118,19 +120,16 @@ def sliding_window_attention(q: Any, k: Any, v: Any, /, *, window: tuple[int, in
     offset = causal_offset(check_alignment(alignment), p.length, p.key_length)
     implementation = check_band_implementation(implementation)
     scale = _kernels.resolve_scale(scale, p.dim)
-    dropout = _kernels.check_dropout(p, dropout_mask, dropout_p)
-    if dropout is not None and implementation in ("numpy", "numba"):
-        raise ValueError(f"implementation={implementation!r} (a band kernel) does not take dropout_mask; use 'auto', "
-                         f"'dense', 'tiled' or 'gather'")
-    band_kernel = band_module(p, implementation, q, k, v) if dropout is None else None
+    band_kernel = band_module(p, implementation, q, k, v)
+    offset = sequence_offset(p, alignment, offset)  # per sequence with padded lengths (a (B, 1, 1, 1) array)
     if band_kernel is not None:
         out, lse = band_kernel.band_attention(p.q, p.k, p.v, left=left, right=right, offset=offset, scale=scale)
     elif implementation == "gather":
-        out, lse = _kernels.gather(p, band_indices(p, left, right, offset), scale=scale, dropout=dropout)
+        out, lse = _kernels.gather(p, band_indices(p, left, right, offset), scale=scale)
     else:
         pattern = band_pattern(left, right, offset)
         return _kernels.softmax_attention(p, scale=scale, mask=pattern.allowed, tile_active=pattern.tile_active,
-                                          implementation=implementation, return_lse=return_lse, dropout=dropout)
+                                          implementation=implementation, return_lse=return_lse)
     return (out, lse) if return_lse else out
 
 
@@ -180,8 +179,6 @@ register(Mechanism(
         "window": "(left, right): key j allowed iff i + d - left <= j <= i + d + right; -1 = unbounded",
         "alignment": "'top_left' (d = 0) | 'bottom_right' (d = S - L)",
         "implementation": "'auto' | 'numpy' | 'numba' | 'dense' | 'tiled' | 'gather'",
-        "dropout_mask": "boolean keep mask (..., H, L, S)-broadcastable, True = keep (with dropout_p > 0)",
-        "dropout_p": "dropout rate p in [0, 1): O = (P*M) V / (1 - p), lse undropped; 0 = no dropout",
     },
     cases=_cases,
     reference=_reference,

@@ -126,6 +126,7 @@ def engine_vjp(function: Callable[..., Any], *, implementation: Callable[[int, i
         grads = call.backward(d_out, d_lse)
         return _map_gradients(label, call, grads, inputs, positional, constants)
 
+    vjp.shared_engine = True  # type: ignore[attr-defined]  (takes the generic mask/bias/softcap: extra.py)
     vjp.__doc__ = (f"VJP of :func:`{label}` through the engine's backward (shared, see "
                    f":func:`reflex.mechanisms._engine.record.engine_vjp`).")
     return vjp
