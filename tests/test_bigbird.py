@@ -13,7 +13,7 @@ from tests.helpers import max_abs, qkv_host
 
 
 def hf_block_lists(plan, blocks):
-    """Key blocks per (head, query block), written from shared/INTEROP.md's description of HF."""
+    """Key blocks per (head, query block), written from the description of HF in docs/conventions.md."""
     heads = plan.shape[0]
     lists = {}
     for h in range(heads):

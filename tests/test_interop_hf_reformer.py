@@ -2,7 +2,7 @@
 
 HF draws its rotations with ``torch.manual_seed(hash_seed); torch.randn((H, D, n_hashes, R/2))`` inside
 ``_hash_vectors``; the test draws the same tensor the same way and passes it to reflex explicitly.
-The layer runs in float64, so agreement is to float64 round-off (INTEROP.md § Reformer).
+The layer runs in float64, so agreement is to float64 round-off (docs/conventions.md, Reformer).
 """
 
 from __future__ import annotations

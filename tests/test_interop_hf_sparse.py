@@ -1,6 +1,6 @@
 """bigbird and longformer against Hugging Face transformers (tiny random configs, no downloaded weights).
 
-Conventions (shared/INTEROP.md): Longformer's ``attention_window`` w is the full width, so reflex's
+Conventions (docs/conventions.md): Longformer's ``attention_window`` w is the full width, so reflex's
 ``window=(w // 2, w // 2)``; q is divided by √D (reflex's default scale); HF computes its softmaxes in
 float32 even for float64 models, so the as-shipped agreement is float32 round-off, and with
 ``torch.nn.functional.softmax`` held to the input dtype it is float64 round-off. BigBird takes the
