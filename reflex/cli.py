@@ -166,6 +166,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.kv_heads is not None or args.kv_seq is not None:
         case = _resize_kv(case, key, args.kv_heads, args.kv_seq, args.seed)
     move = _mover(xp, device, args.dtype)
+    if args.dask is not None:
+        return _run_dask(args, mechanism, case, move, overrides)
 
     start = time.perf_counter()
     result = case.call(mechanism, move, **overrides)
@@ -194,6 +196,39 @@ def _cmd_run(args: argparse.Namespace) -> int:
           + (f"; median {statistics.median(times):.4f} s)" if len(times) > 1 else ")"))
     print(f"checksum        {summary}  (host float64; equal across backends up to round-off)")
     print(f"bits            sha256:{digest}  (exact float64 bytes: the same run after run on one backend)")
+    return 0
+
+
+def _run_dask(args: argparse.Namespace, mechanism: Any, case: Any, move: Any, overrides: dict) -> int:
+    """``reflex run KEY --dask [ADDRESS]``: the run as Dask tasks (reflex.distributed), with a progress bar."""
+    from reflex import distributed
+
+    inputs = {name: move(a) if hasattr(a, "shape") else a for name, a in case.inputs.items()}
+    options = {**case.params, **overrides}
+    client = distributed.connect(args.dask)
+    try:
+        workers = len(client.scheduler_info().get("workers", {}))
+        start = time.perf_counter()
+        out = distributed.run(mechanism.key, inputs, client=client, query_shards=args.query_shards,
+                              kv_blocks=args.kv_blocks, progress=True, **options)
+        host = _host_float64(out)
+        wall = time.perf_counter() - start
+    finally:
+        cluster = getattr(client, "cluster", None) if args.dask == "local" else None
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    summary, digest = _checksums(host)
+    shapes = ", ".join(f"{name} {tuple(a.shape)}" for name, a in case.inputs.items() if hasattr(a, "shape"))
+    print(f"mechanism       {mechanism.key}")
+    print(f"inputs          {shapes}  ({args.dtype or 'float64'})")
+    print(f"options         {', '.join(f'{n}={v!r}' for n, v in options.items()) or '(defaults)'}")
+    print(f"output          {tuple(host.shape)} {_dtype_of(out)}")
+    print(f"dask            {args.dask} ({workers} workers; query shards {args.query_shards or 'one per worker'}, "
+          f"key/value blocks {args.kv_blocks})")
+    print(f"wall time       {wall:.4f} s (one distributed run: scatter, tasks, merge)")
+    print(f"checksum        {summary}  (host float64; equal to the single-process run up to round-off)")
+    print(f"bits            sha256:{digest}")
     return 0
 
 
@@ -267,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--implementation", default="auto", help="kernel choice where the mechanism has one")
     run.add_argument("--repeat", type=_positive_int, default=1, help="timed calls after one warm-up call (default 1)")
     run.add_argument("--seed", type=int, default=0, help="input seed (default 0)")
+    run.add_argument("--dask", nargs="?", const="local", metavar="ADDRESS",
+                     help="run as Dask tasks: on a new local cluster (bare) or the scheduler at ADDRESS "
+                          "(needs reflex-attention[distributed]; docs/distributed.md)")
+    run.add_argument("--query-shards", type=_positive_int, help="with --dask: query shards (default one per worker)")
+    run.add_argument("--kv-blocks", type=_positive_int, default=1,
+                     help="with --dask: key/value blocks merged by logsumexp (default 1)")
     run.set_defaults(handler=_cmd_run)
 
     info = sub.add_parser("info", help="a mechanism's docstring (equation, parameters, paper)")

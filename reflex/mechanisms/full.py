@@ -16,8 +16,9 @@ __all__ = ["full_attention"]
 
 @typed_options()
 def full_attention(q: Any, k: Any, v: Any, /, *, mask: Any = None, bias: Any = None, causal: bool | str = False,
-                   scale: float | None = None, softcap: float | None = None, return_lse: bool = False,
-                   compute_dtype: Any = None, implementation: str = "auto") -> Any:
+                   scale: float | None = None, softcap: float | None = None, dropout_mask: Any = None,
+                   dropout_p: float = 0.0, return_lse: bool = False, compute_dtype: Any = None,
+                   implementation: str = "auto") -> Any:
     """Scaled dot-product softmax attention with masks, biases, causal alignment, softcap and GQA.
 
     .. math::
@@ -36,6 +37,11 @@ def full_attention(q: Any, k: Any, v: Any, /, *, mask: Any = None, bias: Any = N
         scale: multiplies q·k; default 1/√D.
         softcap: c > 0 applies ``c·tanh(s/c)`` to the scaled scores before bias and mask
             (Gemma 2; as flash-attn and ONNX Attention).
+        dropout_mask: boolean keep mask broadcastable to ``(..., H, L, S)``, True = keep; used when
+            ``dropout_p > 0`` (required then: reflex draws no random numbers, build one with
+            :mod:`reflex.random`). ``O = (P∘M)·V/(1 − p)`` with P the undropped probabilities.
+        dropout_p: the dropout rate p in [0, 1); 0 (default) is no dropout and ignores the mask.
+            The lse is the undropped one (flash-attn's reference ``attention_ref``).
         return_lse: also return ``lse (..., H, L)``, the natural-log logsumexp of the final scores.
         compute_dtype: arithmetic dtype (default float64, whatever the inputs); the output has it.
         implementation: ``"dense"`` (materialise scores), ``"tiled"`` (online softmax over tiles,
@@ -54,6 +60,7 @@ def full_attention(q: Any, k: Any, v: Any, /, *, mask: Any = None, bias: Any = N
         p, scale=_kernels.resolve_scale(scale, p.dim), mask=masks,
         bias=_kernels.check_term(p, "bias", bias, boolean=False), softcap=_kernels.resolve_softcap(softcap),
         tile_active=tile_active, implementation=implementation, return_lse=return_lse,
+        dropout=_kernels.check_dropout(p, dropout_mask, dropout_p),
     )
 
 
@@ -103,6 +110,8 @@ register(Mechanism(
         "causal": "False | True | 'top_left' (j <= i) | 'bottom_right' (j <= i + S - L)",
         "scale": "score scale, default 1/sqrt(D)",
         "softcap": "c: scores -> c*tanh(scores/c) before bias and mask",
+        "dropout_mask": "boolean keep mask (..., H, L, S)-broadcastable, True = keep (with dropout_p > 0)",
+        "dropout_p": "dropout rate p in [0, 1): O = (P*M) V / (1 - p), lse undropped; 0 = no dropout",
     },
     cases=_cases,
     reference=_reference,

@@ -81,8 +81,8 @@ def band_indices(p: _kernels.Prepared, left: int, right: int, offset: int, dilat
 
 @typed_options()
 def sliding_window_attention(q: Any, k: Any, v: Any, /, *, window: tuple[int, int], alignment: str = "top_left",
-                             scale: float | None = None, return_lse: bool = False, compute_dtype: Any = None,
-                             implementation: str = "auto") -> Any:
+                             scale: float | None = None, dropout_mask: Any = None, dropout_p: float = 0.0,
+                             return_lse: bool = False, compute_dtype: Any = None, implementation: str = "auto") -> Any:
     """Sliding-window attention: each query attends the keys within ``(left, right)`` of its position.
 
     .. math::
@@ -101,6 +101,11 @@ def sliding_window_attention(q: Any, k: Any, v: Any, /, *, window: tuple[int, in
         alignment: ``"top_left"`` (δ = 0: query i sits at key i) or ``"bottom_right"`` (δ = S − L:
             the last query sits at the last key, as flash-attn and ONNX with a KV cache of S − L).
         scale: multiplies q·k; default 1/√D.
+        dropout_mask: boolean keep mask broadcastable to ``(..., H, L, S)`` (True = keep), read when
+            ``dropout_p > 0``: ``O = (P∘M)·V/(1 − p)``, lse undropped (as :func:`full_attention`).
+            The band kernels do not take it: ``"auto"`` runs the engine then, ``"numpy"`` and
+            ``"numba"`` raise ``ValueError``.
+        dropout_p: dropout rate in [0, 1); 0 (default) is no dropout.
         return_lse: also return the natural-log logsumexp of each row's scores.
         compute_dtype: arithmetic dtype (default float64).
         implementation: ``"numpy"`` (vectorised windowed-softmax kernel: plain NumPy inputs,
@@ -120,16 +125,20 @@ def sliding_window_attention(q: Any, k: Any, v: Any, /, *, window: tuple[int, in
     offset = causal_offset(check_alignment(alignment), p.length, p.key_length)
     implementation = check_band_implementation(implementation)
     scale = _kernels.resolve_scale(scale, p.dim)
-    band_kernel = band_module(p, implementation, q, k, v)
+    dropout = _kernels.check_dropout(p, dropout_mask, dropout_p)
+    if dropout is not None and implementation in ("numpy", "numba"):
+        raise ValueError(f"implementation={implementation!r} (a band kernel) does not take dropout_mask; use 'auto', "
+                         f"'dense', 'tiled' or 'gather'")
+    band_kernel = band_module(p, implementation, q, k, v) if dropout is None else None
     offset = sequence_offset(p, alignment, offset)  # per sequence with padded lengths (a (B, 1, 1, 1) array)
     if band_kernel is not None:
         out, lse = band_kernel.band_attention(p.q, p.k, p.v, left=left, right=right, offset=offset, scale=scale)
     elif implementation == "gather":
-        out, lse = _kernels.gather(p, band_indices(p, left, right, offset), scale=scale)
+        out, lse = _kernels.gather(p, band_indices(p, left, right, offset), scale=scale, dropout=dropout)
     else:
         pattern = band_pattern(left, right, offset)
         return _kernels.softmax_attention(p, scale=scale, mask=pattern.allowed, tile_active=pattern.tile_active,
-                                          implementation=implementation, return_lse=return_lse)
+                                          implementation=implementation, return_lse=return_lse, dropout=dropout)
     return (out, lse) if return_lse else out
 
 
@@ -179,6 +188,8 @@ register(Mechanism(
         "window": "(left, right): key j allowed iff i + d - left <= j <= i + d + right; -1 = unbounded",
         "alignment": "'top_left' (d = 0) | 'bottom_right' (d = S - L)",
         "implementation": "'auto' | 'numpy' | 'numba' | 'dense' | 'tiled' | 'gather'",
+        "dropout_mask": "boolean keep mask (..., H, L, S)-broadcastable, True = keep (with dropout_p > 0)",
+        "dropout_p": "dropout rate p in [0, 1): O = (P*M) V / (1 - p), lse undropped; 0 = no dropout",
     },
     cases=_cases,
     reference=_reference,

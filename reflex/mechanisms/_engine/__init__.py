@@ -47,6 +47,11 @@ its window, beyond causal, padding, −∞ bias) never reaches that row's output
 rows that give a non-finite entry a nonzero weight get NaN/±∞ (:func:`~.terms.guarded`). Each
 kernel tests K and V for finiteness once per call and takes a careful path only when needed.
 
+*Dropout.* Every kernel takes ``dropout=Dropout(keep, rate)`` (:class:`~.terms.Dropout`): an
+explicit boolean keep mask M (a term; no hidden randomness) on the value product,
+``o_i = Σ_j P_ij M̃_ij v_j`` with ``M̃ = M/(1 − p)``; P, m, ℓ and the lse are the undropped ones
+(flash-attn's reference). Backward: ``dV = (P∘M̃)ᵀdO``, ``dP = (dO·Vᵀ)∘M̃``, ``D = rowsum(dO∘O)``.
+
 *Backward.* :func:`dense_backward`, :func:`tiled_backward` and :func:`gather_backward` return the
 VJP at a forward result (FA2 §3.1.2, Alg. 2; equations in :func:`dense_backward`). Mechanisms whose
 forward is one engine call get their VJP from :func:`engine_vjp`, which records the call
@@ -80,7 +85,8 @@ from typing import Any
 from reflex.mechanisms._engine.dense import dense, dense_backward, scores, weights
 from reflex.mechanisms._engine.gather import GATHER_BLOCK_ELEMENTS, gather, gather_backward
 from reflex.mechanisms._engine.record import EngineCall, engine_vjp, recording, run_recorded
-from reflex.mechanisms._engine.terms import Gradients, Term, TermGradient, TileActive, empty_result, finish
+from reflex.mechanisms._engine.terms import (Dropout, Gradients, Term, TermGradient, TileActive, check_dropout,
+                                             empty_result, finish)
 from reflex.mechanisms._engine.tiled import tiled, tiled_backward
 from reflex.mechanisms._inputs import (Prepared, check_array, check_indices, check_term, prepare, resolve_dtype,
                                        resolve_scale, resolve_softcap)
@@ -90,6 +96,7 @@ __all__ = [
     "softmax_attention", "choose_implementation", "resolve_dtype", "resolve_scale", "resolve_softcap", "IMPLEMENTATIONS", "scores", "weights",
     "AUTO_TILED_ELEMENTS", "GATHER_BLOCK_ELEMENTS", "Term", "TileActive", "dense_backward", "tiled_backward",
     "gather_backward", "Gradients", "TermGradient", "EngineCall", "recording", "engine_vjp", "run_recorded",
+    "Dropout", "check_dropout",
 ]
 
 IMPLEMENTATIONS = ("auto", "dense", "tiled")
@@ -105,14 +112,17 @@ def choose_implementation(length: int, key_length: int) -> str:
 
 def softmax_attention(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, softcap: float | None = None,
                       tile_active: TileActive | None = None, implementation: str = "auto",
-                      return_lse: bool = False) -> Any:
-    """Run :func:`dense` or :func:`tiled` as ``implementation`` says; ``out`` or ``(out, lse)``."""
+                      return_lse: bool = False, dropout: Dropout | None = None) -> Any:
+    """Run :func:`dense` or :func:`tiled` as ``implementation`` says; ``out`` or ``(out, lse)``.
+
+    ``dropout``: a :class:`~.terms.Dropout` keep mask on the P·V product (lse undropped)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)}; got {implementation!r}")
     if implementation == "auto":
         implementation = choose_implementation(p.length, p.key_length)
     if implementation == "dense":
-        out, lse = dense(p, scale=scale, mask=mask, bias=bias, softcap=softcap)
+        out, lse = dense(p, scale=scale, mask=mask, bias=bias, softcap=softcap, dropout=dropout)
     else:
-        out, lse = tiled(p, scale=scale, mask=mask, bias=bias, softcap=softcap, tile_active=tile_active)
+        out, lse = tiled(p, scale=scale, mask=mask, bias=bias, softcap=softcap, tile_active=tile_active,
+                         dropout=dropout)
     return (out, lse) if return_lse else out

@@ -11,6 +11,7 @@ from reflex.mechanisms._engine.terms import (Gradients, TermGradient, _as_tuple,
                                              _group_term, _in_compute_dtype, _scores, _softmax_parts, _ungroup,
                                              capped_scores, cotangents, empty_result, finish, guarded, guarded_backward,
                                              probabilities, zero_gradients)
+from reflex.mechanisms._engine.terms import Dropout, dropout_factor
 from reflex.mechanisms._inputs import Prepared
 
 __all__ = ["dense", "dense_backward", "scores", "weights"]
@@ -26,23 +27,31 @@ def _dense_scores(p: Prepared, *, scale: float, mask: Any, bias: Any, softcap: f
     return _scores(p, q @ xp.matrix_transpose(xp.expand_dims(p.k, axis=-3)), softcap, biases, masks)
 
 
-def dense(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, softcap: float | None = None) -> tuple[Any, Any]:
+def dense(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, softcap: float | None = None,
+          dropout: Dropout | None = None) -> tuple[Any, Any]:
     """Dense masked softmax attention: ``(out (..., H, L, E), lse (..., H, L))``.
 
-    Non-finite K or V entries reach only the rows that attend them (:func:`~.terms.guarded`)."""
+    ``dropout`` (:class:`~.terms.Dropout`): ``out = (P∘M̃)·V`` with the undropped lse.
+    Non-finite K or V entries reach only the rows that attend them (:func:`~.terms.guarded`); with
+    dropout, only the rows that attend and keep them."""
     mask, bias, softcap = extend("dense", p, mask, bias, softcap)  # a caller's terms on any mechanism (extra.py)
     p, mask, bias, _, _ = restrict(p, mask, bias)  # a distributed window, if any (window.py)
-    result = guarded(p, lambda c: _dense(c, scale=scale, mask=mask, bias=bias, softcap=softcap))
-    record("dense", p, dict(scale=scale, mask=mask, bias=bias, softcap=softcap), result)
+    result = guarded(p, lambda c: _dense(c, scale=scale, mask=mask, bias=bias, softcap=softcap, dropout=dropout))
+    options = dict(scale=scale, mask=mask, bias=bias, softcap=softcap)
+    record("dense", p, options if dropout is None else {**options, "dropout": dropout}, result)
     return result
 
 
-def _dense(p: Prepared, *, scale: float, mask: Any, bias: Any, softcap: float | None) -> tuple[Any, Any]:
+def _dense(p: Prepared, *, scale: float, mask: Any, bias: Any, softcap: float | None,
+           dropout: Dropout | None = None) -> tuple[Any, Any]:
     xp = p.xp
     if p.length == 0 or p.key_length == 0:
         return empty_result(p)
     s = _dense_scores(p, scale=scale, mask=mask, bias=bias, softcap=softcap)
     weights, row_max, row_sum = _softmax_parts(xp, s)
+    if dropout is not None:
+        rows, cols = _grids(p, 0, p.length, 0, p.key_length)
+        weights = weights * dropout_factor(p, dropout, rows, cols, None)
     out, lse = finish(xp, weights @ xp.expand_dims(p.v, axis=-3), row_max, row_sum)
     return _ungroup(p, out), _ungroup(p, lse[..., None])[..., 0]
 
@@ -70,7 +79,7 @@ def weights(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, so
 
 
 def dense_backward(p: Prepared, out: Any, lse: Any, d_out: Any, d_lse: Any = None, *, scale: float, mask: Any = None,
-                   bias: Any = None, softcap: float | None = None) -> Gradients:
+                   bias: Any = None, softcap: float | None = None, dropout: Dropout | None = None) -> Gradients:
     """The VJP of :func:`dense` at its result ``(out, lse)``: gradients of ``⟨d_out, out⟩ + ⟨d_lse, lse⟩``.
 
     .. math::
@@ -82,7 +91,9 @@ def dense_backward(p: Prepared, out: Any, lse: Any, d_out: Any, d_lse: Any = Non
         d\\mathrm{bias} = dZ \\text{ summed over its broadcast axes}
 
     (FA2, Dao 2023, §3.1.2 and Alg. 2; lse cotangent: ∂lse_i/∂Z_ij = P_ij). GQA: dK, dV of kv head g
-    sum the H/G query heads that read it. A fully masked row (lse −∞) has P = 0: zero gradients,
+    sum the H/G query heads that read it. Dropout (keep mask M, ``M̃ = M/(1 − p)``, out = (P∘M̃)V):
+    ``dV = (P∘M̃)ᵀdO`` and ``dP = (dO·Vᵀ)∘M̃`` in place of ``dO·Vᵀ``; D = rowsum(dO∘O) still holds
+    (FA2's dropout backward). A fully masked row (lse −∞) has P = 0: zero gradients,
     never NaN. ``d_out (..., H, L, E)``, ``d_lse (..., H, L)`` or None. Returns :class:`Gradients`
     (``bias``: one entry per bias term, see :class:`~.terms.TermGradient`).
     """
@@ -90,12 +101,13 @@ def dense_backward(p: Prepared, out: Any, lse: Any, d_out: Any, d_lse: Any = Non
         return zero_gradients(p, bias)
     return guarded_backward(
         p, out, lse, d_out, d_lse,
-        lambda c: _dense(c, scale=scale, mask=mask, bias=bias, softcap=softcap),
-        lambda c, o, l_, do, dl: _dense_backward(c, o, l_, do, dl, scale=scale, mask=mask, bias=bias, softcap=softcap))
+        lambda c: _dense(c, scale=scale, mask=mask, bias=bias, softcap=softcap, dropout=dropout),
+        lambda c, o, l_, do, dl: _dense_backward(c, o, l_, do, dl, scale=scale, mask=mask, bias=bias, softcap=softcap,
+                                                 dropout=dropout))
 
 
 def _dense_backward(p: Prepared, out: Any, lse: Any, d_out: Any, d_lse: Any, *, scale: float, mask: Any, bias: Any,
-                    softcap: float | None) -> Gradients:
+                    softcap: float | None, dropout: Dropout | None = None) -> Gradients:
     xp = p.xp
     rows, cols = _grids(p, 0, p.length, 0, p.key_length)
     masks = _evaluate(p, _as_tuple(mask), rows, cols, None)
@@ -115,14 +127,21 @@ def _dense_backward(p: Prepared, out: Any, lse: Any, d_out: Any, d_lse: Any, *, 
     s, slope = capped_scores(p, (q * scale) @ xp.matrix_transpose(k), softcap, values, masks)
     P = probabilities(xp, s, _group_queries(p, lse[..., None]))
     d_o, delta = cotangents(p, out, d_out, d_lse)
-    dz = P * (d_o @ xp.matrix_transpose(v) - delta)
+    dp = d_o @ xp.matrix_transpose(v)
+    kept = P
+    factor = dropout_factor(p, dropout, rows, cols, None)
+    if factor is not None:
+        dp = dp * factor
+        kept = P * factor
+    dz = P * (dp - delta)
     for g, shape in zip(terms, shapes):
         if g.array:
             g.add_array(xp, dz, None)
         elif g.differentiable:
             g.add_callable(xp, _ungroup(p, dz), rows, cols, shape)  # the term's value is ungrouped (..., H, l, s)
     ds = dz if slope is None else dz * slope
-    return Gradients(_ungroup(p, scale * (ds @ k)), scale * _group_sum_product(p, ds, q), _group_sum_product(p, P, d_o),
+    return Gradients(_ungroup(p, scale * (ds @ k)), scale * _group_sum_product(p, ds, q),
+                     _group_sum_product(p, kept, d_o),
                      tuple(g.result() for g in terms))
 
 

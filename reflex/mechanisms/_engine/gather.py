@@ -12,6 +12,7 @@ from reflex.mechanisms._engine.window import restrict
 from reflex.mechanisms._engine.terms import (Gradients, TermGradient, _as_tuple, _in_compute_dtype, _scores,
                                              _softmax_parts, capped_scores, empty_result, finish, guarded,
                                              guarded_backward, probabilities, zero_gradients)
+from reflex.mechanisms._engine.terms import Dropout, gathered_dropout_factor
 from reflex.mechanisms._inputs import Prepared
 
 __all__ = ["gather", "gather_backward", "GATHER_BLOCK_ELEMENTS"]
@@ -21,25 +22,31 @@ GATHER_BLOCK_ELEMENTS = 1 << 22
 
 
 def gather(p: Prepared, indices: Any, *, scale: float, mask: Any = None, bias: Any = None,
-           softcap: float | None = None, block_q: int | None = None) -> tuple[Any, Any]:
+           softcap: float | None = None, block_q: int | None = None,
+           dropout: Dropout | None = None) -> tuple[Any, Any]:
     """Attention of each query over its own key list ``indices (..., H, L, K)``; ``-1`` = padding.
 
     Mask and bias terms must be callables; they receive ``rows (l, 1)`` and the gathered key
     positions ``cols (..., H, l, K)``. A key listed twice counts twice in the softmax. Queries go
     in blocks of ``block_q`` (default: as many as keep the gathered keys and values of a block
     under ``GATHER_BLOCK_ELEMENTS``), on a thread per core for NumPy. Non-finite K or V entries
-    reach only the rows that list them unmasked (:func:`~.terms.guarded`).
+    reach only the rows that list them unmasked (:func:`~.terms.guarded`). ``dropout``
+    (:class:`~.terms.Dropout`): its keep mask is read at the gathered key positions (an array at
+    ``[..., h, i, idx]``, a callable with the gathered ``cols``); a key listed twice is kept or
+    dropped twice alike.
     """
     mask, bias, softcap = extend("gather", p, mask, bias, softcap)  # a caller's terms on any mechanism (extra.py)
     p, mask, bias, _, indices = restrict(p, mask, bias, indices=indices)  # a distributed window (window.py)
     options = dict(scale=scale, mask=mask, bias=bias, softcap=softcap, block_q=block_q)
+    if dropout is not None:
+        options["dropout"] = dropout
     result = guarded(p, lambda c: _gather(c, indices, **options))
     record("gather", p, options, result, indices)
     return result
 
 
 def _gather(p: Prepared, indices: Any, *, scale: float, mask: Any, bias: Any, softcap: float | None,
-            block_q: int | None) -> tuple[Any, Any]:
+            block_q: int | None, dropout: Dropout | None = None) -> tuple[Any, Any]:
     xp = p.xp
     if p.length == 0 or p.key_length == 0:  # S = 0: every index is padding, every row attends nothing
         return empty_result(p)
@@ -63,6 +70,9 @@ def _gather(p: Prepared, indices: Any, *, scale: float, mask: Any, bias: Any, so
             empty = xp.zeros((*block_shape[:-1], 1), dtype=raw.dtype, device=p.device)
             return finish(xp, xp.zeros((*block_shape[:-1], p.value_dim), dtype=raw.dtype, device=p.device), empty, empty)
         weights, row_max, row_sum = _softmax_parts(xp, s)
+        factor = gathered_dropout_factor(p, dropout, rows, cols)
+        if factor is not None:
+            weights = weights * factor
         return finish(xp, (xp.expand_dims(weights, axis=-2) @ values)[..., 0, :], row_max, row_sum)
 
     blocks = parallel_map(query_block, range(0, p.length, block_q), like=q_all)
@@ -99,7 +109,7 @@ def _layout(p: Prepared, indices: Any, masks: tuple[Any, ...], biases: tuple[Any
 
 def gather_backward(p: Prepared, indices: Any, out: Any, lse: Any, d_out: Any, d_lse: Any = None, *, scale: float,
                     mask: Any = None, bias: Any = None, softcap: float | None = None,
-                    block_q: int | None = None) -> Gradients:
+                    block_q: int | None = None, dropout: Dropout | None = None) -> Gradients:
     """The VJP of :func:`gather` at its result ``(out, lse)``: per query ``i`` and listed key ``j = idx[i, t]``,
 
     .. math::
@@ -108,7 +118,8 @@ def gather_backward(p: Prepared, indices: Any, out: Any, lse: Any, d_out: Any, d
         dq_i = \\tau \\textstyle\\sum_t ds_{it} k_j,\\quad dk_j \\mathrel{+}= \\tau\\, ds_{it} q_i,\\quad
         dv_j \\mathrel{+}= P_{it}\\, dO_i
 
-    with ``D_i = rowsum(dO∘O) − dL_i`` and ``ds = dz∘cap'`` (FA2, Dao 2023, §3.1.2). A key listed
+    with ``D_i = rowsum(dO∘O) − dL_i`` and ``ds = dz∘cap'`` (FA2, Dao 2023, §3.1.2); with dropout
+    ``dO_i·v_j`` becomes ``M̃_it dO_i·v_j`` and ``dv_j`` gets ``P_it M̃_it dO_i``. A key listed
     several times, by one row or by many, or read by several query heads of a GQA group,
     accumulates every contribution: the scatter-add is deterministic
     (:func:`reflex.backends.scatter.scatter_add`: a stable sort, sums in a fixed order). The
@@ -116,13 +127,14 @@ def gather_backward(p: Prepared, indices: Any, out: Any, lse: Any, d_out: Any, d
     """
     if p.length == 0 or p.key_length == 0:
         return zero_gradients(p, bias)
-    options = dict(scale=scale, mask=mask, bias=bias, softcap=softcap, block_q=block_q)
+    options = dict(scale=scale, mask=mask, bias=bias, softcap=softcap, block_q=block_q, dropout=dropout)
     return guarded_backward(p, out, lse, d_out, d_lse, lambda c: _gather(c, indices, **options),
                             lambda c, o, l_, do, dl: _gather_backward(c, indices, o, l_, do, dl, **options))
 
 
 def _gather_backward(p: Prepared, indices: Any, out: Any, lse: Any, d_out: Any, d_lse: Any, *, scale: float, mask: Any,
-                     bias: Any, softcap: float | None, block_q: int | None) -> Gradients:
+                     bias: Any, softcap: float | None, block_q: int | None,
+                     dropout: Dropout | None = None) -> Gradients:
     from reflex.backends.scatter import scatter_add
 
     xp = p.xp
@@ -150,14 +162,20 @@ def _gather_backward(p: Prepared, indices: Any, out: Any, lse: Any, d_out: Any, 
         s, slope = capped_scores(p, xp.vecdot(xp.expand_dims(q * scale, axis=-2), keys, axis=-1), softcap,
                                  term_values, [valid] + [t(rows, cols) for t in masks])
         P = probabilities(xp, s, lse_all[..., i0:i1, :])
-        dz = P * (xp.vecdot(xp.expand_dims(d_o, axis=-2), values, axis=-1) - delta[..., i0:i1, :])
+        dp = xp.vecdot(xp.expand_dims(d_o, axis=-2), values, axis=-1)
+        kept = P
+        factor = gathered_dropout_factor(p, dropout, rows, cols)
+        if factor is not None:
+            dp = dp * factor
+            kept = P * factor
+        dz = P * (dp - delta[..., i0:i1, :])
         for g, value in zip(terms, term_values):
             if g.differentiable:
                 g.add_callable(xp, dz, rows, cols, tuple(value.shape))
         ds = dz if slope is None else dz * slope
         dq = scale * (xp.expand_dims(ds, axis=-2) @ keys)[..., 0, :]
         dk = xp.reshape(scale * ds[..., None] * xp.expand_dims(q, axis=-2), (-1, p.dim))
-        dv = xp.reshape(P[..., None] * xp.expand_dims(d_o, axis=-2), (-1, p.value_dim))
+        dv = xp.reshape(kept[..., None] * xp.expand_dims(d_o, axis=-2), (-1, p.value_dim))
         return dq, flat, dk, dv, terms
 
     blocks = parallel_map(query_block, range(0, p.length, block_q), like=p.q)

@@ -14,6 +14,7 @@ from reflex.mechanisms._engine.terms import (Gradients, TermGradient, TileActive
                                              _group_queries, _group_term, _in_compute_dtype, _safe_max, _scores,
                                              _slice_tile, _ungroup, capped_scores, cotangents, empty_result, finish,
                                              guarded, guarded_backward, probabilities, zero_gradients)
+from reflex.mechanisms._engine.terms import Dropout, dropout_factor
 from reflex.mechanisms._inputs import Prepared
 
 __all__ = ["tiled", "tiled_backward", "BACKWARD_PARTS"]
@@ -26,7 +27,8 @@ BACKWARD_PARTS = 4
 
 
 def tiled(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, softcap: float | None = None,
-          tile_active: TileActive | None = None, block_q: int = 128, block_k: int = 1024) -> tuple[Any, Any]:
+          tile_active: TileActive | None = None, block_q: int = 128, block_k: int = 1024,
+          dropout: Dropout | None = None) -> tuple[Any, Any]:
     """Online-softmax attention over (query block, key tile) pairs; same result as :func:`dense`.
 
     For each query block the running max ``m``, sum ``ℓ`` and accumulator are rescaled by
@@ -34,6 +36,8 @@ def tiled(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, soft
     A tile is skipped when ``tile_active(i0, i1, j0, j1)`` is False or its mask tile is all False.
     Query blocks are independent; on NumPy they run on a thread per core (``parallel_map``).
     Non-finite K or V entries reach only the rows that attend them (:func:`~.terms.guarded`).
+    ``dropout`` (:class:`~.terms.Dropout`): each tile's weights are multiplied by ``M̃`` before the
+    value product; the running max and sum (hence lse) stay undropped.
 
     On NumPy a tile whose mask tile has no True is skipped; on other libraries (CuPy, torch) only
     ``tile_active`` decides, on the host, since testing a device mask tile would synchronise once
@@ -45,13 +49,15 @@ def tiled(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, soft
     p, mask, bias, tile_active, _ = restrict(p, mask, bias, tile_active)  # a distributed window (window.py)
     options = dict(scale=scale, mask=mask, bias=bias, softcap=softcap, tile_active=tile_active, block_q=block_q,
                    block_k=block_k)
+    if dropout is not None:
+        options["dropout"] = dropout
     result = guarded(p, lambda c: _tiled(c, **options))
     record("tiled", p, options, result)
     return result
 
 
 def _tiled(p: Prepared, *, scale: float, mask: Any, bias: Any, softcap: float | None, tile_active: TileActive | None,
-           block_q: int, block_k: int) -> tuple[Any, Any]:
+           block_q: int, block_k: int, dropout: Dropout | None = None) -> tuple[Any, Any]:
     xp = p.xp
     if p.length == 0 or p.key_length == 0:
         return empty_result(p)
@@ -84,6 +90,9 @@ def _tiled(p: Prepared, *, scale: float, mask: Any, bias: Any, softcap: float | 
             s -= shift
             weights = xp.exp(s)
             row_sum = rescale * row_sum + xp.sum(weights, axis=-1, keepdims=True)
+            factor = dropout_factor(p, dropout, rows, cols, (i0, i1, j0, j1))
+            if factor is not None:
+                weights = weights * factor
             acc = rescale * acc + weights @ v[..., j0:j1, :]
             row_max = new_max
         return finish(xp, acc, row_max, row_sum)
@@ -96,7 +105,8 @@ def _tiled(p: Prepared, *, scale: float, mask: Any, bias: Any, softcap: float | 
 
 def tiled_backward(p: Prepared, out: Any, lse: Any, d_out: Any, d_lse: Any = None, *, scale: float, mask: Any = None,
                    bias: Any = None, softcap: float | None = None, tile_active: TileActive | None = None,
-                   block_q: int | None = None, block_k: int | None = None) -> Gradients:
+                   block_q: int | None = None, block_k: int | None = None,
+                   dropout: Dropout | None = None) -> Gradients:
     """The VJP of :func:`tiled` at its result ``(out, lse)``; same equations as
     :func:`~reflex.mechanisms._engine.dense.dense_backward`, streamed (FlashAttention-2, Dao 2023,
     Alg. 2): per (query block, key tile) the probabilities are recomputed from the saved lse,
@@ -104,7 +114,8 @@ def tiled_backward(p: Prepared, out: Any, lse: Any, d_out: Any, d_lse: Any = Non
     array exists: memory O(block_q · block_k) per head plus one ``dK``, ``dV`` accumulator per part
     (:data:`BACKWARD_PARTS`). dQ of a query block is complete after its key tiles; dK, dV of a key
     tile are summed over query blocks in a fixed order (deterministic). The tiles skipped forward
-    are skipped here. ``block_q``, ``block_k`` default to :func:`tiled`'s.
+    are skipped here. ``block_q``, ``block_k`` default to :func:`tiled`'s. Dropout as in
+    :func:`~reflex.mechanisms._engine.dense.dense_backward`, per tile.
     """
     block_q = tiled.__kwdefaults__["block_q"] if block_q is None else block_q
     block_k = tiled.__kwdefaults__["block_k"] if block_k is None else block_k
@@ -113,14 +124,14 @@ def tiled_backward(p: Prepared, out: Any, lse: Any, d_out: Any, d_lse: Any = Non
     if p.length == 0 or p.key_length == 0:
         return zero_gradients(p, bias)
     options = dict(scale=scale, mask=mask, bias=bias, softcap=softcap, tile_active=tile_active, block_q=block_q,
-                   block_k=block_k)
+                   block_k=block_k, dropout=dropout)
     return guarded_backward(p, out, lse, d_out, d_lse, lambda c: _tiled(c, **options),
                             lambda c, o, l_, do, dl: _tiled_backward(c, o, l_, do, dl, **options))
 
 
 def _tiled_backward(p: Prepared, out: Any, lse: Any, d_out: Any, d_lse: Any, *, scale: float, mask: Any, bias: Any,
                     softcap: float | None, tile_active: TileActive | None, block_q: int,
-                    block_k: int) -> Gradients:
+                    block_k: int, dropout: Dropout | None = None) -> Gradients:
     xp = p.xp
     masks, bias_terms = _as_tuple(mask), _as_tuple(bias)
     q_all = _group_queries(p, p.q)
@@ -168,7 +179,13 @@ def _tiled_backward(p: Prepared, out: Any, lse: Any, d_out: Any, d_lse: Any, *, 
                 k_tile, v_tile = k[..., j0:j1, :], v[..., j0:j1, :]
                 s, slope = capped_scores(p, qs @ xp.matrix_transpose(k_tile), softcap, values, tile_masks)
                 P = probabilities(xp, s, row_lse)
-                dz = P * (d_o @ xp.matrix_transpose(v_tile) - delta)
+                dp = d_o @ xp.matrix_transpose(v_tile)
+                kept = P
+                factor = dropout_factor(p, dropout, rows, cols, tile)
+                if factor is not None:
+                    dp = dp * factor
+                    kept = P * factor
+                dz = P * (dp - delta)
                 for g, shape in zip(terms, shapes):
                     if g.array:
                         g.add_array(xp, dz, tile)
@@ -176,7 +193,7 @@ def _tiled_backward(p: Prepared, out: Any, lse: Any, d_out: Any, d_lse: Any, *, 
                         g.add_callable(xp, _ungroup(p, dz), rows, cols, shape)  # value ungrouped (..., H, l, s)
                 ds = dz if slope is None else dz * slope
                 dq = dq + ds @ k_tile
-                dk_t, dv_t = _group_sum_product(p, ds, q), _group_sum_product(p, P, d_o)
+                dk_t, dv_t = _group_sum_product(p, ds, q), _group_sum_product(p, kept, d_o)
                 dk[t] = dk_t if dk[t] is None else dk[t] + dk_t
                 dv[t] = dv_t if dv[t] is None else dv[t] + dv_t
             dqs.append(scale * dq)
