@@ -222,6 +222,9 @@ PADDED = {
     "sliding_window_top_left": lambda f, **o: reflex.sliding_window_attention(*f, window=(1, 0), **o),
     "sliding_window_gather": lambda f, **o: reflex.sliding_window_attention(*f, window=(2, 0), implementation="gather",
                                                                             alignment="bottom_right", **o),
+    "dilated": lambda f, **o: reflex.dilated_attention(*f, window=(2, 1), dilation=2, alignment="bottom_right", **o),
+    "dilated_gather": lambda f, **o: reflex.dilated_attention(*f, window=(1, 0), dilation=3, implementation="gather",
+                                                              **o),
     "alibi": lambda f, **o: reflex.alibi_attention(*f, **o),
     "alibi_causal": lambda f, **o: reflex.alibi_attention(*f, causal=True, **o),
     "alibi_top_left": lambda f, **o: reflex.alibi_attention(*f, causal=True, alignment="top_left", symmetric=False, **o),
@@ -260,8 +263,8 @@ def test_seqlens_k_alone_and_seqlens_q_alone():
 
 def test_padding_is_refused_where_the_pattern_is_not_per_sequence():
     q, k, v = qkv_host(13, batch=(2,), length=8, key_length=8)
-    with pytest.raises(NotImplementedError, match="dilated_attention does not align its pattern per sequence"):
-        reflex.dilated_attention(q, k, v, window=(1, 1), dilation=2, seqlens_k=numpy.array([8, 3]))
+    with pytest.raises(NotImplementedError, match="block_local_attention does not align its pattern per sequence"):
+        reflex.block_local_attention(q, k, v, block_size=2, seqlens_k=numpy.array([8, 3]))
 
 
 @pytest.mark.parametrize("lengths,match", [

@@ -6,6 +6,7 @@ from typing import Any
 
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, example_qkv, qkv
+from reflex.mechanisms._engine.extra import sequence_offset
 from reflex.mechanisms._patterns import (causal_offset, check_alignment, check_positive_int, check_window,
                                          dilated_band_pattern, explicit_mask)
 from reflex.mechanisms.sliding_window import band_indices, check_band_implementation, band_module
@@ -50,6 +51,7 @@ def dilated_attention(q: Any, k: Any, v: Any, /, *, window: tuple[int, int], dil
     implementation = check_band_implementation(implementation)
     scale = _kernels.resolve_scale(scale, p.dim)
     band_kernel = band_module(p, implementation, q, k, v)
+    offset = sequence_offset(p, alignment, offset)  # per sequence with padded lengths (a (B, 1, 1, 1) array)
     if band_kernel is not None:
         out, lse = band_kernel.band_attention(p.q, p.k, p.v, left=left, right=right, offset=offset, dilation=dilation,
                                                scale=scale)
