@@ -80,7 +80,7 @@ def local_client(n_workers: int | None = None, *, processes: bool = True) -> Any
     distributed = _import_distributed()
     n = n_workers if n_workers is not None else (os.cpu_count() or 1)
     cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=processes,
-                                       dashboard_address=None)
+                                       dashboard_address=":0")
     return distributed.Client(cluster)
 
 
@@ -138,7 +138,9 @@ def _task(key: str, inputs: Mapping[str, Any], params: Mapping[str, Any], rows: 
             result, calls = run_recorded(function, inputs, params, return_lse=return_lse)
         problem = _windowed_problem(calls, w.seen, length, None)
         out = result[0] if return_lse else result
-        if problem is None and int(out.shape[axis]) != rows[1] - rows[0]:
+        if problem is None and isinstance(out, tuple):
+            problem = "the forward returns a tuple of results"
+        elif problem is None and int(out.shape[axis]) != rows[1] - rows[0]:
             problem = f"the output has {int(out.shape[axis])} rows, not the shard's {rows[1] - rows[0]}"
     except Exception as err:  # the same call without a window decides whether the inputs are at fault
         problem = f"the windowed run raised {type(err).__name__}: {err}"
@@ -196,6 +198,10 @@ def run(key: str, inputs: Mapping[str, Any], *, client: Any = None, query_shards
         raise ValueError(f"{key} cannot be split into query shards: it needs all queries (its output rows are "
                          f"not independent given the keys and values; registry row_separable=False). "
                          f"Use query_shards=1 (key/value blocks may still apply).")
+    if kv_blocks > 1 and not mechanism.returns_lse:
+        raise NotImplementedError(f"{key}: key/value blocks (kv_blocks > 1) need the mechanism's output to be one "
+                                  f"engine call's result with its lse, merged by logsumexp; {key} returns no lse. "
+                                  f"Use kv_blocks=1.")
     length, key_length, axis = _geometry(key, inputs, params)
     distributed = _import_distributed()
     own = client is None
