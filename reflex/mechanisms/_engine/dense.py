@@ -10,7 +10,7 @@ from reflex.mechanisms._engine.window import restrict
 from reflex.mechanisms._engine.terms import (Gradients, TermGradient, _as_tuple, _evaluate, _grids, _group_queries,
                                              _group_term, _in_compute_dtype, _scores, _softmax_parts, _ungroup,
                                              capped_scores, cotangents, empty_result, finish, guarded, guarded_backward,
-                                             probabilities, zero_gradients)
+                                             probabilities, term_shape, zero_gradients)
 from reflex.mechanisms._engine.terms import Dropout, dropout_factor
 from reflex.mechanisms._inputs import Prepared
 
@@ -120,7 +120,7 @@ def _dense_backward(p: Prepared, out: Any, lse: Any, d_out: Any, d_lse: Any, *, 
         else:
             raw_value = _in_compute_dtype(p, g.term(rows, cols))
             values.append(_group_term(p, raw_value))
-            shapes.append(tuple(raw_value.shape))
+            shapes.append(term_shape(raw_value))
     q = _group_queries(p, p.q)
     k = xp.expand_dims(p.k, axis=-3)
     v = xp.expand_dims(p.v, axis=-3)

@@ -27,6 +27,8 @@ def _ungroup(p: Prepared, x: Any) -> Any:
 
 def _group_term(p: Prepared, t: Any) -> Any:
     """A term value broadcastable to ``(..., H, l, s)`` → broadcastable to ``(..., G, H/G, l, s)``."""
+    if isinstance(t, BoundTransform):
+        return t
     xp = p.xp
     full_ndim = len(p.batch) + 3
     if t.ndim > full_ndim:
@@ -48,6 +50,8 @@ def _slice_tile(t: Any, i0: int, i1: int, j0: int, j1: int) -> Any:
 
 def _in_compute_dtype(p: Prepared, value: Any) -> Any:
     """A callable term's value: float values cast to the compute dtype (boolean masks unchanged)."""
+    if isinstance(value, BoundTransform):
+        return value
     xp = p.xp
     if xp.isdtype(value.dtype, "real floating") and value.dtype != p.q.dtype:
         return xp.astype(value, p.q.dtype)
@@ -81,14 +85,85 @@ def _as_tuple(terms: Any) -> tuple[Any, ...]:
     return tuple(terms) if isinstance(terms, (tuple, list)) else (terms,)
 
 
+class ScoreTransform:
+    """A term kind that rewrites the scores of a tile (FlexAttention's ``score_mod``), in the bias slot.
+
+    ``function(s, rows, cols) -> s'``: ``s`` the raw scaled scores ``scale·q·kᵀ`` of a tile,
+    ungrouped ``(..., H, l, s)``, and the index grids ``rows (l, 1)``, ``cols (1, s)``; the value is
+    broadcast to ``s``'s shape and cast to the compute dtype. Applied first — before softcap, biases
+    and masks — on the dense and tiled kernels (not gather). Backward: ``slope(s, rows, cols)`` is
+    the elementwise derivative ``∂s'/∂s`` (``None``: the backward raises); optional ``params``
+    (name → array) and ``vjp(s, rows, cols, d_value) -> {name: gradient}`` give the gradients of
+    ``⟨d_value, s'⟩`` for parameters the transform reads (``d_value``: the cotangent of ``s'`` on
+    the tile, 0 where masked), summed over tiles like a differentiable callable term's.
+    """
+
+    def __init__(self, function: Callable[..., Any], *, slope: Callable[..., Any] | None = None,
+                 params: dict[str, Any] | None = None, vjp: Callable[..., Any] | None = None) -> None:
+        self.function, self.slope, self.params, self.vjp = function, slope, dict(params or {}), vjp
+
+    def __call__(self, rows: Any, cols: Any) -> "BoundTransform":
+        return BoundTransform(self, rows, cols)
+
+
+class BoundTransform:
+    """A :class:`ScoreTransform` on one tile's index grids (what :func:`_evaluate` returns for it)."""
+
+    def __init__(self, term: ScoreTransform, rows: Any, cols: Any) -> None:
+        self.term, self.rows, self.cols = term, rows, cols
+        self.input: Any = None
+        self.out_slope: Any = None  # the softcap slope after the transform (ungrouped), set by capped_scores
+
+    def _fresh(self, p: Prepared, value: Any, like: Any) -> Any:
+        """``value`` broadcast to ``like``'s shape, in the compute dtype, as a new array (updated in place later)."""
+        xp = p.xp
+        if value is like:
+            return value
+        if not hasattr(value, "shape"):
+            value = xp.asarray(value, dtype=like.dtype, device=p.device)
+        value = xp.broadcast_to(xp.astype(value, like.dtype), tuple(like.shape))
+        return xp.asarray(value, copy=True)
+
+    def apply(self, p: Prepared, s: Any) -> Any:
+        s = _ungroup(p, s)
+        return _group_queries(p, self._fresh(p, self.term.function(s, self.rows, self.cols), s))
+
+    def apply_with_slope(self, p: Prepared, s: Any) -> tuple[Any, Any]:
+        """The transformed scores and ``∂s'/∂s`` (grouped); keeps the input for :meth:`param_vjp`."""
+        if self.term.slope is None:
+            raise NotImplementedError("a score transform without a derivative (slope) has no backward")
+        s = _ungroup(p, s)
+        self.input = s
+        value = self._fresh(p, self.term.function(s, self.rows, self.cols), s)
+        slope = self._fresh(p, self.term.slope(s, self.rows, self.cols), s)
+        return _group_queries(p, value), _group_queries(p, slope)
+
+    def param_vjp(self, dz: Any) -> dict[str, Any]:
+        """The parameter gradients of this tile from ``dz`` (ungrouped score cotangent ``(..., H, l, s)``)."""
+        if self.term.vjp is None:
+            return {}
+        d_value = dz if self.out_slope is None else dz * self.out_slope
+        return self.term.vjp(self.input, self.rows, self.cols, d_value)
+
+
+def term_shape(value: Any) -> Any:
+    """What the backward kernels keep of a callable term's tile value for :meth:`TermGradient.add_callable`:
+    its shape, or the bound tile itself for a :class:`ScoreTransform`."""
+    return value if isinstance(value, BoundTransform) else tuple(value.shape)
+
+
 def _scores(p: Prepared, raw: Any, softcap: float | None, biases: list[Any], masks: list[Any]) -> Any:
-    """Final scores from raw ``scale·q·k``: softcap, then biases, then masks (→ −∞)."""
+    """Final scores from raw ``scale·q·k``: score transforms, softcap, then biases, then masks (→ −∞)."""
     xp = p.xp
     s = raw  # a fresh temporary: updated in place below (saves a pass of page faults per tile)
+    for b in biases:
+        if isinstance(b, BoundTransform):
+            s = b.apply(p, s)
     if softcap is not None:
         s = softcap * xp.tanh(s / softcap)
     for b in biases:
-        s += b
+        if not isinstance(b, BoundTransform):
+            s += b
     for m in masks:
         s = xp.where(m, s, -math.inf)
     return s
@@ -247,19 +322,31 @@ def poison(p: Prepared, out: Any, lse: Any) -> tuple[Any, Any]:
 
 def capped_scores(p: Prepared, raw: Any, softcap: float | None, biases: list[Any],
                   masks: list[Any]) -> tuple[Any, Any]:
-    """Final scores from raw ``scale·q·k`` as :func:`_scores` computes them, and the softcap slope
-    ``∂cap/∂raw = 1 − tanh²(raw/c)`` (``None`` without softcap)."""
+    """Final scores from raw ``scale·q·k`` as :func:`_scores` computes them, and the slope ``∂s/∂raw``
+    before biases and masks: softcap's ``1 − tanh²(·/c)`` times each score transform's derivative
+    (``None`` with neither; 0 wherever the final score is −∞ when a transform is present)."""
     xp = p.xp
     slope = None
     s = raw
+    transforms = [b for b in biases if isinstance(b, BoundTransform)]
+    for b in transforms:
+        s, d = b.apply_with_slope(p, s)
+        slope = d if slope is None else slope * d
+    cap_slope = None
     if softcap is not None:
-        t = xp.tanh(raw / softcap)
+        t = xp.tanh(s / softcap)
         s = softcap * t
-        slope = 1.0 - t * t
+        cap_slope = 1.0 - t * t
+        slope = cap_slope if slope is None else slope * cap_slope
+    for b in transforms:
+        b.out_slope = None if cap_slope is None else _ungroup(p, cap_slope)
     for b in biases:
-        s = s + b
+        if not isinstance(b, BoundTransform):
+            s = s + b
     for m in masks:
         s = xp.where(m, s, -math.inf)
+    if transforms:  # a transform's derivative may be non-finite where nothing is attended (dZ = 0 there)
+        slope = xp.where(s == -math.inf, 0.0, slope)
     return s, slope
 
 
@@ -312,6 +399,10 @@ class TermGradient:
     def add_callable(self, xp: Any, dz: Any, rows: Any, cols: Any, value_shape: tuple[int, ...]) -> None:
         """Add ``term.vjp(rows, cols, d_value)``; ``dz`` is broadcast-compatible with the value, which
         has ``value_shape`` (right-aligned)."""
+        if isinstance(value_shape, BoundTransform):  # a score transform: its tile's value carries the shape
+            for name, g in value_shape.param_vjp(dz).items():
+                self.params[name] = g if name not in self.params else self.params[name] + g
+            return
         lead = dz.ndim - len(value_shape)
         d_value = reduce_to(xp, dz, (1,) * lead + tuple(value_shape))
         d_value = xp.reshape(d_value, tuple(value_shape))

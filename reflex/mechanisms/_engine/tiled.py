@@ -13,7 +13,7 @@ from reflex.mechanisms._engine.window import restrict
 from reflex.mechanisms._engine.terms import (Gradients, TermGradient, TileActive, _as_tuple, _evaluate, _grids,
                                              _group_queries, _group_term, _in_compute_dtype, _safe_max, _scores,
                                              _slice_tile, _ungroup, capped_scores, cotangents, empty_result, finish,
-                                             guarded, guarded_backward, probabilities, zero_gradients)
+                                             guarded, guarded_backward, probabilities, term_shape, zero_gradients)
 from reflex.mechanisms._engine.terms import Dropout, dropout_factor
 from reflex.mechanisms._inputs import Prepared
 
@@ -175,7 +175,7 @@ def _tiled_backward(p: Prepared, out: Any, lse: Any, d_out: Any, d_lse: Any, *, 
                     else:
                         raw_value = _in_compute_dtype(p, g.term(rows, cols))
                         values.append(_group_term(p, raw_value))
-                        shapes.append(tuple(raw_value.shape))
+                        shapes.append(term_shape(raw_value))
                 k_tile, v_tile = k[..., j0:j1, :], v[..., j0:j1, :]
                 s, slope = capped_scores(p, qs @ xp.matrix_transpose(k_tile), softcap, values, tile_masks)
                 P = probabilities(xp, s, row_lse)
