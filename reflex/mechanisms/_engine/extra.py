@@ -1,4 +1,4 @@
-"""The engine's extra terms: a caller's ``mask``, ``bias``, ``softcap`` and padded-batch lengths on any engine mechanism.
+"""The engine's extra terms: a caller's ``mask``, ``bias``, ``softcap`` and padded lengths on any engine mechanism.
 
 Every mechanism that runs on the engine (its pattern is a mask, its prior a bias) accepts the
 options of :func:`reflex.full_attention` through one shared declaration: the option layer
@@ -33,7 +33,8 @@ be per sequence.
 Only engine calls over the mechanism's own ``(..., H, L, S)`` grid can take the terms: a mechanism
 that attends a compressed, pooled or regrouped key set (compressive memory, Linformer, memory
 compressed, ISAB, ...) raises ``NotImplementedError`` naming it, as does one that made no engine
-call at all.
+call at all, or several (passes composed one after another, as axial attention over both axes:
+no single pattern for the terms to compose with).
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ from typing import Any, Iterator
 
 from reflex.mechanisms._inputs import Prepared, check_term
 
-__all__ = ["ExtraTerms", "extra_terms", "extend", "sequence_offset", "supports_padding", "merges_partials", "active", "TERM_OPTIONS",
-           "PADDING_OPTIONS"]
+__all__ = ["ExtraTerms", "extra_terms", "extend", "sequence_offset", "supports_padding", "active",
+           "TERM_OPTIONS", "PADDING_OPTIONS"]
 
 TERM_OPTIONS = ("mask", "bias", "softcap")
 PADDING_OPTIONS = ("seqlens_q", "seqlens_k", "key_leftpad")
@@ -72,7 +73,6 @@ class ExtraTerms:
     key_leftpad: Any = None
     used: int = 0
     aligned: bool = False
-    partials: bool = False
 
     @property
     def padded(self) -> bool:
@@ -158,14 +158,6 @@ def _lengths(p: Prepared, terms: ExtraTerms) -> tuple[Any, Any, Any]:
     return column(terms.seqlens_q, terms.length), seqlens_k, leftpad
 
 
-def merges_partials() -> None:
-    """Declare that the running mechanism's engine calls over its grid are partials over disjoint key sets
-    merged by lse (each takes the caller's terms, which then compose with the union of their patterns)."""
-    terms = _ACTIVE.get()
-    if terms is not None:
-        terms.partials = True
-
-
 def supports_padding() -> None:
     """Declare that the running mechanism's pattern needs no per-sequence alignment beyond the padding
     mask (or that it aligns through :func:`sequence_offset`)."""
@@ -242,7 +234,7 @@ def extend(kernel: str, p: Prepared, mask: Any, bias: Any, softcap: float | None
             f"{terms.function}: {_given(terms)} compose with engine calls over the mechanism's own (..., H, L, S) = "
             f"{terms.grid} grid; this mechanism attends over {tuple(p.score_shape)} (compressed, pooled or regrouped "
             f"keys or heads), where they have no meaning")
-    if terms.used and not terms.partials:
+    if terms.used:
         raise NotImplementedError(f"{terms.function} makes more than one engine call (passes composed one after "
                                   f"another, not partials merged by lse): {_given(terms)} have no single pattern to "
                                   f"compose with")
