@@ -307,3 +307,25 @@ def test_vjp_refuses_a_score_mod_without_its_derivative():
     with pytest.raises(NotImplementedError, match="'offsets'"):
         reflex.vjp("flex", {"q": q, "k": k, "v": v, "offsets": numpy.ones(H)}, d_out, enable_gqa=True,
                    score_mod=lambda s, *_: s, score_mod_grad=lambda s, *_: numpy.ones_like(s))
+
+
+def test_native_spellings_equal_flex():
+    """The 'native reflex' column of docs/flex_and_flash.md: each equals the flex mods it stands for."""
+    q, k, v = _inputs(8, length=9, key_length=9)
+    slopes = 2.0 ** -numpy.arange(1, H + 1)
+    bb, hb = numpy.array([0.3, -0.7]), numpy.linspace(-1.0, 1.0, H)
+    pairs = [
+        (dict(mask_mod=lambda b, h, qi, ki: qi >= ki), reflex.full_attention(q, k, v, causal=True)),
+        (dict(mask_mod=lambda b, h, qi, ki: (qi >= ki) & (qi - ki <= 3)),
+         reflex.sliding_window_attention(q, k, v, window=(3, 0))),
+        (dict(mask_mod=lambda b, h, qi, ki: qi // 3 == ki // 3), reflex.block_local_attention(q, k, v, block_size=3)),
+        (dict(mask_mod=lambda b, h, qi, ki: (numpy.abs(qi - ki) <= 4) & ((qi - ki) % 2 == 0)),
+         reflex.dilated_attention(q, k, v, window=(2, 2), dilation=2)),
+        (dict(score_mod=lambda s, b, h, qi, ki: s + slopes[h] * (ki - qi)),
+         reflex.alibi_attention(q, k, v, slopes=slopes, symmetric=False, alignment="top_left")),
+        (dict(score_mod=lambda s, b, h, qi, ki: 2.0 * numpy.tanh(s / 2.0)), reflex.full_attention(q, k, v, softcap=2.0)),
+        (dict(score_mod=lambda s, b, h, qi, ki: s + bb[b] + hb[h]),
+         reflex.full_attention(q, k, v, bias=bb[:, None, None, None] + hb[None, :, None, None])),
+    ]
+    for mods, native in pairs:
+        assert max_abs(reflex.flex_attention(q, k, v, enable_gqa=True, **mods), native) <= 1e-13, mods
