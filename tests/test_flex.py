@@ -16,7 +16,8 @@ B, H, G, L, S, D, E = 2, 4, 2, 7, 9, 5, 3
 
 
 def _inputs(seed=0, length=L, key_length=S, kv_heads=G):
-    return (random.normal((B, H, length, D), seed=(seed, 0)), random.normal((B, kv_heads, key_length, D), seed=(seed, 1)),
+    return (random.normal((B, H, length, D), seed=(seed, 0)),
+            random.normal((B, kv_heads, key_length, D), seed=(seed, 1)),
             random.normal((B, kv_heads, key_length, E), seed=(seed, 2)))
 
 
@@ -323,9 +324,21 @@ def test_native_spellings_equal_flex():
          reflex.dilated_attention(q, k, v, window=(2, 2), dilation=2)),
         (dict(score_mod=lambda s, b, h, qi, ki: s + slopes[h] * (ki - qi)),
          reflex.alibi_attention(q, k, v, slopes=slopes, symmetric=False, alignment="top_left")),
-        (dict(score_mod=lambda s, b, h, qi, ki: 2.0 * numpy.tanh(s / 2.0)), reflex.full_attention(q, k, v, softcap=2.0)),
+        (dict(score_mod=lambda s, b, h, qi, ki: 2.0 * numpy.tanh(s / 2.0)),
+         reflex.full_attention(q, k, v, softcap=2.0)),
         (dict(score_mod=lambda s, b, h, qi, ki: s + bb[b] + hb[h]),
          reflex.full_attention(q, k, v, bias=bb[:, None, None, None] + hb[None, :, None, None])),
     ]
     for mods, native in pairs:
         assert max_abs(reflex.flex_attention(q, k, v, enable_gqa=True, **mods), native) <= 1e-13, mods
+
+
+def test_engine_options_compose_after_score_mod():
+    """bias and softcap (the engine options of every q, k, v mechanism) apply after score_mod."""
+    q, k, v = _inputs(9)
+    bias = random.normal((B, H, L, S), seed=(9, 3))
+    got = reflex.flex_attention(q, k, v, enable_gqa=True, score_mod=lambda s, *_: s * s,
+                                mask_mod=lambda b, h, qi, ki: qi >= ki, softcap=3.0, bias=bias)
+    want = reflex.flex_attention(q, k, v, enable_gqa=True, mask_mod=lambda b, h, qi, ki: qi >= ki,
+                                 score_mod=lambda s, b, h, qi, ki: 3.0 * numpy.tanh(s * s / 3.0) + bias)
+    assert max_abs(got, want) <= 1e-14

@@ -93,6 +93,10 @@ def flex_attention(q: Any, k: Any, v: Any, /, *, score_mod: Callable[..., Any] |
         compute_dtype: arithmetic dtype (default float64).
 
     A fully masked row (or one whose every score is −∞) outputs 0 and lse −∞ (torch's convention).
+    The engine options every q, k, v mechanism takes (``mask``, ``bias``, ``softcap``, ``sinks``,
+    ``layout``) compose after ``score_mod``: score_mod, then softcap, biases and masks.
+    ``docs/flex_and_flash.md`` maps each FlexAttention idiom and flash-attn ``attention_ref``
+    option to its reflex spelling.
 
     Gradients (:func:`reflex.vjp`, ``inputs`` = q, k, v and any buffers): mask-only calls need
     nothing more. With a ``score_mod``, pass ``score_mod_grad`` (otherwise ``NotImplementedError``);
