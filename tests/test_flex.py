@@ -342,3 +342,26 @@ def test_engine_options_compose_after_score_mod():
     want = reflex.flex_attention(q, k, v, enable_gqa=True, mask_mod=lambda b, h, qi, ki: qi >= ki,
                                  score_mod=lambda s, b, h, qi, ki: 3.0 * numpy.tanh(s * s / 3.0) + bias)
     assert max_abs(got, want) <= 1e-14
+
+
+@pytest.mark.parametrize("implementation", ["dense", "tiled"])
+def test_row_and_key_windows_see_absolute_indices(implementation, small_tiles):
+    """Under the engine's row/key window (how reflex.distributed shards), the mods get absolute
+    positions: query shards equal the rows of the whole result, key blocks merge to it by lse."""
+    from reflex.mechanisms._engine.window import window
+    from reflex.mechanisms._merge import merge_partials
+
+    q, k, v = _inputs(10)
+    mods = dict(score_mod=lambda s, b, h, qi, ki: s * s + 0.125 * (ki - qi),
+                mask_mod=lambda b, h, qi, ki: qi + 2 >= ki, enable_gqa=True, implementation=implementation,
+                return_lse=True)
+    out, lse = reflex.flex_attention(q, k, v, **mods)
+    with window(rows=(2, 5), keys=(0, S)):
+        rows_out, rows_lse = reflex.flex_attention(q, k, v, **mods)
+    assert max_abs(rows_out, out[:, :, 2:5]) <= 1e-15 and max_abs(rows_lse, lse[:, :, 2:5]) <= 1e-15
+    parts = []
+    for keys in ((0, 4), (4, S)):
+        with window(rows=(0, L), keys=keys):
+            parts.append(reflex.flex_attention(q, k, v, **mods))
+    merged_out, merged_lse = merge_partials(numpy, [p[0] for p in parts], [p[1] for p in parts])
+    assert max_abs(merged_out, out) <= 1e-14 and max_abs(merged_lse, lse) <= 1e-14
