@@ -42,6 +42,11 @@ The backward kernels call ``vjp`` once per tile (once for dense; per query block
 the gathered key positions as ``cols``) and sum the returned gradients over tiles. A plain callable
 (no ``vjp``) is treated as a constant; an array bias gets ``d_bias`` summed over its broadcast axes.
 
+*Score transforms.* A :class:`~.terms.ScoreTransform` in the bias slot rewrites a tile's raw scaled
+scores, ``s = f(scale·q·k, rows, cols)``, before softcap, biases and masks (FlexAttention's
+``score_mod``; dense and tiled kernels). Its ``slope`` (∂f/∂s) enters the backward's chain rule;
+its optional ``params``/``vjp`` give parameter gradients as above.
+
 *Masked keys are inert.* NaN or ±∞ stored in K or V where a row does not attend (masked, outside
 its window, beyond causal, padding, −∞ bias) never reaches that row's output, lse or gradients;
 rows that give a non-finite entry a nonzero weight get NaN/±∞ (:func:`~.terms.guarded`). Each
