@@ -454,6 +454,7 @@ def _evaluate(formula: Callable[..., dict[str, numpy.ndarray]], ops: Ops, host: 
     bounds = {}
     if formula is softmax_formula:
         bounds = softmax_bounds(q, k, v, parts, scale=params.get("scale"), softcap=params.get("softcap"),
+                                dropout_mask=host.get("dropout_mask"), dropout_p=params.get("dropout_p", 0.0),
                                 bias=host.get("bias"), sinks=host.get("sinks"))
     if flash:
         parts = {**parts, "out": numpy.swapaxes(parts["out"], -3, -2)}

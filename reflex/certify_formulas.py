@@ -66,7 +66,8 @@ def allowed(shape: tuple[int, ...], causal: Any, mask: Any) -> numpy.ndarray:
 
 def softmax_formula(ops: Ops, q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, *, mask: Any = None, bias: Any = None,
                      causal: Any = False, scale: float | None = None, softcap: float | None = None,
-                     counts: Any = None, sinks: Any = None) -> dict[str, numpy.ndarray]:
+                     counts: Any = None, sinks: Any = None, dropout_mask: Any = None,
+                     dropout_p: float = 0.0) -> dict[str, numpy.ndarray]:
     """Dense softmax attention, term by term as ``full_attention``'s docstring defines it.
 
     ``Z = cap(scale·Q Kᵀ) + bias``, −∞ where masked or causally excluded; ``m`` the row max (0 for
@@ -75,7 +76,8 @@ def softmax_formula(ops: Ops, q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarr
     ``(..., H, L, S)``, default 1) count a key attended more than once (a multiplicity pattern; 0 =
     not attended). ``sinks (H,)``: a per-head logit ``s_h`` in every row's denominator with value 0
     (``P = e^{Z − m'} / (Σ e^{Z − m'} + e^{s_h − m'})``, ``m' = max(m, s_h)``; the lse includes it, an
-    empty row gets ``O = 0``, ``lse = s_h``). Returns ``out, lse, scores, probs`` in the ops' type.
+    empty row gets ``O = 0``, ``lse = s_h``). ``dropout_mask`` M with ``dropout_p`` p > 0:
+    ``O = (P∘M)·V/(1 − p)``, P and lse undropped. Returns ``out, lse, scores, probs`` in the ops' type.
     """
     heads, length, dim = q.shape[-3:]
     key_length = k.shape[-2]
@@ -112,6 +114,9 @@ def softmax_formula(ops: Ops, q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarr
     denominator = numpy.where(empty, one, row_sum)
     probs = weights / denominator
     out = probs @ vh
+    if dropout_p and float(dropout_p) > 0.0:
+        kept = numpy.broadcast_to(numpy.asarray(dropout_mask, dtype=bool), probs.shape)
+        out = (numpy.where(kept, probs, zero) @ vh) / (one - ops.number(float(dropout_p)))
     lse = numpy.where(empty, ninf, shift + ops.log(denominator))[..., 0]
     return {"out": out, "lse": lse, "scores": z, "probs": probs}
 
@@ -188,7 +193,7 @@ def performer_formula(ops: Ops, q: numpy.ndarray, k: numpy.ndarray, v: numpy.nda
 # key → (formula, the mechanism options it understands; others make mpmath decline)
 FORMULAS: dict[str, tuple[Callable[..., dict[str, numpy.ndarray]], frozenset[str]]] = {
     "full": (softmax_formula, frozenset({"mask", "bias", "causal", "scale", "softcap", "return_lse", "implementation",
-                                         "sinks", "layout"})),
+                                         "sinks", "layout", "dropout_mask", "dropout_p"})),
     "linear": (linear_formula, frozenset({"feature_map", "causal", "eps", "implementation", "layout"})),
     "performer": (performer_formula, frozenset({"projection", "kernel", "causal", "scale", "implementation", "layout"})),
 }
@@ -229,11 +234,12 @@ def gamma(n: Any) -> Any:
 
 def softmax_bounds(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, parts: Mapping[str, numpy.ndarray], *,
                    scale: float | None, softcap: float | None, bias: Any, counts: Any = None,
-                   sinks: Any = None) -> dict[str, Any]:
+                   sinks: Any = None, dropout_mask: Any = None, dropout_p: float = 0.0) -> dict[str, Any]:
     """Per-element first-order bounds on out and lse, and the case's condition (see :mod:`reflex.certify`).
 
     ``counts``: a multiplicity pattern (a key counted c times is c terms of the sum). ``sinks (H,)``:
-    one more term per row, an exact logit with value 0.
+    one more term per row, an exact logit with value 0. Dropout (keep mask M, rate p): each weight is
+    multiplied by M/(1 − p) (one more rounding, of the factor and of the product) before the value sum.
     """
     u = UNIT_ROUNDOFF
     heads, _, dim = q.shape[-3:]
@@ -265,11 +271,17 @@ def softmax_bounds(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, parts: 
     softmax_rel = numpy.where(some, (n + 2 + 2 * spread) * u, 0.0)  # BHH Thm 4.3
     with numpy.errstate(invalid="ignore"):
         lse_part = numpy.where(some, numpy.abs(lse + n - z_min) * u, 0.0)  # BHH Thm 4.2
+    keep = numpy.ones(z.shape)
+    if dropout_p and float(dropout_p) > 0.0:
+        keep = numpy.zeros(z.shape)
+        kept = numpy.broadcast_to(numpy.asarray(dropout_mask, dtype=bool), (*z.shape[:-1], k.shape[-2]))
+        keep[..., :k.shape[-2]] = kept / (1.0 - float(dropout_p))
+    dropout_roundings = 0 if dropout_p is None or float(dropout_p) == 0.0 else 2
     term_roundings = (3 if softcap is not None else 0) + (1 if bias is not None else 0)
     logit = gamma(dim + 1) * qk + term_roundings * u * numpy.where(attended, numpy.abs(z), 0.0)
     logit_row = numpy.where(attended, logit, 0.0).max(axis=-1, initial=0.0)
-    out_bound = (softmax_rel[..., None] * probs.max(axis=-1, initial=0.0)[..., None] * (terms @ abs_v)
-                 + (2 * logit_row + gamma(n + 1))[..., None] * (probs @ abs_v))
+    out_bound = (softmax_rel[..., None] * probs.max(axis=-1, initial=0.0)[..., None] * ((terms * keep) @ abs_v)
+                 + (2 * logit_row + gamma(n + 1 + dropout_roundings))[..., None] * ((probs * keep) @ abs_v))
     return {
         "out": out_bound, "lse": numpy.where(some, lse_part + logit_row, 0.0),
         "condition": float(spread.max(initial=0.0)), "softmax_bound": float(softmax_rel.max(initial=0.0)),

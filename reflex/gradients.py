@@ -91,9 +91,10 @@ def _vjp_in_flash_layout(key: str, inputs: dict, d_out: Any, d_lse: Any, extra: 
     layout = params.pop("layout")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
-    swapped = {name: _swap_heads_and_length(x) if name in ("q", "k", "v") else x for name, x in inputs.items()}
+    names = ("q", "k", "v", "qv")  # qv: full_attention's extra query, in q's layout
+    swapped = {name: _swap_heads_and_length(x) if name in names else x for name, x in inputs.items()}
     grads = vjp(key, swapped, _swap_heads_and_length(d_out), d_lse=d_lse, **extra, **params)
-    return {name: _swap_heads_and_length(g) if name in ("q", "k", "v") else g for name, g in grads.items()}
+    return {name: _swap_heads_and_length(g) if name in names else g for name, g in grads.items()}
 
 
 def _vjp_with_sinks(mechanism: registry.Mechanism, inputs: dict, d_out: Any, d_lse: Any, extra: dict,

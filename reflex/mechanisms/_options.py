@@ -358,6 +358,8 @@ def _with_layout_and_sinks(function_name: str, call: Callable[..., Any], args: t
             if x.ndim < 3:
                 raise ValueError(f"{name} must have shape (..., L, H, D) with layout='blhd'; got {tuple(x.shape)}")
         args = tuple(_swap_heads_and_length(x) for x in args[:3]) + tuple(args[3:])
+        if is_array(kwargs.get("qv")):  # full_attention's qv (..., L, H, E) travels with q
+            kwargs = {**kwargs, "qv": _swap_heads_and_length(kwargs["qv"])}
     want_lse = bool(kwargs.get("return_lse", False))
     if sinks is not None:
         q = args[0]

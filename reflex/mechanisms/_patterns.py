@@ -59,11 +59,17 @@ def causal_pattern(alignment: str, length: int, key_length: int) -> Pattern:
 
 
 def check_window(window: Any) -> tuple[int, int]:
-    """``window=(left, right)`` as two ints ≥ −1 (−1 = unbounded on that side)."""
+    """``window=(left, right)`` as two ints ≥ −1; −1 or ``None`` leaves that side unbounded.
+
+    ``None`` is flash-attn 4's spelling of an unbounded side, −1 that of flash-attn 2/3's kernels; both
+    read the same here. (FA4's interface reads any other negative value literally unless
+    left + right < 0; reflex refuses values below −1 instead.)
+    """
     if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or any(isinstance(w, bool) or not isinstance(w, int) or w < -1 for w in window)):
-        raise ValueError(f"window must be (left, right) with ints >= -1 (-1 = unbounded); got {window!r}")
-    return int(window[0]), int(window[1])
+            or any(w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < -1) for w in window)):
+        raise ValueError(f"window must be (left, right) with ints >= -1 or None (-1 and None = unbounded); "
+                         f"got {window!r}")
+    return tuple(-1 if w is None else int(w) for w in window)  # type: ignore[return-value]
 
 
 def band_pattern(left: int, right: int, offset: int = 0) -> Pattern:
@@ -89,6 +95,53 @@ def band_pattern(left: int, right: int, offset: int = 0) -> Pattern:
 
     # a per-sequence offset array (B, 1, 1, 1) (padded batches): every tile may hold an allowed pair
     return Pattern(allowed=allowed, tile_active=tile_active if isinstance(offset, int) else None)
+
+
+__all__ += ["chunk_pattern", "sink_band_pattern"]
+
+
+def chunk_pattern(chunk: int, offset: Any) -> Pattern:
+    """Llama-4 chunked attention (flash-attn 3 ``attention_chunk``): query i sees the keys of its own chunk.
+
+    Query i sits at key position ``t = i + δ`` with δ the bottom-right offset S − L (whatever the
+    causal alignment; per sequence with padded lengths, an array) and sees
+    ``c·⌊t/c⌋ ≤ j < c·⌊t/c⌋ + c`` (floor division, also for negative t). Compose with causal or a
+    window by intersection (:func:`all_patterns`).
+    """
+
+    def allowed(rows: Any, cols: Any) -> Any:
+        t = rows + offset
+        start = t - t % chunk  # floor: % of a negative int is non-negative in the array API
+        return (cols >= start) & (cols < start + chunk)
+
+    def tile_active(i0: int, i1: int, j0: int, j1: int) -> bool:
+        first = (i0 + offset) // chunk * chunk
+        last = (i1 - 1 + offset) // chunk * chunk + chunk
+        return j1 - 1 >= first and j0 < last
+
+    return Pattern(allowed=allowed, tile_active=tile_active if isinstance(offset, int) else None)
+
+
+def sink_band_pattern(left: int, right: int, offset: Any, sink_tokens: int) -> Pattern:
+    """:func:`band_pattern` whose first ``sink_tokens`` keys escape the left bound (StreamingLLM sink tokens).
+
+    Key j is allowed for query i iff ``j ≤ i + δ + right`` and (``j ≥ i + δ − left`` or
+    ``j < sink_tokens``): a sink key is still bound on the right, so a query sitting on a sink
+    position sees the sinks up to its right bound (flash-attn's ``sink_token_length`` in its local
+    mask, Xiao et al. 2023, "Efficient Streaming Language Models with Attention Sinks", §3.2).
+    """
+    band = band_pattern(left, right, offset)
+    if sink_tokens == 0 or left < 0:
+        return band
+    right_only = band_pattern(-1, right, offset)
+
+    def allowed(rows: Any, cols: Any) -> Any:
+        return band.allowed(rows, cols) | (right_only.allowed(rows, cols) & (cols < sink_tokens))
+
+    def tile_active(i0: int, i1: int, j0: int, j1: int) -> bool:
+        return band.tile_active(i0, i1, j0, j1) or (j0 < sink_tokens and right_only.tile_active(i0, i1, j0, j1))
+
+    return Pattern(allowed=allowed, tile_active=tile_active if band.tile_active is not None else None)
 
 
 # --- content-based selection (issue 5: topk, block_topk, indexer_topk, adaptive, lsh) ----------

@@ -7,17 +7,19 @@ from typing import Any
 from reflex import random
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, qkv
-from reflex.mechanisms._patterns import mask_and_causal
+from reflex.mechanisms._engine.extra import sequence_offset
+from reflex.mechanisms._patterns import chunk_pattern, mask_and_causal
 from reflex.registry import Case, Mechanism, register
-from reflex.mechanisms._options import typed_options
+from reflex.mechanisms._options import Int, typed_options
 
 __all__ = ["full_attention"]
 
 
-@typed_options()
+@typed_options(attention_chunk=Int(minimum=1, optional=True))
 def full_attention(q: Any, k: Any, v: Any, /, *, mask: Any = None, bias: Any = None, causal: bool | str = False,
                    scale: float | None = None, softcap: float | None = None, dropout_mask: Any = None,
-                   dropout_p: float = 0.0, return_lse: bool = False, compute_dtype: Any = None,
+                   dropout_p: float = 0.0, attention_chunk: int | None = None, qv: Any = None,
+                   return_lse: bool = False, compute_dtype: Any = None,
                    implementation: str = "auto") -> Any:
     """Scaled dot-product softmax attention with masks, biases, causal alignment, softcap and GQA.
 
@@ -42,6 +44,13 @@ def full_attention(q: Any, k: Any, v: Any, /, *, mask: Any = None, bias: Any = N
             :mod:`reflex.random`). ``O = (P∘M)·V/(1 − p)`` with P the undropped probabilities.
         dropout_p: the dropout rate p in [0, 1); 0 (default) is no dropout and ignores the mask.
             The lse is the undropped one (flash-attn's reference ``attention_ref``).
+        attention_chunk: c ≥ 1, Llama-4 chunked attention (flash-attn 3 ``attention_chunk``): query i
+            sits at ``t = i + S − L`` (bottom-right, whatever ``causal`` says) and sees only keys
+            ``c·⌊t/c⌋ ≤ j < c·⌊t/c⌋ + c``; intersected with ``mask`` and ``causal``.
+        qv: ``(..., H, L, E)``, flash-attn 3's extra query against the values (MLA decode): the
+            scores gain ``scale·qv·vᵀ`` (GQA as for k), and ``scale`` defaults to ``1/√(D + E)``.
+            Differentiable (``reflex.vjp`` returns ``qv`` and the extra ``v`` gradient). Not combined
+            with ``softcap`` (flash-attn caps the sum; reflex's engine caps q·kᵀ only): ValueError.
         return_lse: also return ``lse (..., H, L)``, the natural-log logsumexp of the final scores.
         compute_dtype: arithmetic dtype (default float64, whatever the inputs); the output has it.
         implementation: ``"dense"`` (materialise scores), ``"tiled"`` (online softmax over tiles,
@@ -56,12 +65,81 @@ def full_attention(q: Any, k: Any, v: Any, /, *, mask: Any = None, bias: Any = N
     """
     p = _kernels.prepare(q, k, v, compute_dtype=compute_dtype)
     masks, tile_active = mask_and_causal(p, mask, causal, per_sequence=True)
+    if attention_chunk is not None:
+        chunk = chunk_pattern(attention_chunk, sequence_offset(p, "bottom_right", p.key_length - p.length))
+        causal_tiles = tile_active
+        masks = [*masks, chunk.allowed]
+        tile_active = chunk.tile_active if causal_tiles is None else (
+            lambda i0, i1, j0, j1: causal_tiles(i0, i1, j0, j1) and chunk.tile_active(i0, i1, j0, j1))
+    softcap = _kernels.resolve_softcap(softcap)
+    scale = _kernels.resolve_scale(scale, p.dim if qv is None else p.dim + p.value_dim)
+    biases = [_kernels.check_term(p, "bias", bias, boolean=False)]
+    if qv is not None:
+        if softcap is not None:
+            raise ValueError("qv cannot be combined with softcap: flash-attn caps q·kᵀ + qv·vᵀ, reflex's engine caps "
+                             "q·kᵀ only")
+        biases.append(QVTerm(p, qv, scale))
     return _kernels.softmax_attention(
-        p, scale=_kernels.resolve_scale(scale, p.dim), mask=masks,
-        bias=_kernels.check_term(p, "bias", bias, boolean=False), softcap=_kernels.resolve_softcap(softcap),
+        p, scale=scale, mask=masks, bias=biases if qv is not None else biases[0], softcap=softcap,
         tile_active=tile_active, implementation=implementation, return_lse=return_lse,
         dropout=_kernels.check_dropout(p, dropout_mask, dropout_p),
     )
+
+
+class QVTerm:
+    """flash-attn 3's ``qv`` as a differentiable bias term: ``term(rows, cols) = scale·qv[rows]·v[cols]ᵀ``.
+
+    ``qv (..., H, L, E)`` against ``v (..., G, S, E)`` with query head h reading kv head
+    ``h // (H/G)``. On the dense/tiled kernels' contiguous grids ``rows (l, 1)``, ``cols (1, s)``.
+    ``vjp``: ``d_qv[rows] = scale·dZ·v[cols]``, ``d_v[cols] = scale·Σ_group dZᵀ·qv[rows]``.
+    """
+
+    def __init__(self, p: Any, qv: Any, scale: float) -> None:
+        xp = p.xp
+        expected = (*p.batch, p.heads, p.length, p.value_dim)
+        if not hasattr(qv, "shape") or tuple(qv.shape) != expected:
+            raise ValueError(f"qv must have shape (..., H, L, E) = {expected}; got "
+                             f"{tuple(qv.shape) if hasattr(qv, 'shape') else type(qv).__name__}")
+        self.p, self.xp, self.scale = p, xp, scale
+        self.qv = xp.astype(qv, p.q.dtype)
+        self.params = {"qv": self.qv, "v": p.v}
+
+    def _grouped_qv(self, i0: int, i1: int) -> Any:
+        p = self.p
+        x = self.qv[..., i0:i1, :]
+        return self.xp.reshape(x, (*x.shape[:-3], p.kv_heads, p.group, *x.shape[-2:]))
+
+    @staticmethod
+    def _span(grid: Any, axis: int) -> tuple[int, int]:
+        first = int(grid[0, 0])
+        return first, first + int(grid.shape[axis])
+
+    def __call__(self, rows: Any, cols: Any) -> Any:
+        xp, p = self.xp, self.p
+        if cols.ndim != 2:
+            raise NotImplementedError("qv is a term of the dense and tiled kernels (contiguous key tiles)")
+        i0, i1 = self._span(rows, 0)
+        j0, j1 = self._span(cols, 1)
+        v = xp.expand_dims(p.v[..., j0:j1, :], axis=-3)
+        value = self.scale * (self._grouped_qv(i0, i1) @ xp.matrix_transpose(v))
+        return xp.reshape(value, (*value.shape[:-4], p.heads, i1 - i0, j1 - j0))
+
+    def vjp(self, rows: Any, cols: Any, d_value: Any) -> dict[str, Any]:
+        xp, p = self.xp, self.p
+        i0, i1 = self._span(rows, 0)
+        j0, j1 = self._span(cols, 1)
+        dz = xp.broadcast_to(xp.reshape(d_value, (1,) * (len(p.score_shape) - d_value.ndim) + tuple(d_value.shape)),
+                             (*p.batch, p.heads, i1 - i0, j1 - j0))
+        dz = xp.reshape(dz, (*p.batch, p.kv_heads, p.group, i1 - i0, j1 - j0))
+        v = xp.expand_dims(p.v[..., j0:j1, :], axis=-3)
+        d_qv = xp.zeros(self.qv.shape, dtype=self.qv.dtype, device=p.device)
+        d_qv[..., i0:i1, :] = xp.reshape(self.scale * (dz @ v), (*p.batch, p.heads, i1 - i0, p.value_dim))
+        lead = (*p.batch, p.kv_heads)
+        dz2 = xp.reshape(dz, (*lead, p.group * (i1 - i0), j1 - j0))
+        qv2 = xp.reshape(self._grouped_qv(i0, i1), (*lead, p.group * (i1 - i0), p.value_dim))
+        d_v = xp.zeros(p.v.shape, dtype=p.v.dtype, device=p.device)
+        d_v[..., j0:j1, :] = self.scale * (xp.matrix_transpose(dz2) @ qv2)
+        return {"qv": d_qv, "v": d_v}
 
 
 def _flash_layout(x: Any) -> Any:
@@ -89,6 +167,8 @@ def _cases(size: str, seed: int) -> list[Case]:
         Case("bias", {**gqa, "bias": bias}, {}, seed=seed),
         Case("softcap", gqa, {"softcap": 2.0, "scale": 1.0}, seed=seed),
         Case("sinks", {**gqa, "mask": mask, "sinks": random.normal((d["H"],), seed=(seed, 5))}, {}, seed=seed),
+        Case("dropout", {**gqa, "dropout_mask": random.uniform(score_shape, seed=(seed, 6)) >= 0.25},
+             {"dropout_p": 0.25, "causal": "bottom_right"}, seed=seed),
         Case("layout_blhd", {name: _flash_layout(x) for name, x in gqa.items()}, {"layout": "blhd", "causal": "bottom_right"},
              seed=seed),
     ]
@@ -112,6 +192,8 @@ register(Mechanism(
         "softcap": "c: scores -> c*tanh(scores/c) before bias and mask",
         "dropout_mask": "boolean keep mask (..., H, L, S)-broadcastable, True = keep (with dropout_p > 0)",
         "dropout_p": "dropout rate p in [0, 1): O = (P*M) V / (1 - p), lse undropped; 0 = no dropout",
+        "attention_chunk": "c: query i (at t = i + S - L) sees keys c*floor(t/c) <= j < c*floor(t/c) + c (Llama 4)",
+        "qv": "(..., H, L, E): scores gain scale*qv.v^T (FA3, MLA decode); scale defaults to 1/sqrt(D + E)",
     },
     cases=_cases,
     reference=_reference,

@@ -11,10 +11,11 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import qkv, standard
 from reflex.mechanisms._engine.extra import active as extra_terms_active
 from reflex.mechanisms._engine.extra import sequence_offset
-from reflex.mechanisms._patterns import (band_pattern, causal_offset, check_alignment, check_window,
-                                         dilated_band_pattern, explicit_mask)
+from reflex.mechanisms._patterns import (Pattern, all_patterns, band_pattern, causal_offset, check_alignment,
+                                         check_window, chunk_pattern, dilated_band_pattern, explicit_mask,
+                                         sink_band_pattern)
 from reflex.registry import Case, Mechanism, register
-from reflex.mechanisms._options import typed_options
+from reflex.mechanisms._options import Int, typed_options
 
 __all__ = ["sliding_window_attention"]
 
@@ -79,10 +80,22 @@ def band_indices(p: _kernels.Prepared, left: int, right: int, offset: int, dilat
     return xp.where(keep, cols, -1)
 
 
-@typed_options()
+def window_pattern(p: _kernels.Prepared, left: int, right: int, offset: Any, sink_tokens: int = 0,
+                   attention_chunk: int | None = None) -> Pattern:
+    """The band of :func:`sliding_window_attention`, its first ``sink_tokens`` keys escaping the left bound,
+    intersected with Llama-4 chunks of ``attention_chunk`` keys (counted from the bottom-right position)."""
+    pattern = sink_band_pattern(left, right, offset, sink_tokens)
+    if attention_chunk is not None:
+        pattern = all_patterns(pattern, chunk_pattern(attention_chunk, sequence_offset(
+            p, "bottom_right", p.key_length - p.length)))
+    return pattern
+
+
+@typed_options(sink_tokens=Int(minimum=0), attention_chunk=Int(minimum=1, optional=True))
 def sliding_window_attention(q: Any, k: Any, v: Any, /, *, window: tuple[int, int], alignment: str = "top_left",
-                             scale: float | None = None, dropout_mask: Any = None, dropout_p: float = 0.0,
-                             return_lse: bool = False, compute_dtype: Any = None, implementation: str = "auto") -> Any:
+                             sink_tokens: int = 0, attention_chunk: int | None = None, scale: float | None = None,
+                             dropout_mask: Any = None, dropout_p: float = 0.0, return_lse: bool = False,
+                             compute_dtype: Any = None, implementation: str = "auto") -> Any:
     """Sliding-window attention: each query attends the keys within ``(left, right)`` of its position.
 
     .. math::
@@ -94,12 +107,19 @@ def sliding_window_attention(q: Any, k: Any, v: Any, /, *, window: tuple[int, in
     (and ``lse (..., H, L)`` with ``return_lse``). GQA: query head h reads kv head ``h // (H/G)``.
 
     Args:
-        window: ``(left, right)`` ints ≥ −1; −1 leaves that side unbounded. ``(left, 0)`` is causal
+        window: ``(left, right)`` ints ≥ −1 or ``None``; −1 or ``None`` (flash-attn 4's spelling) leaves that
+            side unbounded. ``(left, 0)`` is causal
             attention with a look-back of ``left`` keys; ``(0, 0)`` is self only; ``(-1, -1)`` is full.
             Same semantics as flash-attn ``window_size`` and the ONNX Attention (opset 25)
             ``left_window_size`` / ``right_window_size`` attributes.
         alignment: ``"top_left"`` (δ = 0: query i sits at key i) or ``"bottom_right"`` (δ = S − L:
             the last query sits at the last key, as flash-attn and ONNX with a KV cache of S − L).
+        sink_tokens: n ≥ 0, StreamingLLM sink tokens (flash-attn ``sink_token_length``): keys j < n
+            escape the left window bound (still bound on the right), for every query, including the
+            queries that sit on a sink position.
+        attention_chunk: c ≥ 1, Llama-4 chunked attention intersected with the window: query i sits at
+            ``t = i + S − L`` (bottom-right, whatever ``alignment`` says) and sees only keys
+            ``c·⌊t/c⌋ ≤ j < c·⌊t/c⌋ + c`` (flash-attn 3 ``attention_chunk``).
         scale: multiplies q·k; default 1/√D.
         dropout_mask: boolean keep mask broadcastable to ``(..., H, L, S)`` (True = keep), read when
             ``dropout_p > 0``: ``O = (P∘M)·V/(1 − p)``, lse undropped (as :func:`full_attention`).
@@ -126,28 +146,39 @@ def sliding_window_attention(q: Any, k: Any, v: Any, /, *, window: tuple[int, in
     implementation = check_band_implementation(implementation)
     scale = _kernels.resolve_scale(scale, p.dim)
     dropout = _kernels.check_dropout(p, dropout_mask, dropout_p)
-    if dropout is not None and implementation in ("numpy", "numba"):
-        raise ValueError(f"implementation={implementation!r} (a band kernel) does not take dropout_mask; use 'auto', "
-                         f"'dense', 'tiled' or 'gather'")
-    band_kernel = band_module(p, implementation, q, k, v) if dropout is None else None
+    beyond_band = [name for name, given in (("dropout_mask", dropout is not None), ("sink_tokens", sink_tokens > 0),
+                                            ("attention_chunk", attention_chunk is not None)) if given]
+    if beyond_band and implementation in ("numpy", "numba"):
+        raise ValueError(f"implementation={implementation!r} (a band kernel) does not take {', '.join(beyond_band)}; "
+                         f"use 'auto', 'dense', 'tiled' or 'gather'")
+    band_kernel = band_module(p, implementation, q, k, v) if not beyond_band else None
     offset = sequence_offset(p, alignment, offset)  # per sequence with padded lengths (a (B, 1, 1, 1) array)
     if band_kernel is not None:
         out, lse = band_kernel.band_attention(p.q, p.k, p.v, left=left, right=right, offset=offset, scale=scale)
     elif implementation == "gather":
-        out, lse = _kernels.gather(p, band_indices(p, left, right, offset), scale=scale, dropout=dropout)
+        if sink_tokens > 0 or attention_chunk is not None:  # every key listed, masked to the pattern
+            allowed = window_pattern(p, left, right, offset, sink_tokens, attention_chunk).allowed
+            rows = p.xp.reshape(p.xp.arange(p.length, dtype=p.xp.int64, device=p.device), (p.length, 1))
+            cols = p.xp.reshape(p.xp.arange(p.key_length, dtype=p.xp.int64, device=p.device), (1, p.key_length))
+            indices = p.xp.where(allowed(rows, cols), cols, -1)
+        else:
+            indices = band_indices(p, left, right, offset)
+        out, lse = _kernels.gather(p, indices, scale=scale, dropout=dropout)
     else:
-        pattern = band_pattern(left, right, offset)
+        pattern = window_pattern(p, left, right, offset, sink_tokens, attention_chunk)
         return _kernels.softmax_attention(p, scale=scale, mask=pattern.allowed, tile_active=pattern.tile_active,
                                           implementation=implementation, return_lse=return_lse, dropout=dropout)
     return (out, lse) if return_lse else out
 
 
-def _pattern(q: Any, k: Any, v: Any, /, *, window: tuple[int, int], alignment: str = "top_left", **_: Any) -> Any:
-    """The band as a boolean ``(..., H, L, S)`` mask."""
+def _pattern(q: Any, k: Any, v: Any, /, *, window: tuple[int, int], alignment: str = "top_left", sink_tokens: int = 0,
+             attention_chunk: int | None = None, **_: Any) -> Any:
+    """The band (with its sink tokens and chunks) as a boolean ``(..., H, L, S)`` mask."""
     p = _kernels.prepare(q, k, v)
     left, right = check_window(window)
     offset = causal_offset(check_alignment(alignment), p.length, p.key_length)
-    return explicit_mask(p.xp, p.device, p.score_shape, band_pattern(left, right, offset).allowed)
+    pattern = window_pattern(p, left, right, offset, sink_tokens, attention_chunk)
+    return explicit_mask(p.xp, p.device, p.score_shape, pattern.allowed)
 
 
 def _cases(size: str, seed: int) -> list[Case]:
@@ -175,7 +206,7 @@ def _reference(q: Any, k: Any, v: Any, /, **params: Any) -> Any:
 
     params = {n: val for n, val in params.items() if n not in ("implementation",)}
     mask = _pattern(q, k, v, **params)
-    rest = {n: val for n, val in params.items() if n not in ("window", "alignment")}
+    rest = {n: val for n, val in params.items() if n not in ("window", "alignment", "sink_tokens", "attention_chunk")}
     return full_attention(q, k, v, mask=mask, implementation="dense", **rest)
 
 
@@ -185,7 +216,9 @@ register(Mechanism(
     family="B. position-sparse",
     paper="Beltagy et al. 2020 §3.1 (Longformer sliding window); Child et al. 2019 §4.2; flash-attn window_size",
     params={
-        "window": "(left, right): key j allowed iff i + d - left <= j <= i + d + right; -1 = unbounded",
+        "window": "(left, right): key j allowed iff i + d - left <= j <= i + d + right; -1 or None = unbounded",
+        "sink_tokens": "n: keys j < n escape the left bound (StreamingLLM; flash-attn sink_token_length)",
+        "attention_chunk": "c: also j in the chunk c*floor(t/c) <= j < c*floor(t/c) + c of t = i + S - L (Llama 4)",
         "alignment": "'top_left' (d = 0) | 'bottom_right' (d = S - L)",
         "implementation": "'auto' | 'numpy' | 'numba' | 'dense' | 'tiled' | 'gather'",
         "dropout_mask": "boolean keep mask (..., H, L, S)-broadcastable, True = keep (with dropout_p > 0)",
