@@ -383,7 +383,7 @@ def _with_layout_and_sinks(function_name: str, call: Callable[..., Any], args: t
     return result
 
 
-_ENGINE_TERMS = ("mask", "bias", "softcap", "seqlens_q", "seqlens_k", "key_leftpad")
+_ENGINE_TERMS = ("mask", "bias", "softcap", "seqlens_q", "seqlens_k", "key_leftpad", "dropout_mask", "dropout_p")
 
 
 def _run_with_terms(function_name: str, run: Callable[..., Any], terms: dict, *args: Any, **kwargs: Any) -> Any:
@@ -405,6 +405,9 @@ def _run_with_terms(function_name: str, run: Callable[..., Any], terms: dict, *a
             continue
         if name == "softcap":
             values[name] = BY_NAME["softcap"].check(name, value)
+            continue
+        if name == "dropout_p":  # a rate in [0, 1), checked with the mask by the kernels (check_dropout)
+            values[name] = value
             continue
         _check_option_array(name, value, "q", q)
         values[name] = value

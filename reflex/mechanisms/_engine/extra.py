@@ -17,6 +17,10 @@ call's own, so the mechanism's output is
 (softcap on the scaled scores, then the biases, then the masks: the engine's order). The terms are
 recorded with the call, so the engine backward — and :func:`reflex.vjp` — returns ``d_bias``.
 
+``dropout_mask``/``dropout_p`` join the same way (:func:`extend_dropout`): the keep mask M, broadcastable
+to ``(..., H, L, S)``, multiplies the call's probabilities before the value product,
+``O = (P∘M)·V/(1 − p)``, with the undropped lse (:class:`~reflex.mechanisms._engine.terms.Dropout`).
+
 Padded batches (flash-attn's ``query_padding_mask``/``key_padding_mask`` convention, given as
 lengths): with ``q (B, H, L, D)``, ``seqlens_q (B,)`` valid queries ``i < seqlens_q[b]``,
 ``seqlens_k (B,)`` valid keys, and ``key_leftpad (B,)`` the first valid key (flash-attn's
@@ -48,10 +52,11 @@ from typing import Any, Iterator
 from reflex.mechanisms._inputs import Prepared, check_term
 
 __all__ = ["ExtraTerms", "extra_terms", "extend", "sequence_offset", "supports_padding", "active",
-           "TERM_OPTIONS", "PADDING_OPTIONS"]
+           "TERM_OPTIONS", "PADDING_OPTIONS", "DROPOUT_OPTIONS", "extend_dropout"]
 
 TERM_OPTIONS = ("mask", "bias", "softcap")
 PADDING_OPTIONS = ("seqlens_q", "seqlens_k", "key_leftpad")
+DROPOUT_OPTIONS = ("dropout_mask", "dropout_p")
 
 _ACTIVE: contextvars.ContextVar["ExtraTerms | None"] = contextvars.ContextVar("reflex_extra_terms", default=None)
 
@@ -71,6 +76,8 @@ class ExtraTerms:
     seqlens_q: Any = None
     seqlens_k: Any = None
     key_leftpad: Any = None
+    dropout_mask: Any = None
+    dropout_p: Any = None
     used: int = 0
     aligned: bool = False
 
@@ -108,7 +115,7 @@ def extra_terms(terms: ExtraTerms) -> Iterator[ExtraTerms]:
 
 
 def _given(terms: ExtraTerms) -> str:
-    names = [n for n in (*TERM_OPTIONS, *PADDING_OPTIONS) if getattr(terms, n) is not None]
+    names = [n for n in (*TERM_OPTIONS, *PADDING_OPTIONS, *DROPOUT_OPTIONS) if getattr(terms, n) is not None]
     return "=, ".join(names) + "="
 
 
@@ -257,3 +264,23 @@ def extend(kernel: str, p: Prepared, mask: Any, bias: Any, softcap: float | None
     terms.used += 1
     new_masks, new_biases = masks + extra_masks, biases + extra_biases
     return (new_masks or None), (new_biases or None), softcap
+
+
+def extend_dropout(p: Prepared, dropout: Any) -> Any:
+    """An engine call's :class:`~.terms.Dropout` with the running mechanism's ``dropout_mask``/``dropout_p``.
+
+    Called by each kernel right after :func:`extend` (which checks the grid and counts the call). The
+    keep mask applies to the call's P·V product: ``O = (P∘M)·V/(1 − p)``, lse undropped. ``ValueError``
+    when the call has its own dropout.
+    """
+    terms = _ACTIVE.get()
+    if terms is None or (terms.dropout_mask is None and terms.dropout_p is None):
+        return dropout
+    from reflex.mechanisms._engine.terms import check_dropout
+
+    caller = check_dropout(p, terms.dropout_mask, 0.0 if terms.dropout_p is None else terms.dropout_p)
+    if caller is None:
+        return dropout
+    if dropout is not None:
+        raise ValueError(f"{terms.function}: dropout_mask= conflicts with the mechanism's own dropout")
+    return caller

@@ -6,13 +6,13 @@ import math
 from typing import Any
 
 from reflex.backends import parallel_map
-from reflex.mechanisms._engine.extra import extend
+from reflex.mechanisms._engine.extra import extend, extend_dropout
 from reflex.mechanisms._engine.record import record
 from reflex.mechanisms._engine.window import restrict
-from reflex.mechanisms._engine.terms import (Gradients, TermGradient, _as_tuple, _in_compute_dtype, _scores,
-                                             _softmax_parts, capped_scores, empty_result, finish, guarded,
-                                             guarded_backward, probabilities, zero_gradients)
-from reflex.mechanisms._engine.terms import Dropout, gathered_dropout_factor
+from reflex.mechanisms._engine.terms import (Dropout, Gradients, TermGradient, _as_tuple, _in_compute_dtype, _scores,
+                                             _softmax_parts, capped_scores, empty_result, finish,
+                                             gathered_dropout_factor, guarded, guarded_backward, probabilities,
+                                             zero_gradients)
 from reflex.mechanisms._inputs import Prepared
 
 __all__ = ["gather", "gather_backward", "GATHER_BLOCK_ELEMENTS"]
@@ -36,6 +36,7 @@ def gather(p: Prepared, indices: Any, *, scale: float, mask: Any = None, bias: A
     dropped twice alike.
     """
     mask, bias, softcap = extend("gather", p, mask, bias, softcap)  # a caller's terms on any mechanism (extra.py)
+    dropout = extend_dropout(p, dropout)  # a caller's dropout_mask/dropout_p on any mechanism (extra.py)
     p, mask, bias, _, indices = restrict(p, mask, bias, indices=indices)  # a distributed window (window.py)
     options = dict(scale=scale, mask=mask, bias=bias, softcap=softcap, block_q=block_q)
     if dropout is not None:

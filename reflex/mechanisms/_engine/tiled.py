@@ -7,7 +7,7 @@ from typing import Any
 
 from reflex.backends import is_plain_numpy, parallel_map
 from reflex.mechanisms._engine.dense import _group_sum_product
-from reflex.mechanisms._engine.extra import extend
+from reflex.mechanisms._engine.extra import extend, extend_dropout
 from reflex.mechanisms._engine.record import record
 from reflex.mechanisms._engine.window import restrict
 from reflex.mechanisms._engine.terms import (Gradients, TermGradient, TileActive, _as_tuple, _evaluate, _grids,
@@ -46,6 +46,7 @@ def tiled(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, soft
     if block_q < 1 or block_k < 1:
         raise ValueError(f"block_q and block_k must be positive; got {block_q}, {block_k}")
     mask, bias, softcap = extend("tiled", p, mask, bias, softcap)  # a caller's terms on any mechanism (extra.py)
+    dropout = extend_dropout(p, dropout)  # a caller's dropout_mask/dropout_p on any mechanism (extra.py)
     p, mask, bias, tile_active, _ = restrict(p, mask, bias, tile_active)  # a distributed window (window.py)
     options = dict(scale=scale, mask=mask, bias=bias, softcap=softcap, tile_active=tile_active, block_q=block_q,
                    block_k=block_k)
