@@ -9,7 +9,8 @@ import pytest
 
 from reflex import random
 from reflex.backends import namespace
-from reflex.mechanisms._relative import RelativeLogits, assemble_rows, row_block_name, sum_to
+from reflex.mechanisms._numerics import unbroadcast
+from reflex.mechanisms._relative import RelativeLogits, assemble_rows, row_block_name
 from reflex.mechanisms.alibi import _AlibiTerm
 from reflex.mechanisms.t5 import _TableTerm
 from tests.helpers import FD_STEP
@@ -98,7 +99,7 @@ def _clipped_embedding(backend, clip):
         def embed_vjp(d_min, d_max, d_table):
             ids = xp.reshape(xp.arange(2 * clip + 1, dtype=xp.int64, device=backend.device), (1, -1))
             one_hot = xp.astype(xp.reshape(index(d_min, d_max), (-1, 1)) == ids, d_table.dtype)
-            return {"table": sum_to(xp, xp.matrix_transpose(one_hot) @ d_table, tuple(table.shape))}
+            return {"table": unbroadcast(xp, xp.matrix_transpose(one_hot) @ d_table, tuple(table.shape))}
 
         return RelativeLogits(xp, backend.asarray(params["queries"]), embed, embed_vjp, offset=1)
 
@@ -122,9 +123,9 @@ def test_relative_logits_term_vjp(backend, tile, table_shape):
     assert not numpy.any(d_queries[..., :i0, :]) and not numpy.any(d_queries[..., i0 + l:, :])
 
 
-def test_sum_to_reduces_broadcast_axes():
+def test_unbroadcast_reduces_broadcast_axes():
     xp = namespace(numpy.zeros(1))
     x = numpy.arange(24.0).reshape(2, 3, 4)
-    assert numpy.array_equal(sum_to(xp, x, (3, 1)), x.sum(axis=(0, 2))[:, None])
-    assert numpy.array_equal(sum_to(xp, x, (1, 3, 4)), x.sum(axis=0, keepdims=True))
-    assert numpy.array_equal(sum_to(xp, x, (2, 3, 4)), x)
+    assert numpy.array_equal(unbroadcast(xp, x, (3, 1)), x.sum(axis=(0, 2))[:, None])
+    assert numpy.array_equal(unbroadcast(xp, x, (1, 3, 4)), x.sum(axis=0, keepdims=True))
+    assert numpy.array_equal(unbroadcast(xp, x, (2, 3, 4)), x)

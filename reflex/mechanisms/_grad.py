@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from reflex.mechanisms import _kernels
+from reflex.mechanisms._numerics import unbroadcast
 
 # normalise_vjp(num (..., l, E), den (..., l, 1), d_out (..., l, E)) -> (d_num, d_den)
 NormaliseVJP = Callable[[Any, Any, Any], tuple[Any, Any]]
@@ -64,17 +65,6 @@ def softmax_attention_vjp(p: _kernels.Prepared, d_out: Any, d_lse: Any = None, *
         return _kernels.dense_backward(p, out, lse, d_out, d_lse, **options)
     out, lse = _kernels.tiled(p, **options, tile_active=tile_active)
     return _kernels.tiled_backward(p, out, lse, d_out, d_lse, **options, tile_active=tile_active)
-
-
-def reduce_to(xp: Any, grad: Any, shape: tuple[int, ...]) -> Any:
-    """Sum ``grad`` over the axes along which an array of ``shape`` was broadcast to ``grad.shape``."""
-    lead = grad.ndim - len(shape)
-    if lead:
-        grad = xp.sum(grad, axis=tuple(range(lead)))
-    axes = tuple(i for i, n in enumerate(shape) if n == 1 and int(grad.shape[i]) != 1)
-    if axes:
-        grad = xp.sum(grad, axis=axes, keepdims=True)
-    return grad
 
 
 def sum_to_matrix(xp: Any, x: Any) -> Any:

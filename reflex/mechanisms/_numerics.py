@@ -36,3 +36,19 @@ def inert_matmul(xp: Any, weights: Any, values: Any) -> Any:
     clean = xp.where(bad, 0.0, values)
     used = xp.astype(weights != 0, values.dtype) @ xp.astype(bad, values.dtype)
     return xp.where(used > 0, float("nan"), weights @ clean)
+
+
+def unbroadcast(xp: Any, grad: Any, shape: tuple[int, ...]) -> Any:
+    """The gradient of a broadcast: ``grad`` summed over every axis along which an array of ``shape``
+    was broadcast to ``grad.shape`` (extra leading axes, and axes where ``shape`` has 1), reshaped to
+    ``shape``."""
+    shape = tuple(int(n) for n in shape)
+    lead = grad.ndim - len(shape)
+    if lead > 0:
+        grad = xp.sum(grad, axis=tuple(range(lead)))
+    elif lead < 0:
+        grad = xp.reshape(grad, (1,) * -lead + tuple(grad.shape))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and int(grad.shape[i]) != 1)
+    if axes:
+        grad = xp.sum(grad, axis=axes, keepdims=True)
+    return xp.reshape(grad, shape)

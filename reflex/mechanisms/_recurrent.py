@@ -50,8 +50,9 @@ from typing import Any
 
 from reflex.backends import is_plain_numpy, numba_kernels
 from reflex.mechanisms._inputs import check_array
+from reflex.mechanisms._numerics import unbroadcast
 
-__all__ = ["Terms", "run", "vjp_terms", "check_log_decay", "check_shape", "check_form", "initial_state", "sum_to",
+__all__ = ["Terms", "run", "vjp_terms", "check_log_decay", "check_shape", "check_form", "initial_state",
            "FORMS"]
 
 FORMS = ("auto", "recurrent", "chunked", "parallel")
@@ -117,12 +118,6 @@ def check_form(form: Any) -> str:
     if form not in FORMS:
         raise ValueError(f"form must be one of {', '.join(FORMS)}; got {form!r}")
     return form
-
-
-def sum_to(xp: Any, x: Any, shape: tuple[int, ...]) -> Any:
-    """``x`` summed over the leading axes it has beyond ``shape`` (the gradient of a broadcast)."""
-    extra = x.ndim - len(shape)
-    return xp.sum(x, axis=tuple(range(extra))) if extra > 0 else x
 
 
 # --- forms ----------------------------------------------------------------------------------------

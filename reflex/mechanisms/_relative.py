@@ -12,24 +12,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from reflex.backends import device as device_of
+from reflex.mechanisms._numerics import unbroadcast
 
-__all__ = ["RelativeLogits", "sum_to", "row_block_name", "assemble_rows"]
+__all__ = ["RelativeLogits", "row_block_name", "assemble_rows"]
 
 _ROWS = "queries@"
-
-
-def sum_to(xp: Any, x: Any, shape: tuple[int, ...]) -> Any:
-    """``x`` summed down to ``shape`` (right-aligned broadcasting reversed: extra leading axes and
-    axes where ``shape`` has 1 are summed)."""
-    shape = tuple(int(n) for n in shape)
-    while x.ndim > len(shape):
-        x = xp.sum(x, axis=0)
-    lead = (1,) * (len(shape) - x.ndim)
-    x = xp.reshape(x, lead + tuple(x.shape))
-    axes = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape)) if b == 1 and a != 1)
-    if axes:
-        x = xp.sum(x, axis=axes, keepdims=True)
-    return xp.reshape(x, shape)
 
 
 def row_block_name(i0: int, i1: int) -> str:
@@ -99,6 +86,6 @@ class RelativeLogits:
         table = self.embed(d_min, d_max)
         queries = self.queries[..., i0:i0 + l, :]
         d_logits = _unskew(xp, xp.astype(d_value, queries.dtype))  # (..., H, l, l + s − 1)
-        d_queries = sum_to(xp, d_logits @ table, tuple(queries.shape))
-        d_table = sum_to(xp, xp.matrix_transpose(d_logits) @ queries, tuple(table.shape))
+        d_queries = unbroadcast(xp, d_logits @ table, tuple(queries.shape))
+        d_table = unbroadcast(xp, xp.matrix_transpose(d_logits) @ queries, tuple(table.shape))
         return {row_block_name(i0, i0 + l): d_queries, **self.embed_vjp(d_min, d_max, d_table)}

@@ -12,7 +12,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, qkv
 from reflex.mechanisms._engine.extra import sequence_offset
 from reflex.mechanisms._patterns import band_pattern, causal_offset
-from reflex.mechanisms._relative import sum_to
+from reflex.mechanisms._numerics import unbroadcast
 from reflex.registry import Case, Mechanism, register
 from reflex.mechanisms._options import typed_options
 
@@ -72,7 +72,7 @@ class _AlibiTerm:
 
     def vjp(self, rows: Any, cols: Any, d_value: Any) -> dict[str, Any]:
         grad = d_value * self._distance(rows, cols)
-        return {"slopes": sum_to(self.xp, grad, (*self.slopes.shape, 1, 1))[..., 0, 0]}
+        return {"slopes": unbroadcast(self.xp, grad, (*self.slopes.shape, 1, 1))[..., 0, 0]}
 
 
 def _alibi_term(slopes: Any, offset: int, symmetric: bool) -> _AlibiTerm:

@@ -13,6 +13,7 @@ from reflex.mechanisms._kernels import resolve_dtype
 from reflex.registry import Case, Mechanism, register
 from reflex.mechanisms._options import typed_options
 from reflex.mechanisms._numerics import vector_norm
+from reflex.mechanisms._numerics import unbroadcast
 
 __all__ = ["head_diversity"]
 
@@ -139,7 +140,7 @@ def _head_diversity_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, kind: st
     diff = 2.0 * (m - xp.astype(patterns, dtype)) * d[..., None, None, None]
     grads = {"maps": diff}
     if xp.isdtype(patterns.dtype, "real floating"):
-        grads["patterns"] = _grad.reduce_to(xp, -diff, tuple(patterns.shape))
+        grads["patterns"] = unbroadcast(xp, -diff, tuple(patterns.shape))
     return grads
 
 

@@ -11,6 +11,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import example_qkv, standard
 from reflex.registry import Case, Mechanism, register
 from reflex.mechanisms._options import typed_options
+from reflex.mechanisms._numerics import unbroadcast
 
 __all__ = ["isab_attention", "luna_attention"]
 
@@ -135,7 +136,7 @@ def _pack_unpack_vjp(inputs: dict, name: str, d_out: Any, d_lse: Any, *, scale: 
     pack = _grad.softmax_attention_vjp(_kernels.prepare(wide, prep.k, both, compute_dtype=prep.q.dtype),
                                        xp.concat([d_k_hat, d_v_hat], axis=-1), scale=s, implementation=implementation)
     return {"q": unpack.dq, "k": pack.dk + pack.dv[..., :prep.dim], "v": pack.dv[..., prep.dim:],
-            name: _grad.reduce_to(xp, pack.dq, tuple(points.shape))}
+            name: unbroadcast(xp, pack.dq, tuple(points.shape))}
 
 
 def _isab_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, scale: float | None = None, compute_dtype: Any = None,

@@ -11,6 +11,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.registry import Case, Mechanism, register
 from reflex.mechanisms._options import typed_options
+from reflex.mechanisms._numerics import unbroadcast
 
 __all__ = ["linformer_attention"]
 
@@ -92,8 +93,8 @@ def _linformer_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, scale: float 
     e = xp.astype(e_proj, p.q.dtype)
     f = e if f_proj is None else xp.astype(f_proj, p.q.dtype)
     t = xp.matrix_transpose
-    d_e = _grad.reduce_to(xp, g.dk @ t(p.k), tuple(e.shape))
-    d_f = _grad.reduce_to(xp, g.dv @ t(p.v), tuple(f.shape))
+    d_e = unbroadcast(xp, g.dk @ t(p.k), tuple(e.shape))
+    d_f = unbroadcast(xp, g.dv @ t(p.v), tuple(f.shape))
     grads = {"q": g.dq, "k": t(e) @ g.dk, "v": t(f) @ g.dv}
     if f_proj is None:
         grads["e_proj"] = d_e + d_f

@@ -12,6 +12,7 @@ from reflex.mechanisms._inputs import check_array, resolve_dtype
 from reflex.mechanisms._options import typed_options
 from reflex.mechanisms._patterns import check_positive_int
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._numerics import unbroadcast
 
 __all__ = ["mamba2_attention"]
 
@@ -129,11 +130,11 @@ def _vjp(inputs: dict[str, Any], d_out: Any, *, d_lse: Any = None, d_state: Any 
     result = {
         "x": dt[..., None] * dv + (D[:, None, None] * d_out if D is not None else 0.0),
         "dt": xp.sum(x * dv, axis=-1) + A[:, None] * dg,
-        "A": _recurrent.sum_to(xp, xp.sum(dt * dg, axis=-1), (H,)),
+        "A": unbroadcast(xp, xp.sum(dt * dg, axis=-1), (H,)),
         "B": per_group(grads["k"]), "C": per_group(grads["q"]),
     }
     if D is not None:
-        result["D"] = _recurrent.sum_to(xp, xp.sum(xp.sum(d_out * x, axis=-1), axis=-1), (H,))
+        result["D"] = unbroadcast(xp, xp.sum(xp.sum(d_out * x, axis=-1), axis=-1), (H,))
     if inputs.get("initial_state") is not None:
         result["initial_state"] = grads["state"][..., 0, :, :]
     return result

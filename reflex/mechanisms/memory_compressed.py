@@ -12,6 +12,7 @@ from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import Pattern, causal_offset, parse_causal
 from reflex.registry import Case, Mechanism, register
 from reflex.mechanisms._options import typed_options
+from reflex.mechanisms._numerics import unbroadcast
 
 __all__ = ["memory_compressed_attention"]
 
@@ -95,7 +96,7 @@ def _compress_vjp(p: _kernels.Prepared, weight: Any, x: Any, kernel_size: int, d
     blocks = xp.reshape(x, (*x.shape[:-2], p.key_length // kernel_size, kernel_size * width))
     flat = xp.reshape(xp.astype(weight, p.q.dtype), (*shape[:-3], kernel_size * width, shape[-1]))
     d_x = xp.reshape(d_y @ xp.matrix_transpose(flat), tuple(x.shape))
-    d_w = _grad.reduce_to(xp, xp.matrix_transpose(blocks) @ d_y, tuple(flat.shape))
+    d_w = unbroadcast(xp, xp.matrix_transpose(blocks) @ d_y, tuple(flat.shape))
     return d_x, xp.reshape(d_w, shape)
 
 

@@ -11,9 +11,10 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.backends import device as device_of
 from reflex.mechanisms._patterns import mask_and_causal
-from reflex.mechanisms._relative import RelativeLogits, assemble_rows, sum_to
+from reflex.mechanisms._relative import RelativeLogits, assemble_rows
 from reflex.registry import Case, Mechanism, register
 from reflex.mechanisms._options import typed_options
+from reflex.mechanisms._numerics import unbroadcast
 
 __all__ = ["relative_shaw_attention"]
 
@@ -119,7 +120,7 @@ def _forward(q: Any, k: Any, v: Any, *, rel_k: Any, rel_v: Any, max_distance: in
     def embed_vjp(d_min: int, d_max: int, d_table: Any) -> dict[str, Any]:
         ids = xp.reshape(xp.arange(rows_k, dtype=xp.int64, device=p.device), (1, rows_k))
         one_hot = xp.astype(xp.reshape(index(d_min, d_max), (-1, 1)) == ids, d_table.dtype)  # (n, 2k+1)
-        return {"rel_k": sum_to(xp, xp.matrix_transpose(one_hot) @ d_table, tuple(rel_k.shape))}
+        return {"rel_k": unbroadcast(xp, xp.matrix_transpose(one_hot) @ d_table, tuple(rel_k.shape))}
 
     queries = p.q * scale
     bias = RelativeLogits(xp, queries, embed, embed_vjp, query_offset)
@@ -222,7 +223,7 @@ def _vjp(inputs: Any, d_out: Any, *, d_lse: Any = None, max_distance: int | None
     d_k_extra = None
     if f.shares is not None:
         shares = xp.stack(f.shares, axis=-1)  # (..., H, L, 2k+1)
-        grads["rel_v"] = sum_to(xp, xp.matrix_transpose(shares) @ d_out, tuple(f.rel_v.shape))
+        grads["rel_v"] = unbroadcast(xp, xp.matrix_transpose(shares) @ d_out, tuple(f.rel_v.shape))
         if f.clip > 0:
             # O += Σ_r w_ir a^V_r with w_i = softmax_r(ζ_i): dζ_ir = w_ir·(g_ir − Σ_r' w_ir' g_ir'), g_ir = dO_i·a^V_r
             g_bins = d_out @ xp.matrix_transpose(f.rel_v)
@@ -244,7 +245,7 @@ def _vjp(inputs: Any, d_out: Any, *, d_lse: Any = None, max_distance: int | None
                 d_queries = d_queries + xp.reshape(grouped * keys, f.queries.shape) + dz * a_k
                 to_keys = xp.sum(grouped * xp.reshape(f.queries, grouped.shape[:-1] + (p.dim,)), axis=-3)  # (..., G, L, D)
                 d_k_extra = d_k_extra + _shifted_rows(xp, to_keys, f.offset + r, p.key_length)
-                d_a = sum_to(xp, xp.sum(dz * f.queries, axis=-2, keepdims=True), tuple(a_k.shape))
+                d_a = unbroadcast(xp, xp.sum(dz * f.queries, axis=-2, keepdims=True), tuple(a_k.shape))
                 d_rel_k = d_rel_k + xp.concat(
                     [xp.zeros((*d_a.shape[:-2], f.clip + r, p.dim), dtype=p.q.dtype, device=p.device), d_a,
                      xp.zeros((*d_a.shape[:-2], f.clip - r, p.dim), dtype=p.q.dtype, device=p.device)], axis=-2)

@@ -10,6 +10,7 @@ from reflex.mechanisms._cases import standard
 from reflex.mechanisms._patterns import mask_and_causal
 from reflex.registry import Case, Mechanism, register
 from reflex.mechanisms._options import typed_options
+from reflex.mechanisms._numerics import unbroadcast
 
 __all__ = ["residual_attention"]
 
@@ -81,7 +82,7 @@ def _residual_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, d_scores: Any 
         grads["q"] = grads["q"] + _grad.ungroup(p, resolved * (d_s @ k))
         grads["k"] = grads["k"] + resolved * xp.sum(xp.matrix_transpose(d_s) @ _grad.group_queries(p, p.q), axis=-3)
         if prev is not None:
-            grads["prev_scores"] = grads["prev_scores"] + _grad.reduce_to(xp, xp.astype(d_scores, p.q.dtype),
+            grads["prev_scores"] = grads["prev_scores"] + unbroadcast(xp, xp.astype(d_scores, p.q.dtype),
                                                                           tuple(prev.shape))
     return grads
 

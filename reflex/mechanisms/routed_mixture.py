@@ -10,6 +10,7 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import example_qkv, standard
 from reflex.registry import Case, Mechanism, register
 from reflex.mechanisms._options import typed_options
+from reflex.mechanisms._numerics import unbroadcast
 
 __all__ = ["routed_mixture_attention", "routing_gates"]
 
@@ -131,21 +132,12 @@ def _vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, pathways: Sequence[Mapp
         weights = gates[..., 0, :, :]
         d_logits = weights * (d_gate - xp.sum(weights * d_gate, axis=-1, keepdims=True))
         x, w_r = xp.astype(inputs["x"], dtype), xp.astype(inputs["w_r"], dtype)
-        d_logits = _reduce_to(xp, d_logits, (*x.shape[:-1], int(w_r.shape[-1])))
+        d_logits = unbroadcast(xp, d_logits, (*x.shape[:-1], int(w_r.shape[-1])))
         grads["x"] = d_logits @ xp.matrix_transpose(w_r)
         grads["w_r"] = xp.matrix_transpose(xp.reshape(x, (-1, int(x.shape[-1])))) @ xp.reshape(d_logits, (-1, int(w_r.shape[-1])))
     else:
-        grads["gates"] = _reduce_to(xp, d_gate, tuple(int(n) for n in inputs["gates"].shape))
+        grads["gates"] = unbroadcast(xp, d_gate, tuple(int(n) for n in inputs["gates"].shape))
     return grads
-
-
-def _reduce_to(xp: Any, g: Any, shape: tuple[int, ...]) -> Any:
-    """``g`` summed over the axes an array of ``shape`` was broadcast along, reshaped to ``shape``."""
-    lead = g.ndim - len(shape)
-    full = (1,) * lead + tuple(shape)
-    axes = tuple(i for i, (a, b) in enumerate(zip(g.shape, full)) if b == 1 and a != 1)
-    return xp.reshape(xp.sum(g, axis=axes, keepdims=True) if axes else g, tuple(shape))
-
 
 
 def _cases(size: str, seed: int) -> list[Case]:

@@ -11,6 +11,7 @@ from reflex.mechanisms._inputs import check_array, prepare
 from reflex.mechanisms._options import Real, typed_options
 from reflex.mechanisms._patterns import check_positive_int
 from reflex.registry import Case, Mechanism, register
+from reflex.mechanisms._numerics import unbroadcast
 
 __all__ = ["rwkv6_attention"]
 
@@ -95,7 +96,7 @@ def _vjp(inputs: dict[str, Any], d_out: Any, *, d_lse: Any = None, d_state: Any 
     grads = _recurrent.vjp_terms(terms, state, d_out, d_state, scale=float(scale))
     H, D = p.heads, p.dim
     result = {name: grads[name][..., 0, :, :] for name in ("q", "k", "v", "decay")}
-    result["bonus"] = xp.reshape(_recurrent.sum_to(xp, grads["bonus"], (H, 1, 1, D)), (H, D))
+    result["bonus"] = xp.reshape(unbroadcast(xp, grads["bonus"], (H, 1, 1, D)), (H, D))
     if inputs.get("initial_state") is not None:
         result["initial_state"] = grads["state"][..., 0, :, :]
     return result

@@ -12,6 +12,7 @@ from reflex.mechanisms._cases import dims
 from reflex.mechanisms._patterns import mask_and_causal
 from reflex.registry import Case, Mechanism, register
 from reflex.mechanisms._options import typed_options
+from reflex.mechanisms._numerics import unbroadcast
 
 __all__ = ["synthesizer_attention"]
 
@@ -179,24 +180,24 @@ def _synthesizer_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, variant: st
     d_scores, d_v = _grad.attention_map_vjp(p, prob, d_out, d_lse)
     grads = {"v": d_v}
     if variant == "random":
-        grads["random_matrix"] = _grad.reduce_to(xp, d_scores, tuple(scores.shape))
+        grads["random_matrix"] = unbroadcast(xp, d_scores, tuple(scores.shape))
         return grads
-    d_scores = _grad.reduce_to(xp, d_scores, tuple(scores.shape))  # (..., H, L, S) → the scores' own shape
+    d_scores = unbroadcast(xp, d_scores, tuple(scores.shape))  # (..., H, L, S) → the scores' own shape
     if variant == "factorized_random":
         return {**grads, "r1": d_scores @ r2, "r2": t(d_scores) @ r1}
 
     def through_linear(name: str, d_y: Any, w: Any) -> Any:
         """``y = x @ w[h]`` per head: ``dw = Σ_batch xᵀ dy``; returns ``dx`` summed over heads."""
-        grads[name] = _grad.reduce_to(xp, t(xp.expand_dims(x, axis=-3)) @ d_y, tuple(w.shape))
+        grads[name] = unbroadcast(xp, t(xp.expand_dims(x, axis=-3)) @ d_y, tuple(w.shape))
         return xp.sum(d_y @ t(w), axis=-3)
 
     if variant == "dense":
-        grads["w2"] = _grad.reduce_to(xp, t(hidden) @ d_scores, tuple(w2.shape))
+        grads["w2"] = unbroadcast(xp, t(hidden) @ d_scores, tuple(w2.shape))
         if b2 is not None:
-            grads["b2"] = _grad.reduce_to(xp, xp.sum(d_scores, axis=-2), tuple(b2.shape))
+            grads["b2"] = unbroadcast(xp, xp.sum(d_scores, axis=-2), tuple(b2.shape))
         d_pre = xp.where(pre > 0, d_scores @ t(w2), 0.0)
         if b1 is not None:
-            grads["b1"] = _grad.reduce_to(xp, xp.sum(d_pre, axis=-2), tuple(b1.shape))
+            grads["b1"] = unbroadcast(xp, xp.sum(d_pre, axis=-2), tuple(b1.shape))
         grads["x"] = through_linear("w1", d_pre, w1)
         return grads
     d_a_wide, d_b_wide = d_scores * b_wide, d_scores * a_wide

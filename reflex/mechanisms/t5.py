@@ -11,7 +11,7 @@ from reflex.backends import namespace
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import mask_and_causal
-from reflex.mechanisms._relative import sum_to
+from reflex.mechanisms._numerics import unbroadcast
 from reflex.registry import Case, Mechanism, register
 from reflex.mechanisms._options import typed_options
 
@@ -113,7 +113,7 @@ class _TableTerm:
         xp = self.xp
         heads, num_buckets = int(self.table.shape[-1]), int(self.table.shape[0])
         buckets = xp.reshape(self._buckets(rows, cols), (-1, 1))  # (l·s, 1)
-        d_value = sum_to(xp, d_value, (heads, *d_value.shape[-2:]))  # (H, l, s)
+        d_value = unbroadcast(xp, d_value, (heads, *d_value.shape[-2:]))  # (H, l, s)
         ids = xp.reshape(xp.arange(num_buckets, dtype=buckets.dtype, device=device_of(buckets)), (1, num_buckets))
         one_hot = xp.astype(buckets == ids, d_value.dtype)  # (l·s, N)
         per_position = xp.reshape(xp.permute_dims(d_value, (1, 2, 0)), (-1, heads))  # (l·s, H)

@@ -12,6 +12,7 @@ from reflex.mechanisms._cases import dims, qkv
 from reflex.mechanisms._patterns import mask_and_causal
 from reflex.registry import Case, Mechanism, register
 from reflex.mechanisms._options import typed_options
+from reflex.mechanisms._numerics import unbroadcast
 
 __all__ = ["task_prior_attention", "block_diagonal_prior"]
 
@@ -76,14 +77,6 @@ def task_prior_attention(q: Any, k: Any, v: Any, /, *, blocks: Any, gamma: Any =
     return _kernels.softmax_attention(p, scale=_kernels.resolve_scale(scale, p.dim), mask=masks, bias=prior,
                                       tile_active=tile_active, implementation=implementation, return_lse=return_lse)
 
-def _reduce_to(xp: Any, g: Any, shape: tuple[int, ...]) -> Any:
-    """``g`` summed over the axes an array of ``shape`` was broadcast along, reshaped to ``shape``."""
-    lead = g.ndim - len(shape)
-    full = (1,) * lead + tuple(shape)
-    axes = tuple(i for i, (a, b) in enumerate(zip(g.shape, full)) if b == 1 and a != 1)
-    return xp.reshape(xp.sum(g, axis=axes, keepdims=True) if axes else g, tuple(shape))
-
-
 def _vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, **params: Any) -> dict:
     """VJP of :func:`task_prior_attention` through the engine's backward.
 
@@ -106,11 +99,11 @@ def _vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, **params: Any) -> dict:
     eye = xp.reshape(xp.eye(n, dtype=xp.bool, device=p.device), (n, 1, n, 1))
     d_mod = xp.sum(xp.where(eye, split, 0.0), axis=-2)  # (..., n, b_L, b_S): the diagonal blocks
     grads = {"q": g.dq, "k": g.dk, "v": g.dv,
-             "blocks": _reduce_to(xp, d_mod if gamma is None else d_mod * gamma, tuple(blocks.shape))}
+             "blocks": unbroadcast(xp, d_mod if gamma is None else d_mod * gamma, tuple(blocks.shape))}
     if gamma is not None:
-        grads["gamma"] = _reduce_to(xp, d_mod * blocks, tuple(inputs["gamma"].shape))
+        grads["gamma"] = unbroadcast(xp, d_mod * blocks, tuple(inputs["gamma"].shape))
     if inputs.get("beta") is not None:
-        grads["beta"] = _reduce_to(xp, d_mod, tuple(inputs["beta"].shape))
+        grads["beta"] = unbroadcast(xp, d_mod, tuple(inputs["beta"].shape))
     return grads
 
 

@@ -10,9 +10,10 @@ from reflex.backends import namespace
 from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import dims, example_qkv, qkv
 from reflex.mechanisms._patterns import causal_offset, causal_pattern, parse_causal
-from reflex.mechanisms._relative import RelativeLogits, assemble_rows, sum_to
+from reflex.mechanisms._relative import RelativeLogits, assemble_rows
 from reflex.registry import Case, Mechanism, register
 from reflex.mechanisms._options import typed_options
+from reflex.mechanisms._numerics import unbroadcast
 
 __all__ = ["xl_relative_attention", "relative_sinusoid"]
 
@@ -144,14 +145,14 @@ def _vjp(inputs: Any, d_out: Any, *, d_lse: Any = None, return_lse: bool = False
     d_content = xp.reshape(d_content[..., 0, :], (*p.batch, p.kv_heads, p.group, p.key_length))  # (..., G, H/G, S)
     u = xp.reshape(xp.astype(inputs["content_bias"], p.q.dtype), (p.kv_heads, p.group, p.dim))
     d_k = grads.dk + scale * (xp.matrix_transpose(d_content) @ u)  # (..., G, S, D)
-    d_u = sum_to(xp, scale * (d_content @ p.k), (p.kv_heads, p.group, p.dim))  # (..., G, H/G, S) @ (..., G, S, D)
+    d_u = unbroadcast(xp, scale * (d_content @ p.k), (p.kv_heads, p.group, p.dim))  # (..., G, H/G, S) @ (..., G, S, D)
     # (b) + (d): queries (q + v)·scale of the position term
     d_queries = assemble_rows(xp, d_position, position.queries)
     w_r = inputs["w_r"]
     d_w_r = d_position.get("w_r", xp.zeros(w_r.shape, dtype=p.q.dtype, device=p.device))
     return {"q": grads.dq + scale * d_queries, "k": d_k, "v": grads.dv, "w_r": d_w_r,
             "content_bias": xp.reshape(d_u, (p.heads, p.dim)),
-            "position_bias": sum_to(xp, scale * d_queries, (p.heads, 1, p.dim))[:, 0, :]}
+            "position_bias": unbroadcast(xp, scale * d_queries, (p.heads, 1, p.dim))[:, 0, :]}
 
 
 def _cases(size: str, seed: int) -> list[Case]:
