@@ -304,3 +304,20 @@ def test_generic_dropout_vjp_matches_central_differences(key):
     assert_vjp_matches_finite_differences(key, {**case.inputs, "dropout_mask": keep}, rng.normal(size=numpy.shape(out)),
                                           d_lse=rng.normal(size=numpy.shape(lse)),
                                           params={**case.params, "dropout_p": 0.4}, max_entries=30)
+
+
+@pytest.mark.parametrize("implementation", ["dense", "tiled", "gather"])
+def test_dropout_under_the_engine_window_equals_the_rows_of_the_full_run(implementation):
+    from reflex.mechanisms._engine.window import window
+    from reflex.mechanisms._merge import merge_partials
+
+    q, k, v = qkv_host(14, length=9, key_length=9)
+    keep = _keep((2, 4, 9, 9), 21)
+    run = dict(window=(3, 1), dropout_mask=keep, dropout_p=0.3, return_lse=True, implementation=implementation)
+    whole = reflex.sliding_window_attention(q, k, v, **run)
+    parts = []
+    for keys in ((0, 4), (4, 9)):
+        with window(rows=(2, 7), keys=keys):
+            parts.append(reflex.sliding_window_attention(q, k, v, **run))
+    out, lse = merge_partials(numpy, [o for o, _ in parts], [l_ for _, l_ in parts])
+    assert max_abs(out, whole[0][..., 2:7, :]) <= 1e-15 and max_abs(lse, whole[1][..., 2:7]) <= 1e-15

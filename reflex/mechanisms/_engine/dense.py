@@ -6,7 +6,7 @@ from typing import Any
 
 from reflex.mechanisms._engine.extra import extend, extend_dropout
 from reflex.mechanisms._engine.record import record, record_opaque
-from reflex.mechanisms._engine.window import restrict
+from reflex.mechanisms._engine.window import restrict, restrict_dropout
 from reflex.mechanisms._engine.terms import (Gradients, TermGradient, _as_tuple, _evaluate, _grids, _group_queries,
                                              _group_term, _in_compute_dtype, _scores, _softmax_parts, _ungroup,
                                              capped_scores, cotangents, empty_result, finish, guarded, guarded_backward,
@@ -36,6 +36,7 @@ def dense(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, soft
     dropout, only the rows that attend and keep them."""
     mask, bias, softcap = extend("dense", p, mask, bias, softcap)  # a caller's terms on any mechanism (extra.py)
     dropout = extend_dropout(p, dropout)  # a caller's dropout_mask/dropout_p on any mechanism (extra.py)
+    dropout = restrict_dropout(p, dropout)  # its keep mask in the distributed window, if any (window.py)
     p, mask, bias, _, _ = restrict(p, mask, bias)  # a distributed window, if any (window.py)
     result = guarded(p, lambda c: _dense(c, scale=scale, mask=mask, bias=bias, softcap=softcap, dropout=dropout))
     options = dict(scale=scale, mask=mask, bias=bias, softcap=softcap)

@@ -8,7 +8,7 @@ from typing import Any
 from reflex.backends import parallel_map
 from reflex.mechanisms._engine.extra import extend, extend_dropout
 from reflex.mechanisms._engine.record import record
-from reflex.mechanisms._engine.window import restrict
+from reflex.mechanisms._engine.window import restrict, restrict_dropout
 from reflex.mechanisms._engine.terms import (Dropout, Gradients, TermGradient, _as_tuple, _in_compute_dtype, _scores,
                                              _softmax_parts, capped_scores, empty_result, finish,
                                              gathered_dropout_factor, guarded, guarded_backward, probabilities,
@@ -37,6 +37,7 @@ def gather(p: Prepared, indices: Any, *, scale: float, mask: Any = None, bias: A
     """
     mask, bias, softcap = extend("gather", p, mask, bias, softcap)  # a caller's terms on any mechanism (extra.py)
     dropout = extend_dropout(p, dropout)  # a caller's dropout_mask/dropout_p on any mechanism (extra.py)
+    dropout = restrict_dropout(p, dropout)  # its keep mask in the distributed window, if any (window.py)
     p, mask, bias, _, indices = restrict(p, mask, bias, indices=indices)  # a distributed window (window.py)
     options = dict(scale=scale, mask=mask, bias=bias, softcap=softcap, block_q=block_q)
     if dropout is not None:

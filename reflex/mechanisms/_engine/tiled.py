@@ -9,7 +9,7 @@ from reflex.backends import is_plain_numpy, parallel_map
 from reflex.mechanisms._engine.dense import _group_sum_product
 from reflex.mechanisms._engine.extra import extend, extend_dropout
 from reflex.mechanisms._engine.record import record
-from reflex.mechanisms._engine.window import restrict
+from reflex.mechanisms._engine.window import restrict, restrict_dropout
 from reflex.mechanisms._engine.terms import (Gradients, TermGradient, TileActive, _as_tuple, _evaluate, _grids,
                                              _group_queries, _group_term, _in_compute_dtype, _safe_max, _scores,
                                              _slice_tile, _ungroup, capped_scores, cotangents, empty_result, finish,
@@ -47,6 +47,7 @@ def tiled(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, soft
         raise ValueError(f"block_q and block_k must be positive; got {block_q}, {block_k}")
     mask, bias, softcap = extend("tiled", p, mask, bias, softcap)  # a caller's terms on any mechanism (extra.py)
     dropout = extend_dropout(p, dropout)  # a caller's dropout_mask/dropout_p on any mechanism (extra.py)
+    dropout = restrict_dropout(p, dropout)  # its keep mask in the distributed window, if any (window.py)
     p, mask, bias, tile_active, _ = restrict(p, mask, bias, tile_active)  # a distributed window (window.py)
     options = dict(scale=scale, mask=mask, bias=bias, softcap=softcap, tile_active=tile_active, block_q=block_q,
                    block_k=block_k)

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 from reflex.mechanisms._inputs import Prepared
 
-__all__ = ["Window", "window", "current_window", "restrict"]
+__all__ = ["Window", "window", "current_window", "restrict", "restrict_dropout"]
 
 
 @dataclass(frozen=True)
@@ -128,3 +128,16 @@ def restrict(p: Prepared, mask: Any, bias: Any, tile_active: Any = None,
             inside = (indices >= j0) & (indices < j1)
             indices = xp.where(inside, indices - j0, xp.full_like(indices, -1))
     return p, mask, bias, tile_active, indices
+
+
+def restrict_dropout(p: Prepared, dropout: Any) -> Any:
+    """A :class:`~.terms.Dropout` whose keep mask is restricted to the window in force as :func:`restrict`
+    restricts mask terms (sliced, or callables shifted to absolute positions); ``p`` is the unrestricted call."""
+    w = _WINDOW.get()
+    if w is None or dropout is None:
+        return dropout
+    i0, i1 = _clip(w.rows, p.length)
+    j0, j1 = _clip(w.keys, p.key_length)
+    if (i0, i1, j0, j1) == (0, p.length, 0, p.key_length):
+        return dropout
+    return replace(dropout, keep=_shift_term(dropout.keep, i0, i1, j0, j1))
