@@ -21,8 +21,8 @@ block index stays in absolute positions. So no mechanism needs its own offset op
   never multiplied by 0 (:func:`reflex.mechanisms._merge.merge_partials`; Dao 2023 §3.1 split-KV;
   Liu et al. 2023, ring attention). Whether the forward made exactly one engine call whose result
   it returned is checked in each task (:func:`reflex.mechanisms._engine.record.run_recorded`);
-  anything else (sinks added after the kernel, a transposed layout, two engine calls, dropout)
-  raises ``NotImplementedError`` naming the reason.
+  anything else (sinks added after the kernel, a transposed layout, two engine calls) raises
+  ``NotImplementedError`` naming the reason.
 
 Workers: ``client=None`` starts a ``LocalCluster`` with one single-threaded worker process per core
 (closed at the end); a ``Client`` or a scheduler address (``"tcp://host:8786"``) uses that cluster.
@@ -181,7 +181,7 @@ def run(key: str, inputs: Mapping[str, Any], *, client: Any = None, query_shards
 
     Raises ``ValueError`` when query shards are asked of a mechanism that needs all queries
     (``row_separable=False``) or for bad counts; ``NotImplementedError`` when key/value blocks are
-    asked of a mechanism whose output is not one engine call's result, or with dropout; whatever a
+    asked of a mechanism whose output is not one engine call's result; whatever a
     task raised (e.g. ``distributed.KilledWorker`` after a worker died too often) — never a partial
     result. Source: INTEROP notes on split-KV merging (Dao 2023 §3.1; Liu et al. 2023).
     """
@@ -191,9 +191,6 @@ def run(key: str, inputs: Mapping[str, Any], *, client: Any = None, query_shards
         raise TypeError(f"return_lse must be a bool; got {return_lse!r}")
     if return_lse and not mechanism.returns_lse:
         raise ValueError(f"{key} does not return an lse (return_lse=True is not supported)")
-    if params.get("dropout") not in (None, 0, 0.0):
-        raise NotImplementedError(f"{key}: dropout draws its keep mask per engine call position and is not "
-                                  f"supported distributed; got dropout={params['dropout']!r}")
     if query_shards is not None and query_shards > 1 and not mechanism.row_separable:
         raise ValueError(f"{key} cannot be split into query shards: it needs all queries (its output rows are "
                          f"not independent given the keys and values; registry row_separable=False). "

@@ -113,6 +113,15 @@ def test_kv_blocks_merge_to_single_process(client, key, params, shape, query_sha
         assert numpy.all(got_out[..., 2, :] == 0) and numpy.all(got_lse[..., 2] == -math.inf)
 
 
+def test_dropout_shards_like_the_whole_run(client):
+    q, k, v = qkv_host(3, batch=(1,), length=9, key_length=11)
+    keep = random.normal((1, 4, 9, 11), seed=(4, 4)) > -0.5
+    params = dict(dropout_mask=keep, dropout_p=0.3, causal="bottom_right")
+    reference = reflex.get("full").function(q, k, v, **params)
+    got = rd.run("full", dict(q=q, k=k, v=v), client=client, query_shards=2, kv_blocks=3, **params)
+    assert max_abs(got, reference) <= TOL
+
+
 def test_kv_blocks_on_the_backend_matrix(client, backend):
     xp = backend.xp
     q, k, v = (backend.asarray(a) for a in qkv_host(5, length=6, key_length=10))
