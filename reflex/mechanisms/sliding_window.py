@@ -11,9 +11,8 @@ from reflex.mechanisms import _kernels
 from reflex.mechanisms._cases import qkv, standard
 from reflex.mechanisms._engine.extra import active as extra_terms_active
 from reflex.mechanisms._engine.extra import sequence_offset
-from reflex.mechanisms._patterns import (Pattern, all_patterns, band_pattern, causal_offset, check_alignment,
-                                         check_window, chunk_pattern, dilated_band_pattern, explicit_mask,
-                                         sink_band_pattern)
+from reflex.mechanisms._patterns import (Pattern, all_patterns, causal_offset, check_alignment, check_window,
+                                         chunk_pattern, dilated_band_pattern, explicit_mask, sink_band_pattern)
 from reflex.registry import Case, Mechanism, register
 from reflex.mechanisms._options import Int, typed_options
 
