@@ -365,3 +365,17 @@ def test_row_and_key_windows_see_absolute_indices(implementation, small_tiles):
             parts.append(reflex.flex_attention(q, k, v, **mods))
     merged_out, merged_lse = merge_partials(numpy, [p[0] for p in parts], [p[1] for p in parts])
     assert max_abs(merged_out, out) <= 1e-14 and max_abs(merged_lse, lse) <= 1e-14
+
+
+@pytest.mark.parametrize("implementation", ["dense", "tiled"])
+def test_dropout_composes_with_the_mods(implementation, small_tiles):
+    """The engine's dropout (explicit keep mask) on flex: O = (P∘M)·V/(1 − p), P from the modded scores."""
+    q, k, v = _inputs(11, kv_heads=H)
+    keep = random.uniform((B, H, L, S), seed=(11, 5)) < 0.7
+    got = reflex.flex_attention(q, k, v, score_mod=lambda s, *_: s * s, mask_mod=lambda b, h, qi, ki: qi >= ki,
+                                dropout_mask=keep, dropout_p=0.3, implementation=implementation)
+    s = (q @ numpy.swapaxes(k, -1, -2) / math.sqrt(D)) ** 2
+    s = numpy.where(numpy.tri(L, S, dtype=bool), s, -numpy.inf)
+    weights = numpy.exp(s - s.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    assert max_abs(got, (weights * keep / 0.7) @ v) <= 1e-14
