@@ -85,11 +85,11 @@ def test_tiled_many_tiles_equals_dense():
     q, k, v = qkv_host(8, length=40, key_length=53)
     rel_k, rel_v = random.normal((4, 9, 5), seed=9), random.normal((4, 9, 3), seed=10)
     p = _kernels.prepare(q, k, v)
-    from reflex.mechanisms._patterns import relative_logits_term
+    from reflex.mechanisms._relative import RelativeLogits
 
     clip = 4
-    term = relative_logits_term(p.xp, p.q * 0.3, lambda a, b: rel_k[:, numpy.clip(numpy.arange(a, b + 1), -clip, clip) + clip],
-                                offset=3)
+    term = RelativeLogits(p.xp, p.q * 0.3, lambda a, b: rel_k[:, numpy.clip(numpy.arange(a, b + 1), -clip, clip) + clip],
+                          lambda a, b, d_table: {}, offset=3)
     dense = _kernels.dense(p, scale=0.3, bias=term)
     tiled = _kernels.tiled(p, scale=0.3, bias=term, block_q=8, block_k=5)
     assert max_abs(dense[0], tiled[0]) < 1e-14 and max_abs(dense[1], tiled[1]) < 1e-13

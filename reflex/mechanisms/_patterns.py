@@ -302,32 +302,3 @@ def explicit_mask(xp: Any, device: Any, score_shape: tuple[int, ...], allowed: C
     rows = xp.reshape(xp.arange(length, dtype=xp.int64, device=device), (length, 1))
     cols = xp.reshape(xp.arange(key_length, dtype=xp.int64, device=device), (1, key_length))
     return xp.broadcast_to(allowed(rows, cols), score_shape)
-
-
-# --- relative-position logits (issue 8: relative_shaw, xl_relative) -------------------------------
-# A bias term q_i · e_{j − i − δ} whose embedding depends on the relative position. Per tile it
-# multiplies the tile's queries by the embeddings of the tile's distinct distances (l + s − 1 of them)
-# and gathers, so no (L, S, D) tensor and no L × S matrix is ever built (the "relative logits" trick,
-# Huang et al. 2018 §3.4; Dai et al. 2019 App. B).
-
-__all__ += ["relative_logits_term"]
-
-
-def relative_logits_term(xp: Any, queries: Any, embed: Callable[[int, int], Any], offset: int = 0) -> Callable[[Any, Any], Any]:
-    """Index-grid bias ``(rows, cols) -> queries[..., i, :] · embed(d)`` with ``d = j − i − offset``.
-
-    ``queries (..., H, L, D)`` (already scaled as the scores are); ``embed(d_min, d_max)`` returns
-    the embeddings of the distances ``d_min..d_max`` as ``(..., H or 1, d_max − d_min + 1, D)``.
-    ``rows``/``cols`` are the contiguous ``(l, 1)``/``(1, s)`` grids of the dense and tiled kernels.
-    """
-
-    def bias(rows: Any, cols: Any) -> Any:
-        i0, l = int(rows[0, 0]), int(rows.shape[0])
-        j0, s = int(cols[0, 0]), int(cols.shape[1])
-        d_min = j0 - (i0 + l - 1) - offset
-        table = embed(d_min, j0 + s - 1 - i0 - offset)
-        logits = queries[..., i0:i0 + l, :] @ xp.matrix_transpose(table)  # (..., H, l, l + s − 1)
-        index = cols - rows - offset - d_min
-        return xp.take_along_axis(logits, xp.broadcast_to(index, (*logits.shape[:-1], s)), axis=-1)
-
-    return bias
