@@ -10,6 +10,8 @@ unless its inputs already are one. Notation: a cotangent ``dX`` is ``∂ℓ/∂X
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Callable
 
 from reflex.mechanisms import _kernels
@@ -19,10 +21,15 @@ from reflex.mechanisms._numerics import unbroadcast
 NormaliseVJP = Callable[[Any, Any, Any], tuple[Any, Any]]
 
 
-def softmax(xp: Any, scores: Any, axis: int = -1) -> Any:
-    """Max-shifted softmax of unmasked scores along ``axis`` (the maps a formula VJP re-materialises)."""
-    e = xp.exp(scores - xp.max(scores, axis=axis, keepdims=True))
-    return e / xp.sum(e, axis=axis, keepdims=True)
+def softmax(xp: Any, scores: Any, axis: int = -1, mask: Any = None) -> Any:
+    """Max-shifted softmax along ``axis`` (the maps a formula VJP re-materialises); ``mask`` False →
+    weight 0, and a row with nothing unmasked is all 0 (never NaN)."""
+    if mask is not None:
+        scores = xp.where(mask, scores, -math.inf)
+    top = xp.max(scores, axis=axis, keepdims=True)
+    e = xp.exp(scores - xp.where(top == -math.inf, 0.0, top))
+    total = xp.sum(e, axis=axis, keepdims=True)
+    return e / xp.where(total == 0, 1.0, total)
 
 
 def softmax_vjp(xp: Any, prob: Any, d_prob: Any, axis: int = -1) -> Any:

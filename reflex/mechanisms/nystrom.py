@@ -202,16 +202,6 @@ def _newton_schulz_vjp(xp: Any, a: Any, d_z: Any, *, iterations: int, init: str)
     return d_a + xp.where(hit[..., None, :], d_top, 0.0)
 
 
-def _masked_softmax(xp: Any, scores: Any, mask: Any) -> Any:
-    """Max-shifted softmax along the last axis; ``mask`` False → weight 0; a row with no True is all 0."""
-    if mask is not None:
-        scores = xp.where(mask, scores, -math.inf)
-    top = xp.max(scores, axis=-1, keepdims=True)
-    e = xp.exp(scores - xp.where(top == -math.inf, 0.0, top))
-    total = xp.sum(e, axis=-1, keepdims=True)
-    return e / xp.where(total == 0, 1.0, total)
-
-
 def _pinv_vjp(xp: Any, a: Any, a_pinv: Any, d_pinv: Any) -> Any:
     """``dA`` of the Moore–Penrose inverse ``Z = A⁺`` (constant rank; Golub & Pereyra 1973, Thm 4.3):
     ``dA = −Zᵀ dZ Zᵀ + Z Zᵀ dZ (I − A Z)ᵀ + (I − Z A)ᵀ dZ Zᵀ Z``."""
@@ -251,7 +241,7 @@ def _nystrom_vjp(inputs: dict, d_out: Any, *, d_lse: Any = None, num_landmarks: 
     f = _grad.softmax(xp, x @ t(k_land))  # (..., G, H/G, L, m)
     a = _grad.softmax(xp, q_land @ t(k_land))  # (..., G, H/G, m, m)
     padding = check_padding_mask(p, inputs.get("attention_mask"))
-    b = _masked_softmax(xp, q_land @ t(y), None if padding is None else padding[..., None, None, None, :])  # (..., G, H/G, m, S)
+    b = _grad.softmax(xp, q_land @ t(y), mask=None if padding is None else padding[..., None, None, None, :])  # (..., G, H/G, m, S)
     bv = b @ v
     if pinv == "regularized":
         shifted = a + float(eps) * xp.eye(m, dtype=a.dtype, device=p.device)
