@@ -8,9 +8,9 @@ from reflex.mechanisms._engine.extra import extend, extend_dropout
 from reflex.mechanisms._engine.record import record, record_opaque
 from reflex.mechanisms._engine.window import restrict, restrict_dropout
 from reflex.mechanisms._engine.terms import (Gradients, TermGradient, _as_tuple, _evaluate, _grids, _group_queries,
-                                             _group_term, _in_compute_dtype, _scores, _softmax_parts, _ungroup,
-                                             capped_scores, cotangents, empty_result, finish, guarded, guarded_backward,
-                                             probabilities, term_shape, zero_gradients)
+                                             _scores, _softmax_parts, _ungroup, block_backward, cotangents,
+                                             empty_result, finish, guarded, guarded_backward, probabilities,
+                                             zero_gradients)
 from reflex.mechanisms._engine.terms import Dropout, dropout_factor
 from reflex.mechanisms._inputs import Prepared
 
@@ -114,34 +114,12 @@ def _dense_backward(p: Prepared, out: Any, lse: Any, d_out: Any, d_lse: Any, *, 
     rows, cols = _grids(p, 0, p.length, 0, p.key_length)
     masks = _evaluate(p, _as_tuple(mask), rows, cols, None)
     terms = [TermGradient(p, t) for t in _as_tuple(bias)]
-    values, shapes = [], []
-    for g in terms:
-        if g.array:
-            values.append(g.grouped)
-            shapes.append(None)
-        else:
-            raw_value = _in_compute_dtype(p, g.term(rows, cols))
-            values.append(_group_term(p, raw_value))
-            shapes.append(term_shape(raw_value))
     q = _group_queries(p, p.q)
     k = xp.expand_dims(p.k, axis=-3)
     v = xp.expand_dims(p.v, axis=-3)
-    s, slope = capped_scores(p, (q * scale) @ xp.matrix_transpose(k), softcap, values, masks)
-    P = probabilities(xp, s, _group_queries(p, lse[..., None]))
     d_o, delta = cotangents(p, out, d_out, d_lse)
-    dp = d_o @ xp.matrix_transpose(v)
-    kept = P
-    factor = dropout_factor(p, dropout, rows, cols, None)
-    if factor is not None:
-        dp = dp * factor
-        kept = P * factor
-    dz = P * (dp - delta)
-    for g, shape in zip(terms, shapes):
-        if g.array:
-            g.add_array(xp, dz, None)
-        elif g.differentiable:
-            g.add_callable(xp, _ungroup(p, dz), rows, cols, shape)  # the term's value is ungrouped (..., H, l, s)
-    ds = dz if slope is None else dz * slope
+    ds, kept = block_backward(p, terms, rows, cols, None, q, k, v, scale=scale, softcap=softcap, masks=masks,
+                              lse=_group_queries(p, lse[..., None]), d_o=d_o, delta=delta, dropout=dropout)
     return Gradients(_ungroup(p, scale * (ds @ k)), scale * _group_sum_product(p, ds, q),
                      _group_sum_product(p, kept, d_o),
                      tuple(g.result() for g in terms))

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 from reflex.mechanisms._inputs import Prepared
+from reflex.mechanisms._numerics import unbroadcast
 
 Term = Any  # an array broadcastable to (..., H, L, S), or a callable (rows, cols) -> such an array
 TileActive = Callable[[int, int, int, int], bool]
@@ -355,12 +356,6 @@ def probabilities(xp: Any, s: Any, lse: Any) -> Any:
     return xp.exp(s - xp.where(lse == -math.inf, 0.0, lse))
 
 
-def reduce_to(xp: Any, x: Any, shape: tuple[int, ...]) -> Any:
-    """``x`` summed over every axis where ``shape`` (same number of axes) has 1 and ``x`` has not."""
-    axes = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape)) if b == 1 and a != 1)
-    return xp.sum(x, axis=axes, keepdims=True) if axes else x
-
-
 def is_array_term(t: Any) -> bool:
     return hasattr(t, "shape") or not callable(t)
 
@@ -388,13 +383,13 @@ class TermGradient:
     def add_array(self, xp: Any, dz: Any, tile: tuple[int, int, int, int] | None) -> None:
         """Add the grouped ``dz`` of a tile (``None`` = the whole score matrix) to an array bias."""
         if tile is None:
-            self.acc = self.acc + reduce_to(xp, dz, tuple(self.acc.shape))
+            self.acc = self.acc + unbroadcast(xp, dz, tuple(self.acc.shape))
             return
         i0, i1, j0, j1 = tile
         rows = slice(i0, i1) if self.acc.shape[-2] != 1 else slice(None)
         cols = slice(j0, j1) if self.acc.shape[-1] != 1 else slice(None)
         part = self.acc[..., rows, cols]
-        self.acc[..., rows, cols] = part + reduce_to(xp, dz, tuple(part.shape))
+        self.acc[..., rows, cols] = part + unbroadcast(xp, dz, tuple(part.shape))
 
     def add_callable(self, xp: Any, dz: Any, rows: Any, cols: Any, value_shape: tuple[int, ...]) -> None:
         """Add ``term.vjp(rows, cols, d_value)``; ``dz`` is broadcast-compatible with the value, which
@@ -403,9 +398,7 @@ class TermGradient:
             for name, g in value_shape.param_vjp(dz).items():
                 self.params[name] = g if name not in self.params else self.params[name] + g
             return
-        lead = dz.ndim - len(value_shape)
-        d_value = reduce_to(xp, dz, (1,) * lead + tuple(value_shape))
-        d_value = xp.reshape(d_value, tuple(value_shape))
+        d_value = unbroadcast(xp, dz, tuple(value_shape))
         for name, g in self.term.vjp(rows, cols, d_value).items():
             self.params[name] = g if name not in self.params else self.params[name] + g
 
@@ -437,6 +430,45 @@ class Gradients:
     dk: Any
     dv: Any
     bias: tuple[Any, ...]
+
+
+def block_backward(p: Prepared, terms: list["TermGradient"], rows: Any, cols: Any,
+                   tile: tuple[int, int, int, int] | None, q: Any, k: Any, v: Any, *, scale: float,
+                   softcap: float | None, masks: list[Any], lse: Any, d_o: Any, delta: Any,
+                   dropout: "Dropout | None") -> tuple[Any, Any]:
+    """One score block's backward (FlashAttention-2 Alg. 2, inner step), shared by dense and tiled.
+
+    Recomputes ``P = exp(Z − lse)`` on the block (grouped ``q (…, G, H/G, l, D)`` against ``k``,
+    ``v (…, G, 1, s, ·)``), forms ``dP = dO·Vᵀ`` (times ``M̃`` under dropout) and
+    ``dZ = P∘(dP − D)``, adds each bias term's gradient (``tile`` None = the whole matrix) and returns
+    ``(dS, kept)``: ``dS = dZ`` through the softcap slope, ``kept = P`` (``P∘M̃`` under dropout), from
+    which the caller forms ``dQ = scale·dS·K``, ``dK = scale·dSᵀ·Q`` and ``dV = keptᵀ·dO``.
+    """
+    xp = p.xp
+    values, shapes = [], []
+    for g in terms:
+        if g.array:
+            values.append(g.grouped if tile is None else _slice_tile(g.grouped, *tile))
+            shapes.append(None)
+        else:
+            raw_value = _in_compute_dtype(p, g.term(rows, cols))
+            values.append(_group_term(p, raw_value))
+            shapes.append(term_shape(raw_value))
+    s, slope = capped_scores(p, (q * scale) @ xp.matrix_transpose(k), softcap, values, masks)
+    P = probabilities(xp, s, lse)
+    dp = d_o @ xp.matrix_transpose(v)
+    kept = P
+    factor = dropout_factor(p, dropout, rows, cols, tile)
+    if factor is not None:
+        dp = dp * factor
+        kept = P * factor
+    dz = P * (dp - delta)
+    for g, shape in zip(terms, shapes):
+        if g.array:
+            g.add_array(xp, dz, tile)
+        elif g.differentiable:
+            g.add_callable(xp, _ungroup(p, dz), rows, cols, shape)  # the term's value is ungrouped (..., H, l, s)
+    return (dz if slope is None else dz * slope), kept
 
 
 def zero_gradients(p: Prepared, bias: Any) -> Gradients:

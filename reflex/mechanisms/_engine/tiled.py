@@ -11,9 +11,9 @@ from reflex.mechanisms._engine.extra import extend, extend_dropout
 from reflex.mechanisms._engine.record import record
 from reflex.mechanisms._engine.window import restrict, restrict_dropout
 from reflex.mechanisms._engine.terms import (Gradients, TermGradient, TileActive, _as_tuple, _evaluate, _grids,
-                                             _group_queries, _group_term, _in_compute_dtype, _safe_max, _scores,
-                                             _slice_tile, _ungroup, capped_scores, cotangents, empty_result, finish,
-                                             guarded, guarded_backward, probabilities, term_shape, zero_gradients)
+                                             _group_queries, _safe_max, _scores, _ungroup, block_backward, cotangents,
+                                             empty_result, finish, guarded, guarded_backward, probabilities,
+                                             zero_gradients)
 from reflex.mechanisms._engine.terms import Dropout, dropout_factor
 from reflex.mechanisms._inputs import Prepared
 
@@ -157,7 +157,6 @@ def _tiled_backward(p: Prepared, out: Any, lse: Any, d_out: Any, d_lse: Any, *, 
         for i0 in block_starts:
             i1 = min(i0 + block_q, p.length)
             q = q_all[..., i0:i1, :]
-            qs = q * scale
             row_lse, d_o, delta = lse_all[..., i0:i1, :], d_o_all[..., i0:i1, :], delta_all[..., i0:i1, :]
             dq = xp.zeros(q.shape, dtype=q.dtype, device=p.device)
             for t, j0 in enumerate(key_starts):
@@ -169,31 +168,9 @@ def _tiled_backward(p: Prepared, out: Any, lse: Any, d_out: Any, d_lse: Any, *, 
                 tile_masks = _evaluate(p, masks, rows, cols, tile)
                 if host_masks and any(not bool(xp.any(m)) for m in tile_masks):
                     continue
-                values, shapes = [], []
-                for g in terms:
-                    if g.array:
-                        values.append(_slice_tile(g.grouped, *tile))
-                        shapes.append(None)
-                    else:
-                        raw_value = _in_compute_dtype(p, g.term(rows, cols))
-                        values.append(_group_term(p, raw_value))
-                        shapes.append(term_shape(raw_value))
                 k_tile, v_tile = k[..., j0:j1, :], v[..., j0:j1, :]
-                s, slope = capped_scores(p, qs @ xp.matrix_transpose(k_tile), softcap, values, tile_masks)
-                P = probabilities(xp, s, row_lse)
-                dp = d_o @ xp.matrix_transpose(v_tile)
-                kept = P
-                factor = dropout_factor(p, dropout, rows, cols, tile)
-                if factor is not None:
-                    dp = dp * factor
-                    kept = P * factor
-                dz = P * (dp - delta)
-                for g, shape in zip(terms, shapes):
-                    if g.array:
-                        g.add_array(xp, dz, tile)
-                    elif g.differentiable:
-                        g.add_callable(xp, _ungroup(p, dz), rows, cols, shape)  # value ungrouped (..., H, l, s)
-                ds = dz if slope is None else dz * slope
+                ds, kept = block_backward(p, terms, rows, cols, tile, q, k_tile, v_tile, scale=scale, softcap=softcap,
+                                          masks=tile_masks, lse=row_lse, d_o=d_o, delta=delta, dropout=dropout)
                 dq = dq + ds @ k_tile
                 dk_t, dv_t = _group_sum_product(p, ds, q), _group_sum_product(p, kept, d_o)
                 dk[t] = dk_t if dk[t] is None else dk[t] + dk_t
