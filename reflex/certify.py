@@ -53,12 +53,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-import numpy
 
 from reflex import random, registry
 from reflex.backends import to_numpy
 from reflex.certify_formulas import (FORMULA_INPUTS, FORMULAS, MPMATH_KEYS, UNIT_ROUNDOFF, Ops, mpmath_supports, products,
                                      softmax_bounds, softmax_formula)
+from reflex.backends import numpy_namespace
+
+hnp = numpy_namespace()  # host NumPy (files, long double), through the backends layer
 
 __all__ = ["Certificate", "OutputError", "CertificationError", "certify", "certify_case", "case_record",
            "longdouble_extends_float64", "mpmath_supports", "METHODS", "MPMATH_KEYS", "UNIT_ROUNDOFF"]
@@ -67,7 +69,7 @@ METHODS = ("auto", "longdouble", "mpmath")
 # "auto" takes mpmath when a case has at most this many multiply-adds in its score product (B·H·L·S·D).
 MPMATH_AUTO_PRODUCTS = 1 << 15
 _COTANGENT_SEED = (17, 1)  # the fixed d_out of a gradient certificate
-_LONGDOUBLE = numpy.dtype(numpy.longdouble)  # passed as compute_dtype (a dtype object, as every mechanism takes)
+_LONGDOUBLE = hnp.dtype(hnp.longdouble)  # passed as compute_dtype (a dtype object, as every mechanism takes)
 
 
 class CertificationError(ValueError):
@@ -168,12 +170,12 @@ def _json_float(value: float | None) -> float | str | None:
 
 def longdouble_extends_float64() -> bool:
     """Whether ``numpy.longdouble`` carries more precision than float64 on this platform."""
-    return bool(numpy.finfo(numpy.longdouble).eps < numpy.finfo(numpy.float64).eps)
+    return bool(hnp.finfo(hnp.longdouble).eps < hnp.finfo(hnp.float64).eps)
 
 
 def _require_longdouble() -> None:
     if not longdouble_extends_float64():
-        eps = numpy.finfo(numpy.longdouble).eps
+        eps = hnp.finfo(hnp.longdouble).eps
         raise CertificationError(
             f"numpy.longdouble on this platform has eps {float(eps):.3g}, no finer than float64's 2.2e-16 "
             "(long double is double with MSVC and on Apple arm64): the longdouble certificate would compare "
@@ -209,10 +211,10 @@ def _host_inputs(key: str, function: Callable[..., Any], inputs: Mapping[str, An
             continue
         array = to_numpy(x)
         if array.dtype.kind == "f":
-            if numpy.finfo(array.dtype).eps < numpy.finfo(numpy.float64).eps:
+            if hnp.finfo(array.dtype).eps < hnp.finfo(hnp.float64).eps:
                 raise ValueError(f"inputs[{name!r}] has dtype {array.dtype}: certify compares float64 runs, so inputs "
                                  "must be exactly representable in float64 (float64 or narrower)")
-            array = array.astype(numpy.float64)
+            array = array.astype(hnp.float64)
         host[name] = array
     return host, positional
 
@@ -223,24 +225,24 @@ def _call(function: Callable[..., Any], host: Mapping[str, Any], positional: lis
     return function(*args, **kwargs, **params)
 
 
-def _named(result: Any, with_lse: bool) -> list[tuple[str, numpy.ndarray]]:
+def _named(result: Any, with_lse: bool) -> list[tuple[str, hnp.ndarray]]:
     parts = result if isinstance(result, tuple) else (result,)
     names = ["out", "lse"] if with_lse else ["out"]
     names += [f"output{i}" for i in range(len(names), len(parts))]
     return [(name, to_numpy(part)) for name, part in zip(names, parts) if hasattr(part, "shape")]
 
 
-def _error_longdouble(value: numpy.ndarray, reference: numpy.ndarray) -> numpy.ndarray:
+def _error_longdouble(value: hnp.ndarray, reference: hnp.ndarray) -> hnp.ndarray:
     """Elementwise ``|value − reference|`` in longdouble, as float64; NaN or a wrong infinity → inf."""
-    wide = value.astype(numpy.longdouble)
-    ref = reference.astype(numpy.longdouble)
+    wide = value.astype(hnp.longdouble)
+    ref = reference.astype(hnp.longdouble)
     same = wide == ref  # equal infinities included
-    with numpy.errstate(invalid="ignore", over="ignore"):
-        err = numpy.where(same, 0.0, numpy.abs(wide - ref)).astype(numpy.float64)
-    return numpy.where(numpy.isnan(err), numpy.inf, err)
+    with hnp.errstate(invalid="ignore", over="ignore"):
+        err = hnp.where(same, 0.0, hnp.abs(wide - ref)).astype(hnp.float64)
+    return hnp.where(hnp.isnan(err), hnp.inf, err)
 
 
-def _error_mpmath(value: numpy.ndarray, reference: numpy.ndarray, mp: Any) -> numpy.ndarray:
+def _error_mpmath(value: hnp.ndarray, reference: hnp.ndarray, mp: Any) -> hnp.ndarray:
     """Elementwise ``|value − reference|`` with an mpmath (object) reference, as float64."""
     def one(a: Any, r: Any) -> float:
         a = _to_mpf(a, mp)
@@ -251,33 +253,33 @@ def _error_mpmath(value: numpy.ndarray, reference: numpy.ndarray, mp: Any) -> nu
         return float(abs(a - r))
 
     if value.size == 0:
-        return numpy.zeros(value.shape)
-    with numpy.errstate(invalid="ignore"):  # NaN entries are handled in one()
-        return numpy.frompyfunc(one, 2, 1)(value, reference).astype(numpy.float64)
+        return hnp.zeros(value.shape)
+    with hnp.errstate(invalid="ignore"):  # NaN entries are handled in one()
+        return hnp.frompyfunc(one, 2, 1)(value, reference).astype(hnp.float64)
 
 
 def _to_mpf(a: Any, mp: Any) -> Any:
     """A float64 or longdouble scalar as an exact mpf (longdouble split into two float64 parts)."""
-    if isinstance(a, numpy.longdouble):
+    if isinstance(a, hnp.longdouble):
         hi = float(a)
         if not math.isfinite(hi):
             return mp.mpf(hi)
-        return mp.mpf(hi) + mp.mpf(float(a - numpy.longdouble(hi)))
+        return mp.mpf(hi) + mp.mpf(float(a - hnp.longdouble(hi)))
     return mp.mpf(float(a))
 
 
-def _scale(reference: numpy.ndarray, mp: Any = None) -> float:
+def _scale(reference: hnp.ndarray, mp: Any = None) -> float:
     if reference.size == 0:
         return 0.0
     if reference.dtype == object:
         finite = [abs(r) for r in reference.ravel() if mp.isfinite(r)]
         return float(max(finite, default=0.0))
-    finite = numpy.abs(reference[numpy.isfinite(reference)])
+    finite = hnp.abs(reference[hnp.isfinite(reference)])
     return float(finite.max()) if finite.size else 0.0
 
 
-def _compare(name: str, value: numpy.ndarray, reference: numpy.ndarray, *, mp: Any = None,
-             bound: numpy.ndarray | None = None) -> OutputError:
+def _compare(name: str, value: hnp.ndarray, reference: hnp.ndarray, *, mp: Any = None,
+             bound: hnp.ndarray | None = None) -> OutputError:
     if tuple(value.shape) != tuple(reference.shape):
         raise AssertionError(f"{name}: float64 shape {tuple(value.shape)}, reference {tuple(reference.shape)} (a bug in reflex)")
     err = _error_mpmath(value, reference, mp) if reference.dtype == object else _error_longdouble(value, reference)
@@ -286,7 +288,7 @@ def _compare(name: str, value: numpy.ndarray, reference: numpy.ndarray, *, mp: A
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
     if bound is None:
         return OutputError(name, max_abs, max_rel, scale)
-    return OutputError(name, max_abs, max_rel, scale, float(bound.max()) if bound.size else 0.0, bool(numpy.all(err <= bound)))
+    return OutputError(name, max_abs, max_rel, scale, float(bound.max()) if bound.size else 0.0, bool(hnp.all(err <= bound)))
 
 
 # --- certify --------------------------------------------------------------------------------------
@@ -347,7 +349,7 @@ def certify(key: str, inputs: Mapping[str, Any], /, *, method: str = "auto", dps
         bounds = _longdouble_bounds(key, host, params) or _pattern_bounds(mechanism, host, positional, params, longdouble, notes)
         outputs = tuple(_compare(name, value, ref, bound=bounds.get(name))
                         for (name, value), (_, ref) in zip(float64, longdouble))
-        eps = float(numpy.finfo(numpy.longdouble).eps)
+        eps = float(hnp.finfo(hnp.longdouble).eps)
         return Certificate(key, "longdouble", f"numpy.longdouble (eps {eps:.3g})", outputs, gradients, honoured=honoured,
                            notes=tuple(notes), **_summary(bounds))
     mp = _mpmath()
@@ -389,19 +391,19 @@ def _choose(method: str, key: str, host: Mapping[str, Any], params: Mapping[str,
     return "longdouble"
 
 
-def _honoured(float64: list[tuple[str, numpy.ndarray]], longdouble: list[tuple[str, numpy.ndarray]], notes: list[str]) -> bool | None:
+def _honoured(float64: list[tuple[str, hnp.ndarray]], longdouble: list[tuple[str, hnp.ndarray]], notes: list[str]) -> bool | None:
     """Whether the longdouble run really computed in longdouble (see :class:`Certificate`)."""
-    narrow = [name for name, value in longdouble if value.dtype != numpy.longdouble]
+    narrow = [name for name, value in longdouble if value.dtype != hnp.longdouble]
     if narrow:
         notes.append(f"compute_dtype=longdouble returned {', '.join(narrow)} as {longdouble[0][1].dtype}: not honoured")
         return False
-    if any(not numpy.array_equal(a.astype(numpy.longdouble), b) for (_, a), (_, b) in zip(float64, longdouble)):
+    if any(not hnp.array_equal(a.astype(hnp.longdouble), b) for (_, a), (_, b) in zip(float64, longdouble)):
         return True
     notes.append("longdouble and float64 results are bitwise equal (an exact case, or longdouble ignored)")
     return None
 
 
-def _gradients(mechanism: registry.Mechanism, host: Mapping[str, Any], params: Mapping[str, Any], out: numpy.ndarray,
+def _gradients(mechanism: registry.Mechanism, host: Mapping[str, Any], params: Mapping[str, Any], out: hnp.ndarray,
                notes: list[str]) -> tuple[OutputError, ...]:
     """float64 VJP against the longdouble VJP, with the fixed cotangent ``d_out``."""
     from reflex.gradients import vjp
@@ -418,7 +420,7 @@ def _gradients(mechanism: registry.Mechanism, host: Mapping[str, Any], params: M
     except Exception as err:  # noqa: BLE001 - reported: the VJP cannot run here
         notes.append(f"gradients not certified ({type(err).__name__}: {err})")
         return ()
-    narrow = [name for name, g in high.items() if to_numpy(g).dtype != numpy.longdouble]
+    narrow = [name for name, g in high.items() if to_numpy(g).dtype != hnp.longdouble]
     if narrow:
         notes.append(f"VJP with compute_dtype=longdouble returned d_{', d_'.join(narrow)} below longdouble: not honoured")
     errors = [_compare(f"d_{name}", to_numpy(low[name]), to_numpy(high[name])) for name in sorted(low)]
@@ -439,15 +441,15 @@ def _longdouble_bounds(key: str, host: Mapping[str, Any], params: Mapping[str, A
     """For the softmax formula (``full``): bounds from the formula evaluated in longdouble; else none."""
     if key != "full" or mpmath_supports(key, host, params) is not None:
         return {}
-    with numpy.errstate(invalid="ignore", divide="ignore", over="ignore"):
+    with hnp.errstate(invalid="ignore", divide="ignore", over="ignore"):
         return _evaluate(softmax_formula, Ops(), host, params)[1]
 
 
-def _evaluate(formula: Callable[..., dict[str, numpy.ndarray]], ops: Ops, host: Mapping[str, Any],
-              params: Mapping[str, Any]) -> tuple[dict[str, numpy.ndarray], dict[str, Any]]:
+def _evaluate(formula: Callable[..., dict[str, hnp.ndarray]], ops: Ops, host: Mapping[str, Any],
+              params: Mapping[str, Any]) -> tuple[dict[str, hnp.ndarray], dict[str, Any]]:
     """A formula's parts (``out`` in the mechanism's layout) and, for the softmax formula, its bounds."""
     flash = params.get("layout", "bhld") == "blhd"  # q, k, v and out as (..., L, H, D)
-    q, k, v = (numpy.swapaxes(host[name], -3, -2) if flash else host[name] for name in FORMULA_INPUTS)
+    q, k, v = (hnp.swapaxes(host[name], -3, -2) if flash else host[name] for name in FORMULA_INPUTS)
     options = {name: value for name, value in {**host, **params}.items()
                if name not in (*FORMULA_INPUTS, "return_lse", "implementation", "layout")}
     parts = formula(ops, q, k, v, **options)
@@ -457,8 +459,8 @@ def _evaluate(formula: Callable[..., dict[str, numpy.ndarray]], ops: Ops, host: 
                                 dropout_mask=host.get("dropout_mask"), dropout_p=params.get("dropout_p", 0.0),
                                 bias=host.get("bias"), sinks=host.get("sinks"))
     if flash:
-        parts = {**parts, "out": numpy.swapaxes(parts["out"], -3, -2)}
-        bounds = {**bounds, "out": numpy.swapaxes(bounds["out"], -3, -2)} if "out" in bounds else bounds
+        parts = {**parts, "out": hnp.swapaxes(parts["out"], -3, -2)}
+        bounds = {**bounds, "out": hnp.swapaxes(bounds["out"], -3, -2)} if "out" in bounds else bounds
     return parts, bounds
 
 
@@ -467,7 +469,7 @@ _PATTERN_AGREEMENT = 1e-17
 
 
 def _pattern_bounds(mechanism: registry.Mechanism, host: Mapping[str, Any], positional: list[str],
-                    params: Mapping[str, Any], longdouble: list[tuple[str, numpy.ndarray]], notes: list[str]) -> dict[str, Any]:
+                    params: Mapping[str, Any], longdouble: list[tuple[str, hnp.ndarray]], notes: list[str]) -> dict[str, Any]:
     """Bounds for a restricted-softmax mechanism through its explicit pattern (``Mechanism.pattern``).
 
     The registry says such a mechanism's output equals ``full_attention`` under its boolean pattern.
@@ -487,7 +489,7 @@ def _pattern_bounds(mechanism: registry.Mechanism, host: Mapping[str, Any], posi
         return {}
     counts = None if pattern.dtype == bool else pattern  # multiplicities: a key attended c times
     q, k, v = (host[name] for name in FORMULA_INPUTS)
-    with numpy.errstate(invalid="ignore", divide="ignore", over="ignore"):
+    with hnp.errstate(invalid="ignore", divide="ignore", over="ignore"):
         try:
             parts = softmax_formula(Ops(), q, k, v, mask=pattern if counts is None else None, counts=counts,
                                     scale=params.get("scale"))
@@ -497,7 +499,7 @@ def _pattern_bounds(mechanism: registry.Mechanism, host: Mapping[str, Any], posi
     for name, value in longdouble:
         if name in ("out", "lse") and value.shape == parts[name].shape:
             scale = _scale(value)
-            gap = float(numpy.max(_error_longdouble(value, parts[name]), initial=0.0))
+            gap = float(hnp.max(_error_longdouble(value, parts[name]), initial=0.0))
             if gap > _PATTERN_AGREEMENT * max(scale, 1.0):
                 notes.append(f"no softmax bounds: softmax over the pattern differs from the mechanism by {gap:.1e} "
                              f"({name}; the mechanism does more than attend its pattern)")

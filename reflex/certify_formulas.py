@@ -14,9 +14,11 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Mapping
 
-import numpy
 
 from reflex.mechanisms._patterns import causal_offset, parse_causal
+from reflex.backends import numpy_namespace
+
+hnp = numpy_namespace()  # host NumPy (files, long double), through the backends layer
 
 __all__ = ["Ops", "softmax_formula", "linear_formula", "performer_formula", "kernel_attention", "FORMULAS",
            "FORMULA_INPUTS", "MPMATH_KEYS", "mpmath_supports", "products", "softmax_bounds", "UNIT_ROUNDOFF"]
@@ -32,42 +34,42 @@ class Ops:
     def __init__(self, mp: Any = None) -> None:
         self.mp = mp
         if mp is None:
-            self.exp, self.log, self.tanh, self.sin, self.cos = numpy.exp, numpy.log, numpy.tanh, numpy.sin, numpy.cos
-            self.number = numpy.longdouble
+            self.exp, self.log, self.tanh, self.sin, self.cos = hnp.exp, hnp.log, hnp.tanh, hnp.sin, hnp.cos
+            self.number = hnp.longdouble
         else:
-            self.exp, self.log, self.tanh, self.sin, self.cos = (numpy.frompyfunc(f, 1, 1) for f in
+            self.exp, self.log, self.tanh, self.sin, self.cos = (hnp.frompyfunc(f, 1, 1) for f in
                                                                  (mp.exp, mp.log, mp.tanh, mp.sin, mp.cos))
             self.number = mp.mpf
 
-    def array(self, x: numpy.ndarray) -> numpy.ndarray:
+    def array(self, x: hnp.ndarray) -> hnp.ndarray:
         """A float64 host array entered exactly."""
         if self.mp is None:
-            return numpy.asarray(x, dtype=numpy.longdouble)
-        return numpy.frompyfunc(lambda a: self.mp.mpf(float(a)), 1, 1)(numpy.asarray(x, dtype=numpy.float64)).astype(object)
+            return hnp.asarray(x, dtype=hnp.longdouble)
+        return hnp.frompyfunc(lambda a: self.mp.mpf(float(a)), 1, 1)(hnp.asarray(x, dtype=hnp.float64)).astype(object)
 
 
-def repeat_heads(x: numpy.ndarray, heads: int) -> numpy.ndarray:
+def repeat_heads(x: hnp.ndarray, heads: int) -> hnp.ndarray:
     """``(..., G, S, ·)`` → ``(..., H, S, ·)``: query head h uses kv head ``h // (H/G)``."""
-    return numpy.repeat(x, heads // x.shape[-3], axis=-3)
+    return hnp.repeat(x, heads // x.shape[-3], axis=-3)
 
 
-def allowed(shape: tuple[int, ...], causal: Any, mask: Any) -> numpy.ndarray:
+def allowed(shape: tuple[int, ...], causal: Any, mask: Any) -> hnp.ndarray:
     """The boolean ``(..., H, L, S)`` attend-map of a mask and a causal alignment."""
-    allowed = numpy.ones(shape, dtype=bool)
+    allowed = hnp.ones(shape, dtype=bool)
     if mask is not None:
-        allowed &= numpy.broadcast_to(numpy.asarray(mask, dtype=bool), shape)
+        allowed &= hnp.broadcast_to(hnp.asarray(mask, dtype=bool), shape)
     alignment = parse_causal(causal)
     if alignment is not None:
         length, key_length = shape[-2:]
         delta = causal_offset(alignment, length, key_length)
-        allowed &= numpy.arange(key_length)[None, :] <= numpy.arange(length)[:, None] + delta
+        allowed &= hnp.arange(key_length)[None, :] <= hnp.arange(length)[:, None] + delta
     return allowed
 
 
-def softmax_formula(ops: Ops, q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, *, mask: Any = None, bias: Any = None,
+def softmax_formula(ops: Ops, q: hnp.ndarray, k: hnp.ndarray, v: hnp.ndarray, *, mask: Any = None, bias: Any = None,
                      causal: Any = False, scale: float | None = None, softcap: float | None = None,
                      counts: Any = None, sinks: Any = None, dropout_mask: Any = None,
-                     dropout_p: float = 0.0) -> dict[str, numpy.ndarray]:
+                     dropout_p: float = 0.0) -> dict[str, hnp.ndarray]:
     """Dense softmax attention, term by term as ``full_attention``'s docstring defines it.
 
     ``Z = cap(scale·Q Kᵀ) + bias``, −∞ where masked or causally excluded; ``m`` the row max (0 for
@@ -83,46 +85,46 @@ def softmax_formula(ops: Ops, q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarr
     key_length = k.shape[-2]
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)  # the float64 the mechanism uses
     qh, kh, vh = ops.array(q), repeat_heads(ops.array(k), heads), repeat_heads(ops.array(v), heads)
-    z = (qh @ numpy.swapaxes(kh, -1, -2)) * ops.number(scale)
+    z = (qh @ hnp.swapaxes(kh, -1, -2)) * ops.number(scale)
     if softcap is not None:
         c = ops.number(float(softcap))
         z = c * ops.tanh(z / c)
     if bias is not None:
-        z = z + ops.array(numpy.broadcast_to(numpy.asarray(bias, dtype=numpy.float64), z.shape))
+        z = z + ops.array(hnp.broadcast_to(hnp.asarray(bias, dtype=hnp.float64), z.shape))
     ninf, zero, one = ops.number(-math.inf), ops.number(0.0), ops.number(1.0)
     attended = allowed(z.shape, causal, mask)
     if counts is not None:
-        counts = numpy.broadcast_to(numpy.asarray(counts), z.shape)
+        counts = hnp.broadcast_to(hnp.asarray(counts), z.shape)
         attended &= counts > 0
-    z = numpy.where(attended, z, ninf)
+    z = hnp.where(attended, z, ninf)
     if length == 0 or key_length == 0:
-        out = numpy.full((*z.shape[:-1], v.shape[-1]), zero, dtype=z.dtype)
-        return {"out": out, "lse": numpy.full(z.shape[:-1], ninf, dtype=z.dtype), "scores": z, "probs": z}
-    row_max = numpy.max(z, axis=-1, keepdims=True)
+        out = hnp.full((*z.shape[:-1], v.shape[-1]), zero, dtype=z.dtype)
+        return {"out": out, "lse": hnp.full(z.shape[:-1], ninf, dtype=z.dtype), "scores": z, "probs": z}
+    row_max = hnp.max(z, axis=-1, keepdims=True)
     sink = None
     if sinks is not None:
-        sink = numpy.broadcast_to(ops.array(numpy.asarray(sinks, dtype=numpy.float64))[:, None, None], row_max.shape)
-        row_max = numpy.where(sink > row_max, sink, row_max)
-    shift = numpy.where(row_max == ninf, zero, row_max)
+        sink = hnp.broadcast_to(ops.array(hnp.asarray(sinks, dtype=hnp.float64))[:, None, None], row_max.shape)
+        row_max = hnp.where(sink > row_max, sink, row_max)
+    shift = hnp.where(row_max == ninf, zero, row_max)
     weights = ops.exp(z - shift)
     if counts is not None:
-        weights = weights * ops.array(counts.astype(numpy.float64))
-    row_sum = numpy.sum(weights, axis=-1, keepdims=True)
+        weights = weights * ops.array(counts.astype(hnp.float64))
+    row_sum = hnp.sum(weights, axis=-1, keepdims=True)
     if sink is not None:
         row_sum = row_sum + ops.exp(sink - shift)
     empty = row_sum == 0
-    denominator = numpy.where(empty, one, row_sum)
+    denominator = hnp.where(empty, one, row_sum)
     probs = weights / denominator
     out = probs @ vh
     if dropout_p and float(dropout_p) > 0.0:
-        kept = numpy.broadcast_to(numpy.asarray(dropout_mask, dtype=bool), probs.shape)
-        out = (numpy.where(kept, probs, zero) @ vh) / (one - ops.number(float(dropout_p)))
-    lse = numpy.where(empty, ninf, shift + ops.log(denominator))[..., 0]
+        kept = hnp.broadcast_to(hnp.asarray(dropout_mask, dtype=bool), probs.shape)
+        out = (hnp.where(kept, probs, zero) @ vh) / (one - ops.number(float(dropout_p)))
+    lse = hnp.where(empty, ninf, shift + ops.log(denominator))[..., 0]
     return {"out": out, "lse": lse, "scores": z, "probs": probs}
 
 
-def linear_formula(ops: Ops, q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, *, feature_map: str = "elu",
-                    causal: Any = False, eps: float = 1e-6) -> dict[str, numpy.ndarray]:
+def linear_formula(ops: Ops, q: hnp.ndarray, k: hnp.ndarray, v: hnp.ndarray, *, feature_map: str = "elu",
+                    causal: Any = False, eps: float = 1e-6) -> dict[str, hnp.ndarray]:
     """Linear attention, the quadratic form: ``o_i = Σ_{j≤t_i} φ(q_i)·φ(k_j) v_j / (Σ_{j≤t_i} φ(q_i)·φ(k_j) + ε)``.
 
     ``φ(x) = elu(x) + 1`` (x + 1 for x > 0, eˣ otherwise) or ``relu``; a query with a zero
@@ -130,33 +132,33 @@ def linear_formula(ops: Ops, q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarra
     """
     zero, one = ops.number(0.0), ops.number(1.0)
 
-    def phi(x: numpy.ndarray) -> numpy.ndarray:
+    def phi(x: hnp.ndarray) -> hnp.ndarray:
         positive = x > 0
         if feature_map == "relu":
-            return numpy.where(positive, x, zero)
-        return numpy.where(positive, x + one, ops.exp(numpy.where(positive, zero, x)))
+            return hnp.where(positive, x, zero)
+        return hnp.where(positive, x + one, ops.exp(hnp.where(positive, zero, x)))
 
     return kernel_attention(ops, phi(ops.array(q)), phi(ops.array(k)), v, causal=causal, eps=eps)
 
 
-def kernel_attention(ops: Ops, fq: numpy.ndarray, fk: numpy.ndarray, v: numpy.ndarray, *, causal: Any,
-                      eps: float) -> dict[str, numpy.ndarray]:
+def kernel_attention(ops: Ops, fq: hnp.ndarray, fk: hnp.ndarray, v: hnp.ndarray, *, causal: Any,
+                      eps: float) -> dict[str, hnp.ndarray]:
     """``o_i = Σ_{j≤t_i} (fq_i·fk_j) v_j / (Σ_{j≤t_i} fq_i·fk_j + ε)`` from features ``fq (..., H, L, F)``,
     ``fk (..., G, S, F)``; 0 where the normaliser is 0. The quadratic form, materialising ``(L, S)``."""
     zero, one = ops.number(0.0), ops.number(1.0)
     heads = fq.shape[-3]
     fk, vh = repeat_heads(fk, heads), repeat_heads(ops.array(v), heads)
-    kernel = fq @ numpy.swapaxes(fk, -1, -2)
-    kernel = numpy.where(allowed(kernel.shape, causal, None), kernel, zero)
+    kernel = fq @ hnp.swapaxes(fk, -1, -2)
+    kernel = hnp.where(allowed(kernel.shape, causal, None), kernel, zero)
     numerator = kernel @ vh
-    denominator = numpy.sum(kernel, axis=-1, keepdims=True) + ops.number(float(eps))
+    denominator = hnp.sum(kernel, axis=-1, keepdims=True) + ops.number(float(eps))
     empty = denominator == 0
-    out = numpy.where(empty, zero, numerator / numpy.where(empty, one, denominator))
+    out = hnp.where(empty, zero, numerator / hnp.where(empty, one, denominator))
     return {"out": out}
 
 
-def performer_formula(ops: Ops, q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, *, projection: numpy.ndarray,
-                       kernel: str = "softmax_pos", causal: Any = False, scale: float | None = None) -> dict[str, numpy.ndarray]:
+def performer_formula(ops: Ops, q: hnp.ndarray, k: hnp.ndarray, v: hnp.ndarray, *, projection: hnp.ndarray,
+                       kernel: str = "softmax_pos", causal: Any = False, scale: float | None = None) -> dict[str, hnp.ndarray]:
     """Performer FAVOR+ with an explicit projection ω (m, D), unstabilised (Choromanski et al. 2021, §2.3):
 
     ``softmax_pos``: ``φ(x) = exp(ωx − ‖x‖²/2)/√m``; ``softmax_trig``: ``exp(‖x‖²/2)/√m [sin ωx, cos ωx]``
@@ -171,27 +173,27 @@ def performer_formula(ops: Ops, q: numpy.ndarray, k: numpy.ndarray, v: numpy.nda
     if kernel == "relu":
         ratio, stabilizer = ops.number(1.0 / math.sqrt(m)), ops.number(RELU_STABILIZER)
 
-        def phi(x: numpy.ndarray) -> numpy.ndarray:
+        def phi(x: hnp.ndarray) -> hnp.ndarray:
             u = ratio * (x @ omega_t)
-            return numpy.where(u > 0, u, zero) + stabilizer
+            return hnp.where(u > 0, u, zero) + stabilizer
 
         return kernel_attention(ops, phi(ops.array(q)), phi(ops.array(k)), v, causal=causal, eps=0.0)
     root = ops.number(math.sqrt(1.0 / math.sqrt(dim) if scale is None else float(scale)))
     norm = ops.number(1.0) / (ops.number(float(m)) ** ops.number(0.5))
 
-    def phi(x: numpy.ndarray) -> numpy.ndarray:
+    def phi(x: hnp.ndarray) -> hnp.ndarray:
         x = root * x
         u = x @ omega_t
-        half_square = numpy.sum(x * x, axis=-1, keepdims=True) / 2
+        half_square = hnp.sum(x * x, axis=-1, keepdims=True) / 2
         if kernel == "softmax_pos":
             return norm * ops.exp(u - half_square)
-        return norm * ops.exp(half_square) * numpy.concatenate([ops.sin(u), ops.cos(u)], axis=-1)
+        return norm * ops.exp(half_square) * hnp.concatenate([ops.sin(u), ops.cos(u)], axis=-1)
 
     return kernel_attention(ops, phi(ops.array(q)), phi(ops.array(k)), v, causal=causal, eps=0.0)
 
 
 # key → (formula, the mechanism options it understands; others make mpmath decline)
-FORMULAS: dict[str, tuple[Callable[..., dict[str, numpy.ndarray]], frozenset[str]]] = {
+FORMULAS: dict[str, tuple[Callable[..., dict[str, hnp.ndarray]], frozenset[str]]] = {
     "full": (softmax_formula, frozenset({"mask", "bias", "causal", "scale", "softcap", "return_lse", "implementation",
                                          "sinks", "layout", "dropout_mask", "dropout_p"})),
     "linear": (linear_formula, frozenset({"feature_map", "causal", "eps", "implementation", "layout"})),
@@ -232,7 +234,7 @@ def gamma(n: Any) -> Any:
     return n * UNIT_ROUNDOFF / (1 - n * UNIT_ROUNDOFF)
 
 
-def softmax_bounds(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, parts: Mapping[str, numpy.ndarray], *,
+def softmax_bounds(q: hnp.ndarray, k: hnp.ndarray, v: hnp.ndarray, parts: Mapping[str, hnp.ndarray], *,
                    scale: float | None, softcap: float | None, bias: Any, counts: Any = None,
                    sinks: Any = None, dropout_mask: Any = None, dropout_p: float = 0.0) -> dict[str, Any]:
     """Per-element first-order bounds on out and lse, and the case's condition (see :mod:`reflex.certify`).
@@ -244,46 +246,46 @@ def softmax_bounds(q: numpy.ndarray, k: numpy.ndarray, v: numpy.ndarray, parts: 
     u = UNIT_ROUNDOFF
     heads, _, dim = q.shape[-3:]
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
-    z = numpy.asarray(parts["scores"].astype(numpy.float64) if parts["scores"].dtype == object
-                      else parts["scores"], dtype=numpy.float64)
-    probs = numpy.asarray(parts["probs"].astype(numpy.float64) if parts["probs"].dtype == object
-                          else parts["probs"], dtype=numpy.float64)
-    lse = numpy.asarray(parts["lse"].astype(numpy.float64) if parts["lse"].dtype == object
-                        else parts["lse"], dtype=numpy.float64)
-    qk = numpy.abs(q * scale) @ numpy.swapaxes(numpy.abs(repeat_heads(k, heads)), -1, -2)
-    abs_v = numpy.abs(repeat_heads(v, heads))
-    multiplicity = numpy.ones(z.shape) if counts is None else numpy.broadcast_to(numpy.asarray(counts, dtype=numpy.float64), z.shape)
+    z = hnp.asarray(parts["scores"].astype(hnp.float64) if parts["scores"].dtype == object
+                      else parts["scores"], dtype=hnp.float64)
+    probs = hnp.asarray(parts["probs"].astype(hnp.float64) if parts["probs"].dtype == object
+                          else parts["probs"], dtype=hnp.float64)
+    lse = hnp.asarray(parts["lse"].astype(hnp.float64) if parts["lse"].dtype == object
+                        else parts["lse"], dtype=hnp.float64)
+    qk = hnp.abs(q * scale) @ hnp.swapaxes(hnp.abs(repeat_heads(k, heads)), -1, -2)
+    abs_v = hnp.abs(repeat_heads(v, heads))
+    multiplicity = hnp.ones(z.shape) if counts is None else hnp.broadcast_to(hnp.asarray(counts, dtype=hnp.float64), z.shape)
     if sinks is not None:  # the sink: one more column, its logit exact (no q·k), its value 0
-        sink = numpy.broadcast_to(numpy.asarray(sinks, dtype=numpy.float64)[:, None, None], (*z.shape[:-1], 1))
-        with numpy.errstate(invalid="ignore"):
-            sink_prob = numpy.exp(sink - lse[..., None])
-        z, probs = numpy.concatenate([z, sink], axis=-1), numpy.concatenate([probs, sink_prob], axis=-1)
-        qk = numpy.concatenate([qk, numpy.zeros(sink.shape)], axis=-1)
-        multiplicity = numpy.concatenate([multiplicity, numpy.ones(sink.shape)], axis=-1)
-        abs_v = numpy.concatenate([abs_v, numpy.zeros((*abs_v.shape[:-2], 1, abs_v.shape[-1]))], axis=-2)
-    attended = numpy.isfinite(z)
+        sink = hnp.broadcast_to(hnp.asarray(sinks, dtype=hnp.float64)[:, None, None], (*z.shape[:-1], 1))
+        with hnp.errstate(invalid="ignore"):
+            sink_prob = hnp.exp(sink - lse[..., None])
+        z, probs = hnp.concatenate([z, sink], axis=-1), hnp.concatenate([probs, sink_prob], axis=-1)
+        qk = hnp.concatenate([qk, hnp.zeros(sink.shape)], axis=-1)
+        multiplicity = hnp.concatenate([multiplicity, hnp.ones(sink.shape)], axis=-1)
+        abs_v = hnp.concatenate([abs_v, hnp.zeros((*abs_v.shape[:-2], 1, abs_v.shape[-1]))], axis=-2)
+    attended = hnp.isfinite(z)
     terms = attended * multiplicity
     n = terms.sum(axis=-1)
-    z_max = numpy.where(attended, z, -numpy.inf).max(axis=-1, initial=-numpy.inf)
-    z_min = numpy.where(attended, z, numpy.inf).min(axis=-1, initial=numpy.inf)
+    z_max = hnp.where(attended, z, -hnp.inf).max(axis=-1, initial=-hnp.inf)
+    z_min = hnp.where(attended, z, hnp.inf).min(axis=-1, initial=hnp.inf)
     some = n > 0
-    spread = numpy.where(some, z_max - z_min, 0.0)
-    softmax_rel = numpy.where(some, (n + 2 + 2 * spread) * u, 0.0)  # BHH Thm 4.3
-    with numpy.errstate(invalid="ignore"):
-        lse_part = numpy.where(some, numpy.abs(lse + n - z_min) * u, 0.0)  # BHH Thm 4.2
-    keep = numpy.ones(z.shape)
+    spread = hnp.where(some, z_max - z_min, 0.0)
+    softmax_rel = hnp.where(some, (n + 2 + 2 * spread) * u, 0.0)  # BHH Thm 4.3
+    with hnp.errstate(invalid="ignore"):
+        lse_part = hnp.where(some, hnp.abs(lse + n - z_min) * u, 0.0)  # BHH Thm 4.2
+    keep = hnp.ones(z.shape)
     if dropout_p and float(dropout_p) > 0.0:
-        keep = numpy.zeros(z.shape)
-        kept = numpy.broadcast_to(numpy.asarray(dropout_mask, dtype=bool), (*z.shape[:-1], k.shape[-2]))
+        keep = hnp.zeros(z.shape)
+        kept = hnp.broadcast_to(hnp.asarray(dropout_mask, dtype=bool), (*z.shape[:-1], k.shape[-2]))
         keep[..., :k.shape[-2]] = kept / (1.0 - float(dropout_p))
     dropout_roundings = 0 if dropout_p is None or float(dropout_p) == 0.0 else 2
     term_roundings = (3 if softcap is not None else 0) + (1 if bias is not None else 0)
-    logit = gamma(dim + 1) * qk + term_roundings * u * numpy.where(attended, numpy.abs(z), 0.0)
-    logit_row = numpy.where(attended, logit, 0.0).max(axis=-1, initial=0.0)
+    logit = gamma(dim + 1) * qk + term_roundings * u * hnp.where(attended, hnp.abs(z), 0.0)
+    logit_row = hnp.where(attended, logit, 0.0).max(axis=-1, initial=0.0)
     out_bound = (softmax_rel[..., None] * probs.max(axis=-1, initial=0.0)[..., None] * ((terms * keep) @ abs_v)
                  + (2 * logit_row + gamma(n + 1 + dropout_roundings))[..., None] * ((probs * keep) @ abs_v))
     return {
-        "out": out_bound, "lse": numpy.where(some, lse_part + logit_row, 0.0),
+        "out": out_bound, "lse": hnp.where(some, lse_part + logit_row, 0.0),
         "condition": float(spread.max(initial=0.0)), "softmax_bound": float(softmax_rel.max(initial=0.0)),
         "lse_bound": float(lse_part.max(initial=0.0)), "logit_term": float(logit_row.max(initial=0.0)),
     }

@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
-import numpy
 
 import reflex
 from reflex import registry
@@ -22,6 +21,9 @@ from reflex.backends import npz, safetensors_file
 from reflex.fixture_schema import FORMATS, MANIFEST, SHAPE_LETTERS, SHAPE_OPTIONS, FixtureError
 from reflex.mechanisms._cases import case_shape
 from reflex.testing import TOLERANCES
+from reflex.backends import numpy_namespace
+
+hnp = numpy_namespace()  # host NumPy (files, long double), through the backends layer
 
 DEFAULT_SIZES = ("tiny", "small")
 DIGEST_FILE = MANIFEST + ".sha256"  # the set digest in `sha256sum -c` format, written beside the manifest
@@ -45,7 +47,7 @@ def _shape_tag(shape: Mapping[str, int]) -> str:
 def _jsonable(value: Any, what: str) -> Any:
     """``value`` as it reads back from JSON (tuples → lists); non-JSON values raise FixtureError."""
     def default(x: Any) -> Any:
-        if isinstance(x, (numpy.bool_, numpy.integer, numpy.floating)):
+        if isinstance(x, (hnp.bool_, hnp.integer, hnp.floating)):
             return x.item()
         raise TypeError(f"{type(x).__name__} is not JSON-able")
 
@@ -114,7 +116,7 @@ def _dtypes(dtypes: Iterable[str] | None) -> list[str]:
 # ----------------------------------------------------------------------------------------------- building
 
 
-def _canonical(array: Any, what: str) -> numpy.ndarray:
+def _canonical(array: Any, what: str) -> hnp.ndarray:
     """:func:`reflex.backends.npz.canonical`, its refusal raised as :class:`FixtureError`."""
     try:
         return npz.canonical(array, what)
@@ -125,11 +127,11 @@ def _canonical(array: Any, what: str) -> numpy.ndarray:
 _npz_bytes = npz.npz_bytes  # kept under its old name: tests build consistent but wrong case files with it
 
 
-def _file_bytes(members: Sequence[tuple[str, numpy.ndarray]], fmt: str) -> bytes:
+def _file_bytes(members: Sequence[tuple[str, hnp.ndarray]], fmt: str) -> bytes:
     return npz.npz_bytes(members) if fmt == "npz" else safetensors_file.safetensors_bytes(members)
 
 
-def _case_inputs(case: registry.Case, cid: str) -> list[tuple[str, numpy.ndarray]]:
+def _case_inputs(case: registry.Case, cid: str) -> list[tuple[str, hnp.ndarray]]:
     """The input members of one case file, sorted by name."""
     members = []
     for name in sorted(case.inputs):
@@ -139,7 +141,7 @@ def _case_inputs(case: registry.Case, cid: str) -> list[tuple[str, numpy.ndarray
     return members
 
 
-def _case_outputs(mechanism: registry.Mechanism, case: registry.Case, cid: str) -> list[tuple[str, numpy.ndarray]]:
+def _case_outputs(mechanism: registry.Mechanism, case: registry.Case, cid: str) -> list[tuple[str, hnp.ndarray]]:
     """The output members of one case file: output, further outputs ``output.<i>``, lse, then (for a
     mechanism with a VJP) d_out, d_lse and ``grad.<name>`` for every floating input, sorted by name."""
     try:
@@ -167,8 +169,8 @@ def _case_outputs(mechanism: registry.Mechanism, case: registry.Case, cid: str) 
     return members
 
 
-def _case_gradients(mechanism: registry.Mechanism, case: registry.Case, cid: str, output: numpy.ndarray,
-                    lse: numpy.ndarray | None) -> list[tuple[str, numpy.ndarray]]:
+def _case_gradients(mechanism: registry.Mechanism, case: registry.Case, cid: str, output: hnp.ndarray,
+                    lse: hnp.ndarray | None) -> list[tuple[str, hnp.ndarray]]:
     """Seeded cotangents and :func:`reflex.vjp`'s gradients for one case (host float64); none when the
     VJP raises ``NotImplementedError`` for the case's options."""
     from reflex import random
@@ -190,7 +192,7 @@ def _case_gradients(mechanism: registry.Mechanism, case: registry.Case, cid: str
     return members
 
 
-def _shape_problem(case: registry.Case, shape: Mapping[str, int], output: numpy.ndarray | None) -> str | None:
+def _shape_problem(case: registry.Case, shape: Mapping[str, int], output: hnp.ndarray | None) -> str | None:
     """Why ``case`` does not have the requested ``shape`` (None when it has): q (or qk) must be
     (B, H, L, D), k and v (…, G or H, L, D) — (B, L, H, D) and (…, L, G or H, D) for a case with
     ``layout="blhd"`` — and the output keep q's batch axes and length."""
@@ -260,7 +262,7 @@ def _plan(chosen: Sequence[registry.Mechanism], sizes: Sequence[str], seed: int,
 
 
 def _build(cid: str, size: str, shape: dict[str, int], mechanism: registry.Mechanism, case: registry.Case,
-           dtypes: Sequence[str], fmt: str) -> tuple[dict[str, Any], list[tuple[str, numpy.ndarray]]] | str:
+           dtypes: Sequence[str], fmt: str) -> tuple[dict[str, Any], list[tuple[str, hnp.ndarray]]] | str:
     """``(entry without bytes/sha256, members)`` of one case, or the reason to skip it (shapes only)."""
     try:
         members = _case_inputs(case, cid) + _case_outputs(mechanism, case, cid)

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy
 
 from reflex.backends import to_numpy
 from reflex.fixture_set import FixtureCase, FixtureError, _read_members, _read_tensors, load
 from reflex.testing import TOLERANCES, Tolerance, _outside, _worst, dtype_name
+from reflex.backends import numpy_namespace
+
+hnp = numpy_namespace()  # host NumPy (files, long double), through the backends layer
 
 __all__ = ["check", "CheckResult", "CheckReport", "RULE"]
 
@@ -105,7 +107,7 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def _compare(cid: str, what: str, actual: numpy.ndarray, expected: numpy.ndarray, case: FixtureCase,
+def _compare(cid: str, what: str, actual: hnp.ndarray, expected: hnp.ndarray, case: FixtureCase,
              dtype: str | None) -> CheckResult:
     name = dtype or actual.dtype.name
     if name not in TOLERANCES:
@@ -118,28 +120,28 @@ def _compare(cid: str, what: str, actual: numpy.ndarray, expected: numpy.ndarray
     if actual.shape != expected.shape:
         return CheckResult(cid, what, "fail", name, atol=tol.atol, rtol=tol.rtol,
                            message=f"shape {actual.shape}, expected {expected.shape}")
-    a, e = actual.astype(numpy.float64), expected.astype(numpy.float64)
+    a, e = actual.astype(hnp.float64), expected.astype(hnp.float64)
     if a.size == 0:
         return CheckResult(cid, what, "pass", name, 0.0, 0.0, tol.atol, tol.rtol, margin=0.0)
     error, bad = _outside(a, e, tol.atol, tol.rtol)
-    with numpy.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        relative = numpy.where(error == 0, 0.0, error / numpy.abs(e))
-        ratio = numpy.where(error == 0, 0.0, error / (tol.atol + tol.rtol * numpy.abs(e)))
-    ratio = numpy.where(bad & ~(ratio > 1), numpy.inf, ratio)  # NaN or a mismatched infinity: worst of all
-    worst = _worst(error, bad, e, tol.atol, tol.rtol) if numpy.any(bad) else ()
+    with hnp.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        relative = hnp.where(error == 0, 0.0, error / hnp.abs(e))
+        ratio = hnp.where(error == 0, 0.0, error / (tol.atol + tol.rtol * hnp.abs(e)))
+    ratio = hnp.where(bad & ~(ratio > 1), hnp.inf, ratio)  # NaN or a mismatched infinity: worst of all
+    worst = _worst(error, bad, e, tol.atol, tol.rtol) if hnp.any(bad) else ()
     message = ""
-    if numpy.any(bad):
-        message = (f"{int(numpy.sum(bad))} of {a.size} elements outside atol {tol.atol:.0e} + rtol {tol.rtol:.0e}·|expected|; "
+    if hnp.any(bad):
+        message = (f"{int(hnp.sum(bad))} of {a.size} elements outside atol {tol.atol:.0e} + rtol {tol.rtol:.0e}·|expected|; "
                    f"worst at {worst}: got {float(a[worst]):.9g}, expected {float(e[worst]):.9g}")
-    return CheckResult(cid, what, "fail" if numpy.any(bad) else "pass", name, float(numpy.max(error)),
-                       float(numpy.max(relative)), tol.atol, tol.rtol, worst, message, float(numpy.max(ratio)))
+    return CheckResult(cid, what, "fail" if hnp.any(bad) else "pass", name, float(hnp.max(error)),
+                       float(hnp.max(relative)), tol.atol, tol.rtol, worst, message, float(hnp.max(ratio)))
 
 
 def _read_exported(exported: str | os.PathLike[str] | Mapping[str, Any]
-                   ) -> tuple[dict[str, numpy.ndarray], dict[str, str]]:
+                   ) -> tuple[dict[str, hnp.ndarray], dict[str, str]]:
     """(arrays by name, source dtype names by name) from a mapping, an ``.npz`` or a ``.safetensors``."""
     if isinstance(exported, Mapping):
-        arrays = {name: numpy.asarray(to_numpy(a) if not isinstance(a, numpy.ndarray) else a)
+        arrays = {name: hnp.asarray(to_numpy(a) if not isinstance(a, hnp.ndarray) else a)
                   for name, a in exported.items()}
         return arrays, {}
     source = Path(exported)

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-import numpy
 
 from reflex import registry
 from reflex.fixture_build import (DIGEST_FILE, _build, _dtypes, _grid, _plan, _shape_tag, _shapes, _sizes, _skip,
@@ -21,6 +20,9 @@ from reflex.fixture_build import (DIGEST_FILE, _build, _dtypes, _grid, _plan, _s
 from reflex.fixture_schema import MANIFEST
 from reflex.fixture_set import FixtureCase, FixtureError, load
 from reflex.testing import TOLERANCES, _outside
+from reflex.backends import numpy_namespace
+
+hnp = numpy_namespace()  # host NumPy (files, long double), through the backends layer
 
 __all__ = ["verify", "CaseVerification", "VerifyReport"]
 
@@ -72,7 +74,7 @@ def _differences(stored: Any, fresh: Any, path: str) -> list[str]:
     return [f"manifest field {path} is {_short(stored)}; this reflex computes {_short(fresh)}"]
 
 
-def _compare_case(stored: FixtureCase, entry: Mapping[str, Any], members: Sequence[tuple[str, numpy.ndarray]]
+def _compare_case(stored: FixtureCase, entry: Mapping[str, Any], members: Sequence[tuple[str, hnp.ndarray]]
                   ) -> CaseVerification:
     problems = [line for name in _RECOMPUTED for line in _differences(stored.entry[name], entry[name], name)]
     fresh = dict(members)
@@ -90,7 +92,7 @@ def _compare_case(stored: FixtureCase, entry: Mapping[str, Any], members: Sequen
         if again.shape != kept.shape or again.dtype != kept.dtype:
             problems.append(f"{name} is {kept.dtype} {kept.shape}; this reflex computes {again.dtype} {again.shape}")
             continue
-        same = bool(numpy.array_equal(again, kept, equal_nan=True))
+        same = bool(hnp.array_equal(again, kept, equal_nan=True))
         if name.startswith(("input.", "d_")):
             if not same:
                 what = f"input {name[6:]}" if name.startswith("input.") else f"cotangent {name}"
@@ -98,9 +100,9 @@ def _compare_case(stored: FixtureCase, entry: Mapping[str, Any], members: Sequen
             continue
         identical &= same
         error, bad = _outside(again, kept, tol.atol, tol.rtol)
-        largest = float(numpy.max(error)) if error.size else 0.0
+        largest = float(hnp.max(error)) if error.size else 0.0
         worst = max(worst, largest)
-        if numpy.any(bad):
+        if hnp.any(bad):
             problems.append(f"{name} differs by up to {largest:.3e} (float64 tolerance {tol.atol:.0e})")
     return CaseVerification(stored.id, worst, identical and not problems, not problems, "; ".join(problems))
 

@@ -13,8 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "reflex"
 SOURCES = sorted(PACKAGE.rglob("*.py"))
 # Host-side modules that work on NumPy by design (DESIGN.md layout).
 HOST_MODULES = {"backends/__init__.py", "random.py", "fixtures.py", "testing.py", "cli.py", "show.py",
-                "certify.py", "certify_formulas.py", "certify_cli.py",  # certify: longdouble, mpmath arrays: host only
-                "fixture_build.py", "fixture_check.py", "fixture_verify.py"}  # fixtures: host arrays read from files
+                "certify_cli.py"}
 
 
 def _rel(path: Path) -> str:
