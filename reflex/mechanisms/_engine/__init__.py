@@ -52,7 +52,7 @@ its window, beyond causal, padding, −∞ bias) never reaches that row's output
 rows that give a non-finite entry a nonzero weight get NaN/±∞ (:func:`~.terms.guarded`). Each
 kernel tests K and V for finiteness once per call and takes a careful path only when needed.
 
-*Dropout.* Every kernel takes ``dropout=Dropout(keep, rate)`` (:class:`~.terms.Dropout`): an
+*Dropout.* Every kernel takes ``dropout=Dropout(keep, rate)`` (:class:`~.dropout.Dropout`): an
 explicit boolean keep mask M (a term; no hidden randomness) on the value product,
 ``o_i = Σ_j P_ij M̃_ij v_j`` with ``M̃ = M/(1 − p)``; P, m, ℓ and the lse are the undropped ones
 (flash-attn's reference). Backward: ``dV = (P∘M̃)ᵀdO``, ``dP = (dO·Vᵀ)∘M̃``, ``D = rowsum(dO∘O)``.
@@ -90,8 +90,8 @@ from typing import Any
 from reflex.mechanisms._engine.dense import dense, dense_backward, scores, weights
 from reflex.mechanisms._engine.gather import GATHER_BLOCK_ELEMENTS, gather, gather_backward
 from reflex.mechanisms._engine.record import EngineCall, engine_vjp, recording, run_recorded
-from reflex.mechanisms._engine.terms import (Dropout, Gradients, Term, TermGradient, TileActive, check_dropout,
-                                             empty_result, finish)
+from reflex.mechanisms._engine.dropout import Dropout, check_dropout
+from reflex.mechanisms._engine.terms import Gradients, Term, TermGradient, TileActive, empty_result, finish
 from reflex.mechanisms._engine.tiled import tiled, tiled_backward
 from reflex.mechanisms._inputs import (Prepared, check_array, check_indices, check_term, prepare, resolve_dtype,
                                        resolve_scale, resolve_softcap)
@@ -120,7 +120,7 @@ def softmax_attention(p: Prepared, *, scale: float, mask: Any = None, bias: Any 
                       return_lse: bool = False, dropout: Dropout | None = None) -> Any:
     """Run :func:`dense` or :func:`tiled` as ``implementation`` says; ``out`` or ``(out, lse)``.
 
-    ``dropout``: a :class:`~.terms.Dropout` keep mask on the P·V product (lse undropped)."""
+    ``dropout``: a :class:`~.dropout.Dropout` keep mask on the P·V product (lse undropped)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)}; got {implementation!r}")
     if implementation == "auto":

@@ -11,7 +11,7 @@ from reflex.mechanisms._engine.terms import (Gradients, TermGradient, _as_tuple,
                                              _scores, _softmax_parts, _ungroup, block_backward, cotangents,
                                              empty_result, finish, guarded, guarded_backward, probabilities,
                                              zero_gradients)
-from reflex.mechanisms._engine.terms import Dropout, dropout_factor
+from reflex.mechanisms._engine.dropout import Dropout, dropout_factor
 from reflex.mechanisms._inputs import Prepared
 
 __all__ = ["dense", "dense_backward", "scores", "weights"]
@@ -31,7 +31,7 @@ def dense(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, soft
           dropout: Dropout | None = None) -> tuple[Any, Any]:
     """Dense masked softmax attention: ``(out (..., H, L, E), lse (..., H, L))``.
 
-    ``dropout`` (:class:`~.terms.Dropout`): ``out = (P∘M̃)·V`` with the undropped lse.
+    ``dropout`` (:class:`~.dropout.Dropout`): ``out = (P∘M̃)·V`` with the undropped lse.
     Non-finite K or V entries reach only the rows that attend them (:func:`~.terms.guarded`); with
     dropout, only the rows that attend and keep them."""
     mask, bias, softcap = extend("dense", p, mask, bias, softcap)  # a caller's terms on any mechanism (extra.py)

@@ -19,7 +19,7 @@ recorded with the call, so the engine backward — and :func:`reflex.vjp` — re
 
 ``dropout_mask``/``dropout_p`` join the same way (:func:`extend_dropout`): the keep mask M, broadcastable
 to ``(..., H, L, S)``, multiplies the call's probabilities before the value product,
-``O = (P∘M)·V/(1 − p)``, with the undropped lse (:class:`~reflex.mechanisms._engine.terms.Dropout`).
+``O = (P∘M)·V/(1 − p)``, with the undropped lse (:class:`~reflex.mechanisms._engine.dropout.Dropout`).
 
 Padded batches (flash-attn's ``query_padding_mask``/``key_padding_mask`` convention, given as
 lengths): with ``q (B, H, L, D)``, ``seqlens_q (B,)`` valid queries ``i < seqlens_q[b]``,
@@ -267,7 +267,7 @@ def extend(kernel: str, p: Prepared, mask: Any, bias: Any, softcap: float | None
 
 
 def extend_dropout(p: Prepared, dropout: Any) -> Any:
-    """An engine call's :class:`~.terms.Dropout` with the running mechanism's ``dropout_mask``/``dropout_p``.
+    """An engine call's :class:`~.dropout.Dropout` with the running mechanism's ``dropout_mask``/``dropout_p``.
 
     Called by each kernel right after :func:`extend` (which checks the grid and counts the call). The
     keep mask applies to the call's P·V product: ``O = (P∘M)·V/(1 − p)``, lse undropped. ``ValueError``
@@ -276,7 +276,7 @@ def extend_dropout(p: Prepared, dropout: Any) -> Any:
     terms = _ACTIVE.get()
     if terms is None or (terms.dropout_mask is None and terms.dropout_p is None):
         return dropout
-    from reflex.mechanisms._engine.terms import check_dropout
+    from reflex.mechanisms._engine.dropout import check_dropout
 
     caller = check_dropout(p, terms.dropout_mask, 0.0 if terms.dropout_p is None else terms.dropout_p)
     if caller is None:

@@ -9,10 +9,10 @@ from reflex.backends import parallel_map
 from reflex.mechanisms._engine.extra import extend, extend_dropout
 from reflex.mechanisms._engine.record import record
 from reflex.mechanisms._engine.window import restrict, restrict_dropout
-from reflex.mechanisms._engine.terms import (Dropout, Gradients, TermGradient, _as_tuple, _in_compute_dtype, _scores,
-                                             _softmax_parts, capped_scores, empty_result, finish,
-                                             gathered_dropout_factor, guarded, guarded_backward, probabilities,
-                                             zero_gradients)
+from reflex.mechanisms._engine.dropout import Dropout, gathered_dropout_factor
+from reflex.mechanisms._engine.terms import (Gradients, TermGradient, _as_tuple, _in_compute_dtype, _scores,
+                                             _softmax_parts, capped_scores, empty_result, finish, guarded,
+                                             guarded_backward, probabilities, zero_gradients)
 from reflex.mechanisms._inputs import Prepared
 
 __all__ = ["gather", "gather_backward", "GATHER_BLOCK_ELEMENTS"]
@@ -31,7 +31,7 @@ def gather(p: Prepared, indices: Any, *, scale: float, mask: Any = None, bias: A
     in blocks of ``block_q`` (default: as many as keep the gathered keys and values of a block
     under ``GATHER_BLOCK_ELEMENTS``), on a thread per core for NumPy. Non-finite K or V entries
     reach only the rows that list them unmasked (:func:`~.terms.guarded`). ``dropout``
-    (:class:`~.terms.Dropout`): its keep mask is read at the gathered key positions (an array at
+    (:class:`~.dropout.Dropout`): its keep mask is read at the gathered key positions (an array at
     ``[..., h, i, idx]``, a callable with the gathered ``cols``); a key listed twice is kept or
     dropped twice alike.
     """

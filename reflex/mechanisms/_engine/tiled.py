@@ -14,7 +14,7 @@ from reflex.mechanisms._engine.terms import (Gradients, TermGradient, TileActive
                                              _group_queries, _safe_max, _scores, _ungroup, block_backward, cotangents,
                                              empty_result, finish, guarded, guarded_backward, probabilities,
                                              zero_gradients)
-from reflex.mechanisms._engine.terms import Dropout, dropout_factor
+from reflex.mechanisms._engine.dropout import Dropout, dropout_factor
 from reflex.mechanisms._inputs import Prepared
 
 __all__ = ["tiled", "tiled_backward", "BACKWARD_PARTS"]
@@ -36,7 +36,7 @@ def tiled(p: Prepared, *, scale: float, mask: Any = None, bias: Any = None, soft
     A tile is skipped when ``tile_active(i0, i1, j0, j1)`` is False or its mask tile is all False.
     Query blocks are independent; on NumPy they run on a thread per core (``parallel_map``).
     Non-finite K or V entries reach only the rows that attend them (:func:`~.terms.guarded`).
-    ``dropout`` (:class:`~.terms.Dropout`): each tile's weights are multiplied by ``M̃`` before the
+    ``dropout`` (:class:`~.dropout.Dropout`): each tile's weights are multiplied by ``M̃`` before the
     value product; the running max and sum (hence lse) stay undropped.
 
     On NumPy a tile whose mask tile has no True is skipped; on other libraries (CuPy, torch) only

@@ -131,7 +131,7 @@ def restrict(p: Prepared, mask: Any, bias: Any, tile_active: Any = None,
 
 
 def restrict_dropout(p: Prepared, dropout: Any) -> Any:
-    """A :class:`~.terms.Dropout` whose keep mask is restricted to the window in force as :func:`restrict`
+    """A :class:`~.dropout.Dropout` whose keep mask is restricted to the window in force as :func:`restrict`
     restricts mask terms (sliced, or callables shifted to absolute positions); ``p`` is the unrestricted call."""
     w = _WINDOW.get()
     if w is None or dropout is None:
