@@ -53,11 +53,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-
 from reflex import random, registry
 from reflex.backends import to_numpy
-from reflex.certify_formulas import (FORMULA_INPUTS, FORMULAS, MPMATH_KEYS, UNIT_ROUNDOFF, Ops, mpmath_supports, products,
-                                     softmax_bounds, softmax_formula)
+from reflex.certify_formulas import (FORMULA_INPUTS, FORMULAS, MPMATH_KEYS, UNIT_ROUNDOFF, Ops, error_longdouble,
+                                     error_mpmath, mpmath_supports, products, reference_scale, softmax_bounds,
+                                     softmax_formula)
 from reflex.backends import numpy_namespace
 
 hnp = numpy_namespace()  # host NumPy (files, long double), through the backends layer
@@ -232,59 +232,13 @@ def _named(result: Any, with_lse: bool) -> list[tuple[str, hnp.ndarray]]:
     return [(name, to_numpy(part)) for name, part in zip(names, parts) if hasattr(part, "shape")]
 
 
-def _error_longdouble(value: hnp.ndarray, reference: hnp.ndarray) -> hnp.ndarray:
-    """Elementwise ``|value − reference|`` in longdouble, as float64; NaN or a wrong infinity → inf."""
-    wide = value.astype(hnp.longdouble)
-    ref = reference.astype(hnp.longdouble)
-    same = wide == ref  # equal infinities included
-    with hnp.errstate(invalid="ignore", over="ignore"):
-        err = hnp.where(same, 0.0, hnp.abs(wide - ref)).astype(hnp.float64)
-    return hnp.where(hnp.isnan(err), hnp.inf, err)
-
-
-def _error_mpmath(value: hnp.ndarray, reference: hnp.ndarray, mp: Any) -> hnp.ndarray:
-    """Elementwise ``|value − reference|`` with an mpmath (object) reference, as float64."""
-    def one(a: Any, r: Any) -> float:
-        a = _to_mpf(a, mp)
-        if a == r:
-            return 0.0
-        if mp.isnan(a) or mp.isinf(a) or mp.isinf(r):
-            return math.inf
-        return float(abs(a - r))
-
-    if value.size == 0:
-        return hnp.zeros(value.shape)
-    with hnp.errstate(invalid="ignore"):  # NaN entries are handled in one()
-        return hnp.frompyfunc(one, 2, 1)(value, reference).astype(hnp.float64)
-
-
-def _to_mpf(a: Any, mp: Any) -> Any:
-    """A float64 or longdouble scalar as an exact mpf (longdouble split into two float64 parts)."""
-    if isinstance(a, hnp.longdouble):
-        hi = float(a)
-        if not math.isfinite(hi):
-            return mp.mpf(hi)
-        return mp.mpf(hi) + mp.mpf(float(a - hnp.longdouble(hi)))
-    return mp.mpf(float(a))
-
-
-def _scale(reference: hnp.ndarray, mp: Any = None) -> float:
-    if reference.size == 0:
-        return 0.0
-    if reference.dtype == object:
-        finite = [abs(r) for r in reference.ravel() if mp.isfinite(r)]
-        return float(max(finite, default=0.0))
-    finite = hnp.abs(reference[hnp.isfinite(reference)])
-    return float(finite.max()) if finite.size else 0.0
-
-
 def _compare(name: str, value: hnp.ndarray, reference: hnp.ndarray, *, mp: Any = None,
              bound: hnp.ndarray | None = None) -> OutputError:
     if tuple(value.shape) != tuple(reference.shape):
         raise AssertionError(f"{name}: float64 shape {tuple(value.shape)}, reference {tuple(reference.shape)} (a bug in reflex)")
-    err = _error_mpmath(value, reference, mp) if reference.dtype == object else _error_longdouble(value, reference)
+    err = error_mpmath(value, reference, mp) if reference.dtype == object else error_longdouble(value, reference)
     max_abs = float(err.max()) if err.size else 0.0
-    scale = _scale(reference, mp)
+    scale = reference_scale(reference, mp)
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
     if bound is None:
         return OutputError(name, max_abs, max_rel, scale)
@@ -498,8 +452,8 @@ def _pattern_bounds(mechanism: registry.Mechanism, host: Mapping[str, Any], posi
             return {}
     for name, value in longdouble:
         if name in ("out", "lse") and value.shape == parts[name].shape:
-            scale = _scale(value)
-            gap = float(hnp.max(_error_longdouble(value, parts[name]), initial=0.0))
+            scale = reference_scale(value)
+            gap = float(hnp.max(error_longdouble(value, parts[name]), initial=0.0))
             if gap > _PATTERN_AGREEMENT * max(scale, 1.0):
                 notes.append(f"no softmax bounds: softmax over the pattern differs from the mechanism by {gap:.1e} "
                              f"({name}; the mechanism does more than attend its pattern)")

@@ -21,7 +21,8 @@ from reflex.backends import numpy_namespace
 hnp = numpy_namespace()  # host NumPy (files, long double), through the backends layer
 
 __all__ = ["Ops", "softmax_formula", "linear_formula", "performer_formula", "kernel_attention", "FORMULAS",
-           "FORMULA_INPUTS", "MPMATH_KEYS", "mpmath_supports", "products", "softmax_bounds", "UNIT_ROUNDOFF"]
+           "FORMULA_INPUTS", "MPMATH_KEYS", "mpmath_supports", "products", "softmax_bounds", "UNIT_ROUNDOFF",
+           "error_longdouble", "error_mpmath", "to_mpf", "reference_scale"]
 
 UNIT_ROUNDOFF = 2.0 ** -53  # u of float64
 
@@ -289,3 +290,52 @@ def softmax_bounds(q: hnp.ndarray, k: hnp.ndarray, v: hnp.ndarray, parts: Mappin
         "condition": float(spread.max(initial=0.0)), "softmax_bound": float(softmax_rel.max(initial=0.0)),
         "lse_bound": float(lse_part.max(initial=0.0)), "logit_term": float(logit_row.max(initial=0.0)),
     }
+
+
+# --- measuring the float64 error against a reference -------------------------------------------
+
+def error_longdouble(value: hnp.ndarray, reference: hnp.ndarray) -> hnp.ndarray:
+    """Elementwise ``|value − reference|`` in longdouble, as float64; NaN or a wrong infinity → inf."""
+    wide = value.astype(hnp.longdouble)
+    ref = reference.astype(hnp.longdouble)
+    same = wide == ref  # equal infinities included
+    with hnp.errstate(invalid="ignore", over="ignore"):
+        err = hnp.where(same, 0.0, hnp.abs(wide - ref)).astype(hnp.float64)
+    return hnp.where(hnp.isnan(err), hnp.inf, err)
+
+
+def error_mpmath(value: hnp.ndarray, reference: hnp.ndarray, mp: Any) -> hnp.ndarray:
+    """Elementwise ``|value − reference|`` with an mpmath (object) reference, as float64."""
+    def one(a: Any, r: Any) -> float:
+        a = to_mpf(a, mp)
+        if a == r:
+            return 0.0
+        if mp.isnan(a) or mp.isinf(a) or mp.isinf(r):
+            return math.inf
+        return float(abs(a - r))
+
+    if value.size == 0:
+        return hnp.zeros(value.shape)
+    with hnp.errstate(invalid="ignore"):  # NaN entries are handled in one()
+        return hnp.frompyfunc(one, 2, 1)(value, reference).astype(hnp.float64)
+
+
+def to_mpf(a: Any, mp: Any) -> Any:
+    """A float64 or longdouble scalar as an exact mpf (longdouble split into two float64 parts)."""
+    if isinstance(a, hnp.longdouble):
+        hi = float(a)
+        if not math.isfinite(hi):
+            return mp.mpf(hi)
+        return mp.mpf(hi) + mp.mpf(float(a - hnp.longdouble(hi)))
+    return mp.mpf(float(a))
+
+
+def reference_scale(reference: hnp.ndarray, mp: Any = None) -> float:
+    """max |reference| over its finite entries (an mpmath object array or a float array); 0 if none."""
+    if reference.size == 0:
+        return 0.0
+    if reference.dtype == object:
+        finite = [abs(r) for r in reference.ravel() if mp.isfinite(r)]
+        return float(max(finite, default=0.0))
+    finite = hnp.abs(reference[hnp.isfinite(reference)])
+    return float(finite.max()) if finite.size else 0.0
