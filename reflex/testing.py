@@ -72,6 +72,7 @@ import numpy
 
 from reflex import registry
 from reflex.backends import backend_namespace, from_numpy, is_array, library_name, to_numpy
+from reflex.backends.rounding import round_to
 
 __all__ = ["Tolerance", "tolerance", "assert_close", "assert_matches_oracle", "assert_gradients_match_oracle",
            "OracleComparison", "rounding_floor", "dtype_name", "TOLERANCES", "EPS"]
@@ -260,38 +261,6 @@ def _first(result: Any) -> Any:
     return result[0] if isinstance(result, tuple) else result
 
 
-def _round_to(x: numpy.ndarray, dtype: str) -> numpy.ndarray:
-    """``x`` (float64) rounded to ``dtype`` (round to nearest even) and returned as float64.
-
-    bfloat16 has no NumPy type: the float32 value's low 16 bits are rounded away (after the
-    float64 → float32 rounding; the double rounding can move a tie by one bfloat16 ulp, which is
-    immaterial for the floor it serves)."""
-    if dtype == "float64":
-        return x
-    if dtype.startswith("float8_"):
-        with numpy.errstate(over="ignore", invalid="ignore"):
-            return x.astype(_ml_dtype(dtype)).astype(numpy.float64)
-    if dtype not in ("bfloat16", "tf32"):
-        with numpy.errstate(over="ignore"):
-            return x.astype(dtype).astype(numpy.float64)
-    dropped = 16 if dtype == "bfloat16" else 13  # float32 keeps 23 mantissa bits, bfloat16 7, TF32 10
-    with numpy.errstate(over="ignore"):
-        single = numpy.ascontiguousarray(x, dtype=numpy.float32)
-    bits = single.view(numpy.uint32).astype(numpy.uint64)
-    rounded = (bits + (1 << (dropped - 1)) - 1 + ((bits >> dropped) & 1)) & (0xFFFFFFFF ^ ((1 << dropped) - 1))
-    out = rounded.astype(numpy.uint32).view(numpy.float32).astype(numpy.float64)
-    return numpy.where(numpy.isfinite(single), out, single.astype(numpy.float64))
-
-
-def _ml_dtype(name: str) -> Any:
-    """The NumPy dtype of a float8 format, from ``ml_dtypes`` (the ``float8`` extra)."""
-    try:
-        import ml_dtypes
-    except ImportError:
-        raise ValueError(f"dtype {name} needs the ml_dtypes package: pip install 'reflex-attention[float8]'") from None
-    return getattr(ml_dtypes, name)
-
-
 def rounding_floor(reference: Any, dtype: Any) -> float:
     """FA3's absolute floor: ``2·max|fl(fl(r + 0.3) − 0.3) − r|`` for ``r`` = ``reference`` rounded
     to ``dtype`` and ``fl`` the rounding of ``dtype`` — about one ulp of ``dtype`` at the
@@ -310,8 +279,8 @@ def rounding_floor(reference: Any, dtype: Any) -> float:
     ref = ref[numpy.isfinite(ref)]
     if not ref.size:
         return 0.0
-    r = _round_to(ref, name)
-    moved = _round_to(_round_to(r + 0.3, name) - 0.3, name)
+    r = round_to(ref, name)
+    moved = round_to(round_to(r + 0.3, name) - 0.3, name)
     with numpy.errstate(invalid="ignore"):
         wobble = numpy.abs(moved - r)
     wobble = wobble[numpy.isfinite(wobble)]  # an entry near the dtype's max may overflow: no floor from it
@@ -337,7 +306,7 @@ def _naive(mechanism: registry.Mechanism, args: list[Any], kwargs: dict[str, Any
     ``None`` when it overflowed ``dtype`` (reflex refuses a non-finite result from finite inputs)."""
     if dtype in EMULATED:  # float32 arithmetic on the matmul operands (positional arrays) rounded to the format
         def operand(a: Any) -> Any:
-            return _round_to(a, dtype) if isinstance(a, numpy.ndarray) and a.dtype.kind == "f" else a
+            return round_to(a, dtype) if isinstance(a, numpy.ndarray) and a.dtype.kind == "f" else a
 
         def convert(a: Any) -> Any:
             return a
@@ -349,7 +318,7 @@ def _naive(mechanism: registry.Mechanism, args: list[Any], kwargs: dict[str, Any
     except FloatingPointError:
         return None
     out = _host(_first(result))
-    return _round_to(out, dtype) if dtype.startswith("float8_") else out
+    return round_to(out, dtype) if dtype.startswith("float8_") else out
 
 
 def _default_factor(params: Mapping[str, Any]) -> float:

@@ -12,6 +12,7 @@ import pytest
 
 import reflex
 from reflex import testing
+from reflex.backends.rounding import round_to
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOAT8 = ("float8_e4m3fn", "float8_e5m2")
@@ -29,14 +30,14 @@ def test_rows_exist_with_their_epsilons():
 def test_tf32_rounding_keeps_10_mantissa_bits_ties_to_even():
     x = numpy.array([1.0, 1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11, 1 + 2.0 ** -10 + 2.0 ** -12, -2.5, numpy.inf, -numpy.inf])
     expected = [1.0, 1.0, 1 + 2.0 ** -9, 1 + 2.0 ** -10, -2.5, numpy.inf, -numpy.inf]
-    numpy.testing.assert_array_equal(testing._round_to(x, "tf32"), expected)
+    numpy.testing.assert_array_equal(round_to(x, "tf32"), expected)
     rng = numpy.random.default_rng(0).standard_normal(1000)
-    rounded = testing._round_to(rng, "tf32")
+    rounded = round_to(rng, "tf32")
     assert numpy.max(numpy.abs(rounded - rng) / numpy.abs(rng)) <= 2.0 ** -11 * (1 + 1e-6)
     mantissa = numpy.frexp(rounded)[0] * 2 ** 11  # 1 implicit + 10 stored bits: an integer
     numpy.testing.assert_array_equal(mantissa, numpy.round(mantissa))
     # bfloat16 through the same code path: 7 stored bits
-    numpy.testing.assert_array_equal(testing._round_to(numpy.array([1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8]), "bfloat16"),
+    numpy.testing.assert_array_equal(round_to(numpy.array([1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8]), "bfloat16"),
                                      [1.0, 1 + 2.0 ** -6])
 
 
@@ -45,7 +46,7 @@ def test_float8_rounding_and_host_arrays(name):
     ml_dtypes = pytest.importorskip("ml_dtypes")
     x = numpy.random.default_rng(1).standard_normal(200)
     expected = x.astype(getattr(ml_dtypes, name)).astype(numpy.float64)
-    numpy.testing.assert_array_equal(testing._round_to(x, name), expected)
+    numpy.testing.assert_array_equal(round_to(x, name), expected)
     assert numpy.all(numpy.abs(expected - x) <= testing.EPS[name] / 2 * numpy.abs(x) + 2.0 ** -9)  # subnormals
     stored = x.astype(getattr(ml_dtypes, name))
     testing.assert_close(stored, x, dtype=None)  # the array's own dtype picks the float8 row
@@ -110,4 +111,4 @@ def test_float8_without_ml_dtypes_names_the_extra(monkeypatch):
     if importlib.util.find_spec("ml_dtypes") is not None:
         monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # import ml_dtypes → ImportError
     with pytest.raises(ValueError, match=r"needs the ml_dtypes package: pip install 'reflex-attention\[float8\]'"):
-        testing._round_to(numpy.ones(2), "float8_e4m3fn")
+        round_to(numpy.ones(2), "float8_e4m3fn")
