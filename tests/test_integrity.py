@@ -7,7 +7,6 @@ where the kind applies (the examples the fuzz found are regression cases).
 from __future__ import annotations
 
 import inspect
-import time
 
 import numpy
 import pytest
@@ -68,10 +67,8 @@ def test_top_left_only_mechanisms_refuse_bottom_right():
 ])
 def test_huge_integers_are_refused_before_any_allocation(call):
     q, k, v = qkv_host(0, length=6, key_length=6, kv_heads=4)
-    start = time.perf_counter()
-    with pytest.raises(ValueError, match=f"<= {MAX_INT}"):
+    with pytest.raises(ValueError, match=f"<= {MAX_INT}"):  # refused by the option layer: no hang, no allocation
         call(q, k, v)
-    assert time.perf_counter() - start < 30  # a hang would never get here; not a timing assertion on speed
 
 
 @pytest.mark.parametrize("bad", [3.5, True, "3", numpy.float64(2.0)])
