@@ -72,3 +72,26 @@ def in_subprocess(suite: str, label: str, *args: Any) -> dict | None:
         print(f"{label}: failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
         return None
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def score_matrix_table(suite: str, title: str, implementations: tuple[str, ...], baseline: str, args: Any) -> str:
+    """Time ``suite``'s ``measure`` for every implementation and length (each in a subprocess) and
+    tabulate seconds, the ratio to ``baseline`` and the peak RSS rise against the (H, L, S) float64
+    score matrix; ``args`` has ``lengths`` (comma-separated), ``heads``, ``dim``, ``repeats``, ``causal``."""
+    rows = []
+    for length in (int(n) for n in args.lengths.split(",")):
+        scores_bytes = args.heads * length * length * 8
+        results = {}
+        for implementation in implementations:
+            r = in_subprocess(suite, f"{implementation} L={length}", implementation, length, args.heads, args.dim,
+                              args.repeats, args.causal)
+            if r is not None:
+                results[implementation] = r
+        base = results.get(baseline, {}).get("seconds")
+        for implementation, r in results.items():
+            ratio = f"{r['seconds'] / base:.2f}" if base else "n/a"
+            rows.append([length, implementation, f"{r['seconds']:.3f}", ratio,
+                         f"{r['peak_bytes'] / 2**20:.0f}", f"{r['peak_bytes'] / scores_bytes:.3f}"])
+    header = (f"{title}, float64, H={args.heads}, D={args.dim}, causal={args.causal}; "
+              f"'x L×S' = peak RSS rise / the (H, L, S) float64 score matrix")
+    return header + "\n" + table(rows, ["L=S", "implementation", "seconds", "vs torch", "peak MiB", "x L×S"])

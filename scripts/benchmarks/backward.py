@@ -10,7 +10,7 @@ forward's ``(out, lse)``. Each (implementation, L) runs in a fresh subprocess so
 
 from __future__ import annotations
 
-from benchmarks._timing import in_subprocess, table, timed_rss
+from benchmarks._timing import score_matrix_table, timed_rss
 
 IMPLEMENTATIONS = ("reflex-vjp-tiled", "reflex-bwd-only", "torch-sdpa-autograd")
 
@@ -62,22 +62,5 @@ def measure(implementation: str, length: int, heads: int, dim: int, repeats: int
 
 
 def run(args) -> int:
-    lengths = [int(n) for n in args.lengths.split(",")]
-    rows = []
-    for length in lengths:
-        scores_bytes = args.heads * length * length * 8
-        results = {}
-        for implementation in IMPLEMENTATIONS:
-            r = in_subprocess("backward", f"{implementation} L={length}", implementation, length, args.heads, args.dim,
-                              args.repeats, args.causal)
-            if r is not None:
-                results[implementation] = r
-        base = results.get("torch-sdpa-autograd", {}).get("seconds")
-        for implementation, r in results.items():
-            ratio = f"{r['seconds'] / base:.2f}" if base else "n/a"
-            rows.append([length, implementation, f"{r['seconds']:.3f}", ratio,
-                         f"{r['peak_bytes'] / 2**20:.0f}", f"{r['peak_bytes'] / scores_bytes:.3f}"])
-    print(f"forward + backward, float64, H={args.heads}, D={args.dim}, causal={args.causal}; "
-          f"'x L×S' = peak RSS rise / the (H, L, S) float64 score matrix")
-    print(table(rows, ["L=S", "implementation", "seconds", "vs torch", "peak MiB", "x L×S"]))
+    print(score_matrix_table("backward", "forward + backward", IMPLEMENTATIONS, "torch-sdpa-autograd", args))
     return 0

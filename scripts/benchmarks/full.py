@@ -8,7 +8,7 @@ of ``--repeats`` calls after one warm-up.
 from __future__ import annotations
 
 
-from benchmarks._timing import in_subprocess, table, timed_rss
+from benchmarks._timing import score_matrix_table, timed_rss
 
 IMPLEMENTATIONS = ("reflex-dense", "reflex-tiled", "torch-sdpa")
 
@@ -48,22 +48,5 @@ def measure(implementation: str, length: int, heads: int, dim: int, repeats: int
 
 
 def run(args) -> int:
-    lengths = [int(n) for n in args.lengths.split(",")]
-    rows = []
-    for length in lengths:
-        scores_bytes = args.heads * length * length * 8
-        results = {}
-        for implementation in IMPLEMENTATIONS:
-            r = in_subprocess("full", f"{implementation} L={length}", implementation, length, args.heads, args.dim,
-                              args.repeats, args.causal)
-            if r is not None:
-                results[implementation] = r
-        base = results.get("torch-sdpa", {}).get("seconds")
-        for implementation, r in results.items():
-            ratio = f"{r['seconds'] / base:.2f}" if base else "n/a"
-            rows.append([length, implementation, f"{r['seconds']:.3f}", ratio,
-                         f"{r['peak_bytes'] / 2**20:.0f}", f"{r['peak_bytes'] / scores_bytes:.3f}"])
-    print(f"full attention, float64, H={args.heads}, D={args.dim}, causal={args.causal}; "
-          f"'x L×S' = peak RSS rise / the (H, L, S) float64 score matrix")
-    print(table(rows, ["L=S", "implementation", "seconds", "vs torch", "peak MiB", "x L×S"]))
+    print(score_matrix_table("full", "full attention", IMPLEMENTATIONS, "torch-sdpa", args))
     return 0
